@@ -1,0 +1,141 @@
+"""Checks hn_jax.pretrained against the real torchvision ResNets (needs torch + torchvision).
+
+For each architecture: `torchvision.models.<name>(weights=None)` initialised under
+`torch.manual_seed(0)`, every BatchNorm given random affine parameters and running statistics,
+saved with `torch.save`, loaded into `hn_jax.models.create_model(name)` with
+`load_torchvision_weights`, and the eval-mode backbone outputs (torchvision's avgpool+flatten,
+i.e. `fc` replaced by Identity, vs `model.features`) compared on random images.
+
+The reference is torchvision in float64 on the CPU; JAX runs float32 on its default device,
+once at "highest" matmul/conv precision (the pass/fail check: norm-wise relative error
+<= --tolerance) and once at the default precision (TF32 on recent NVIDIA GPUs, reported only).
+torchvision in float32 on the CPU is reported too, as the scale of float32 rounding.
+
+  python benchmarks/pretrained_check.py                      # resnet18 and resnet50
+  python benchmarks/pretrained_check.py --models=resnet50 --image_size=224 --batch=8
+  python benchmarks/pretrained_check.py --weights=/path/to/resnet50-0676ba61.pth --models=resnet50
+
+With --weights, that file (e.g. the real IMAGENET1K_V1 weights) replaces the random init.
+Imports neither tensorflow nor, until run, torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from hn_jax.models import create_model  # noqa: E402
+from hn_jax.pretrained import load_torchvision_weights  # noqa: E402
+
+
+def _randomize_batchnorm(model, seed: int) -> None:
+  import torch  # pylint: disable=import-outside-toplevel
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        c = m.num_features
+        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        m.bias.copy_(0.1 * torch.randn(c, generator=gen))
+        m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+        m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  norm = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+  peak = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+  return norm, peak
+
+
+def check(name: str, image_size: int, batch: int, weights: str | None, workdir: str) -> float:
+  """Runs one comparison, prints it, returns the highest-precision norm-wise relative error."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torchvision  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(0)
+  tv = getattr(torchvision.models, name)(weights=None)
+  if weights:
+    tv.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    path = weights
+  else:
+    _randomize_batchnorm(tv, seed=1)
+    path = os.path.join(workdir, f"{name}.pth")
+    torch.save(tv.state_dict(), path)
+  tv.eval()
+
+  model = create_model(name, 128, rngs=nnx.Rngs(0))
+  t0 = time.perf_counter()
+  load_torchvision_weights(model, path)
+  load_s = time.perf_counter() - t0
+  model.eval()
+
+  images = np.random.default_rng(0).standard_normal(
+      (batch, image_size, image_size, 3)).astype(np.float32)
+  tv.fc = torch.nn.Identity()
+  x = torch.from_numpy(images).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    want = tv.double()(x.double()).numpy()
+    tv32 = tv.float()(x).numpy()
+
+  features = nnx.jit(lambda m, im: m.features(im))
+  with jax.default_matmul_precision("highest"):
+    got_highest = np.asarray(features(model, jnp.asarray(images)))
+  got_default = np.asarray(nnx.jit(lambda m, im: m.features(im))(model, jnp.asarray(images)))
+
+  err_highest, peak_highest = _rel(got_highest, want)
+  err_default, peak_default = _rel(got_default, want)
+  err_tv32, peak_tv32 = _rel(tv32, want)
+  print(f"{name} ({'file ' + weights if weights else 'random init, BN stats randomized'}), "
+        f"{batch}x{image_size}x{image_size}, features {want.shape}, load {load_s:.2f}s")
+  print(f"  jax float32 highest precision on {jax.devices()[0]}: "
+        f"rel err norm {err_highest:.3e}, max {peak_highest:.3e}")
+  print(f"  jax float32 default precision on {jax.devices()[0]}: "
+        f"rel err norm {err_default:.3e}, max {peak_default:.3e}")
+  print(f"  torchvision float32 on cpu (for scale):      "
+        f"rel err norm {err_tv32:.3e}, max {peak_tv32:.3e}")
+  return err_highest
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="resnet18,resnet50")
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--weights", default=None,
+                      help="a torchvision .pth to use instead of the random init (one model)")
+  parser.add_argument("--tolerance", type=float, default=1e-4)
+  args = parser.parse_args(argv)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchvision  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    print(f"needs torch and torchvision: {e}", file=sys.stderr)
+    return 2
+  print(f"jax {jax.__version__} on {jax.devices()}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__} (reference on cpu, float64)")
+  names = [n.strip() for n in args.models.split(",") if n.strip()]
+  worst = 0.0
+  with tempfile.TemporaryDirectory() as workdir:
+    for name in names:
+      worst = max(worst, check(name, args.image_size, args.batch, args.weights, workdir))
+  ok = worst <= args.tolerance
+  print(f"{'PASS' if ok else 'FAIL'}: worst highest-precision relative error {worst:.3e} "
+        f"(tolerance {args.tolerance:g})")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,106 @@
+"""Triplet losses with batch-hard mining: hn, shn and sct (PROTOCOL section 1).
+
+Every anchor takes its *easiest* positive and its *hardest* (for `shn`: hardest semi-hard)
+negative from the whole batch it is given. Called on the global batch inside a jitted,
+data-parallel step, the mining sees every device's images, exactly as on one device.
+
+- hn:  mean over valid anchors of softplus((neg - pos) / t).
+- shn: the same, with only negatives no more similar than the positive eligible.
+- sct: softplus on easy triplets; on hard ones only `lam * neg`, pushing the negative away
+  and leaving the positive alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ("hn", "shn", "sct")
+
+# Positives more similar than this are near-identical copies and are skipped.
+DUPLICATE_SIMILARITY = 0.9999
+# Masked-out candidates read as this similarity; an anchor whose choice is this is invalid.
+_MASKED = -1.0
+
+
+def cosine_similarities(embeddings: jax.Array) -> jax.Array:
+  """Row-normalized (max(||f||, 1e-12)) float32 embeddings' similarity matrix."""
+  f = embeddings.astype(jnp.float32)
+  # sqrt(max(|f|^2, eps^2)) == max(|f|, eps), with a finite gradient at f = 0.
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(f * f, axis=1, keepdims=True), 1e-24))
+  u = f / norm
+  return u @ u.T
+
+
+def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, method: str = "sct",
+                 lam: float = 1.0, temperature: float = 0.1,
+                 hard_threshold: float = 0.8) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The batch-hard triplet loss of `method` ("hn", "shn" or "sct").
+
+  Args:
+    embeddings: (N, D) unnormalized embeddings; any float dtype, computed in float32.
+    labels: (N,) integer class labels.
+    method: "hn" (hardest negative), "shn" (hardest semi-hard negative) or "sct"
+      (selectively contrastive).
+    lam: weight of the hard-triplet term of sct.
+    temperature: the softmax temperature t.
+    hard_threshold: sct counts a triplet as hard when its negative similarity exceeds this.
+
+  Returns:
+    (loss, aux): the scalar loss and float32 scalars `hn_ratio` (share of valid anchors whose
+    negative is more similar than their positive), `num_valid`, `num_hard`, `num_easy`
+    (sct's split, reported for every method), `pos_sim`, `neg_sim` (means over valid
+    anchors) and `embedding_mean_sim` (mean cosine similarity over distinct pairs: near 1
+    when the embedding collapses).
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown loss method {method!r}; choose one of {', '.join(METHODS)}")
+  n = embeddings.shape[0]
+  sims = cosine_similarities(embeddings)
+  eye = jnp.eye(n, dtype=bool)
+  sims = jnp.where(eye, _MASKED, sims)
+  fixed = jax.lax.stop_gradient(sims)
+
+  same = labels[:, None] == labels[None, :]
+  pos_ok = same & ~eye & (fixed <= DUPLICATE_SIMILARITY)
+  pos_candidates = jnp.where(pos_ok, fixed, _MASKED)
+  pos_idx = jnp.argmax(pos_candidates, axis=1)
+  pos_value = jnp.max(pos_candidates, axis=1)
+
+  neg_ok = ~same
+  if method == "shn":
+    neg_ok = neg_ok & (fixed <= pos_value[:, None])
+  neg_candidates = jnp.where(neg_ok, fixed, _MASKED)
+  neg_idx = jnp.argmax(neg_candidates, axis=1)
+  neg_value = jnp.max(neg_candidates, axis=1)
+
+  valid = (pos_value > -1) & (pos_value < 1) & (neg_value > -1) & (neg_value < 1)
+  pos = jnp.take_along_axis(sims, pos_idx[:, None], axis=1)[:, 0]
+  neg = jnp.take_along_axis(sims, neg_idx[:, None], axis=1)[:, 0]
+
+  contrastive = jax.nn.softplus((neg - pos) / temperature)
+  hard = valid & ((neg > pos) | (neg > hard_threshold))
+  easy = valid & (neg < pos) & (neg < hard_threshold)
+  num_valid = jnp.sum(valid)
+  num_hard = jnp.sum(hard)
+  num_easy = jnp.sum(easy)
+
+  if method == "sct":
+    total = jnp.sum(jnp.where(easy, contrastive, 0.0)) + lam * jnp.sum(jnp.where(hard, neg, 0.0))
+    loss = total / jnp.maximum(1, num_easy + num_hard)
+  else:
+    loss = jnp.sum(jnp.where(valid, contrastive, 0.0)) / jnp.maximum(1, num_valid)
+
+  per_valid = jnp.maximum(1, num_valid).astype(jnp.float32)
+  off_diagonal = jnp.sum(jnp.where(eye, 0.0, fixed)) / max(1, n * (n - 1))
+  aux = {
+      "hn_ratio": jnp.sum(valid & (neg > pos)) / per_valid,
+      "num_valid": num_valid.astype(jnp.float32),
+      "num_hard": num_hard.astype(jnp.float32),
+      "num_easy": num_easy.astype(jnp.float32),
+      "pos_sim": jnp.sum(jnp.where(valid, pos, 0.0)) / per_valid,
+      "neg_sim": jnp.sum(jnp.where(valid, neg, 0.0)) / per_valid,
+      "embedding_mean_sim": off_diagonal,
+  }
+  aux = {k: jax.lax.stop_gradient(v) for k, v in aux.items()}
+  return loss, aux

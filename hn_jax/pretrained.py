@@ -1,0 +1,299 @@
+"""Loads torchvision's ImageNet ResNet weights into the NNX ResNets of `hn_jax.models`.
+
+The paper fine-tunes an ImageNet-pretrained ResNet50 (torchvision's). `hn_jax.models` mirrors
+torchvision's module layout, so a torchvision state dict maps onto the model key by key:
+
+  torchvision key                          hn_jax variable (path in the nnx State)
+  conv1.weight (O, I, kH, kW)              conv1.kernel (kH, kW, I, O)         Param
+  bn1.weight / bn1.bias                    bn1.scale / bn1.bias                Param
+  bn1.running_mean / bn1.running_var       bn1.mean / bn1.var                  BatchStat
+  bn1.num_batches_tracked                  (consumed and ignored: Flax's BatchNorm uses a fixed
+                                            momentum and keeps no counter; optional, as older
+                                            checkpoints predate it)
+  layer1.0.conv1.weight ...                layer1[0].conv1.kernel ...
+  layer2.0.downsample.0.weight             layer2[0].downsample.conv.kernel
+  layer2.0.downsample.1.*                  layer2[0].downsample.bn.*
+  fc.weight / fc.bias                      (read, shape-checked, then dropped on purpose: the
+                                            classifier is replaced by the embedding head, which
+                                            keeps its fresh initialisation)
+
+Every other key must match exactly: a missing, unexpected or misshapen key raises
+`WeightMismatchError`, which names every offending key with its expected and actual shape
+(in torch's layout). Parameters are stored as float32 whatever the file holds.
+
+Obtaining the weights (once, on any machine with network access and PyTorch)
+---------------------------------------------------------------------------
+The reference file is torchvision's IMAGENET1K_V1 ResNet50, `resnet50-0676ba61.pth`
+(ResNet18: `resnet18-f37072fd.pth`)::
+
+  python -c "import torch; torch.hub.load_state_dict_from_url(
+      'https://download.pytorch.org/models/resnet50-0676ba61.pth', model_dir='.')"
+
+or, with torchvision installed, `torchvision.models.ResNet50_Weights.IMAGENET1K_V1.get_state_dict()`
+(it lands in `~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth`). Hosts without PyTorch
+can use a converted copy (no torch needed to read it)::
+
+  python -m hn_jax.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
+
+Then point the training config at the file (.pth, .npz or .safetensors)::
+
+  --config.pretrained=/path/to/resnet50-0676ba61.pth
+
+These weights expect torchvision's input normalisation: RGB in [0, 1], minus mean
+(0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225) (here in NHWC).
+
+PyTorch is imported lazily and only to read `.pth`/`.pt` files; `safetensors` only for
+`.safetensors` files. Importing this module imports neither.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "WeightMismatchError",
+    "check_torchvision_state_dict",
+    "convert_torchvision_state_dict",
+    "expected_torchvision_shapes",
+    "load_torchvision_weights",
+    "read_state_dict",
+    "torchvision_key",
+]
+
+SUPPORTED_EXTENSIONS = (".pth", ".pt", ".npz", ".safetensors")
+
+# Keys torchvision has and the model deliberately does not use (the ImageNet classifier).
+HEAD_KEYS = ("fc.weight", "fc.bias")
+# nnx subtrees that have no torchvision counterpart and are left untouched.
+_SKIPPED_SUBTREES = ("embedding",)
+
+_LEAF_NAMES = {
+    # (module kind, nnx leaf name) -> torch leaf name
+    ("conv", "kernel"): "weight",
+    ("bn", "scale"): "weight",
+    ("bn", "bias"): "bias",
+    ("bn", "mean"): "running_mean",
+    ("bn", "var"): "running_var",
+}
+
+
+class WeightMismatchError(ValueError):
+  """The state dict's keys or shapes do not match the model; the message lists every problem."""
+
+
+Path = tuple[Any, ...]
+
+
+def _module_kind(path: Path) -> str:
+  """'conv' or 'bn' from the attribute that owns the variable (conv1, bn2, downsample.bn...)."""
+  owner = str(path[-2]) if len(path) >= 2 else ""
+  if owner.startswith("conv"):
+    return "conv"
+  if owner.startswith("bn"):
+    return "bn"
+  raise KeyError(f"no torchvision counterpart for variable {'.'.join(map(str, path))!r}")
+
+
+def torchvision_key(path: Path) -> str | None:
+  """The torchvision state-dict key of an nnx variable path; None for the embedding head.
+
+  E.g. ('layer2', 0, 'downsample', 'conv', 'kernel') -> 'layer2.0.downsample.0.weight'.
+  """
+  if path and path[0] in _SKIPPED_SUBTREES:
+    return None
+  kind = _module_kind(path)
+  parts = [str(p) for p in path[:-1]]
+  if len(parts) >= 2 and parts[-2] == "downsample":
+    parts[-1] = {"conv": "0", "bn": "1"}[kind]  # torchvision's nn.Sequential indices
+  leaf = _LEAF_NAMES.get((kind, str(path[-1])))
+  if leaf is None:
+    raise KeyError(f"no torchvision counterpart for variable {'.'.join(map(str, path))!r}")
+  return ".".join(parts + [leaf])
+
+
+def _torch_shape(nnx_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+  if kind == "conv":
+    h, w, i, o = nnx_shape  # HWIO -> OIHW
+    return (o, i, h, w)
+  return tuple(nnx_shape)
+
+
+def _to_nnx_layout(value: np.ndarray, kind: str) -> np.ndarray:
+  value = np.asarray(value, dtype=np.float32)
+  if kind == "conv":
+    value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  return np.asarray(value, order="C")
+
+
+def _flat(state: nnx.State) -> list[tuple[Path, Any]]:
+  return list(nnx.to_flat_state(state))
+
+
+def _feature_dim(params: nnx.State) -> int | None:
+  for path, var in _flat(params):
+    if path == ("embedding", "kernel"):
+      return int(var.shape[0])
+  return None
+
+
+def expected_torchvision_shapes(params: nnx.State,
+                                batch_stats: nnx.State) -> dict[str, tuple[int, ...]]:
+  """The torchvision keys (and torch-layout shapes) the model needs, excluding the optional
+  `num_batches_tracked` entries and the dropped `fc` head."""
+  shapes = {}
+  for state in (params, batch_stats):
+    for path, var in _flat(state):
+      key = torchvision_key(path)
+      if key is not None:
+        shapes[key] = _torch_shape(tuple(var.shape), _module_kind(path))
+  return shapes
+
+
+def _shape_str(shape: tuple[int, ...]) -> str:
+  return str(tuple(int(d) for d in shape))
+
+
+def _check_keys(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
+                optional: Mapping[str, tuple[int, ...]], feature_dim: int | None) -> None:
+  problems = []
+  for key, shape in expected.items():
+    if key not in state_dict:
+      problems.append(f"missing key {key!r} (expected shape {_shape_str(shape)})")
+    elif tuple(np.shape(state_dict[key])) != tuple(shape):
+      problems.append(f"key {key!r}: expected shape {_shape_str(shape)}, "
+                      f"got {_shape_str(np.shape(state_dict[key]))}")
+  # The classifier: required (a torchvision state dict always has it), only its input width is
+  # tied to the backbone; the number of classes is free.
+  for key in HEAD_KEYS:
+    if key not in state_dict:
+      problems.append(f"missing key {key!r} (torchvision's classifier, read and dropped)")
+  if all(k in state_dict for k in HEAD_KEYS):
+    w, b = np.shape(state_dict["fc.weight"]), np.shape(state_dict["fc.bias"])
+    if len(w) != 2 or (feature_dim is not None and w[1] != feature_dim):
+      problems.append(f"key 'fc.weight': expected shape (num_classes, {feature_dim}), "
+                      f"got {_shape_str(w)}")
+    elif tuple(b) != (w[0],):
+      problems.append(f"key 'fc.bias': expected shape ({w[0]},), got {_shape_str(b)}")
+  for key, shape in optional.items():
+    if key in state_dict and tuple(np.shape(state_dict[key])) != tuple(shape):
+      problems.append(f"key {key!r}: expected shape {_shape_str(shape)}, "
+                      f"got {_shape_str(np.shape(state_dict[key]))}")
+  known = set(expected) | set(optional) | set(HEAD_KEYS)
+  extra = sorted(k for k in state_dict if k not in known)
+  for key in extra:
+    problems.append(f"unexpected key {key!r} (shape {_shape_str(np.shape(state_dict[key]))})")
+  if extra and all(k.startswith("module.") for k in extra):
+    problems.append("hint: the keys carry a DataParallel 'module.' prefix; strip it first")
+  if problems:
+    raise WeightMismatchError(
+        f"torchvision state dict does not match the model ({len(problems)} problem(s)):\n  "
+        + "\n  ".join(problems))
+
+
+def check_torchvision_state_dict(state_dict: Mapping[str, Any], params: nnx.State,
+                                 batch_stats: nnx.State) -> None:
+  """Raises `WeightMismatchError` naming every missing, unexpected or misshapen key.
+
+  Only shapes are read, so `params`/`batch_stats` may be abstract (from `nnx.eval_shape`).
+  """
+  expected = expected_torchvision_shapes(params, batch_stats)
+  bn_prefixes = sorted({k.rsplit(".", 1)[0] for k in expected if k.endswith(".running_mean")})
+  optional = {f"{p}.num_batches_tracked": () for p in bn_prefixes}
+  _check_keys(state_dict, expected, optional, _feature_dim(params))
+
+
+def convert_torchvision_state_dict(
+    state_dict: Mapping[str, Any], params: nnx.State, batch_stats: nnx.State,
+) -> tuple[nnx.State, nnx.State]:
+  """Pure conversion: new (params, batch_stats) States filled from a torchvision state dict.
+
+  `state_dict` maps torchvision keys to arrays (numpy, or anything `np.asarray` accepts) in
+  torch's layout. The embedding head's variables are returned unchanged. Raises
+  `WeightMismatchError` naming every missing, unexpected or misshapen key.
+  """
+  check_torchvision_state_dict(state_dict, params, batch_stats)
+
+  def fill(path: Path, var: Any) -> Any:
+    key = torchvision_key(path)
+    if key is None:
+      return var  # embedding head: keep its initialisation
+    value = _to_nnx_layout(state_dict[key], _module_kind(path))
+    return var.copy(jnp.asarray(value, dtype=jnp.float32))
+
+  return nnx.map_state(fill, params), nnx.map_state(fill, batch_stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+        f"reading {path!r} needs PyTorch (pip install torch). Without it, convert the file once "
+        "on a machine that has it: python -m hn_jax.convert_weights --input=X.pth "
+        "--output=X.npz (or .safetensors), and load that instead.") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path!r} does not hold a state dict (a mapping of names to tensors) "
+                     f"but a {type(obj).__name__}")
+  out = {}
+  for key, value in obj.items():
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    value = value.detach().cpu()
+    if value.is_floating_point() and value.dtype != torch.float32:
+      value = value.float()  # bfloat16 / float16 / float64 -> float32 (numpy has no bfloat16)
+    out[str(key)] = value.numpy()
+  return out
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as f:
+    return {key: f[key] for key in f.files}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"reading {path!r} needs the safetensors package "
+                      "(pip install safetensors), or convert it to .npz") from e
+  return dict(load_file(path))
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+  """Reads a torchvision state dict as numpy arrays (torch layout) from .pth/.pt (needs
+  PyTorch), .npz or .safetensors (no PyTorch)."""
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in SUPPORTED_EXTENSIONS:
+    raise ValueError(f"unsupported weights file {path!r}: the extension must be one of "
+                     f"{', '.join(SUPPORTED_EXTENSIONS)}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"weights file not found: {path!r}")
+  if ext in (".pth", ".pt"):
+    return _read_torch(path)
+  if ext == ".npz":
+    return _read_npz(path)
+  return _read_safetensors(path)
+
+
+def load_torchvision_weights(model: nnx.Module, path: str | os.PathLike[str]) -> None:
+  """Fills `model`'s backbone params and batch stats in place from a torchvision ResNet file.
+
+  `model` is a `hn_jax.models` ResNet18 / ResNet50 (matching the checkpoint's architecture);
+  its embedding head keeps its initialisation. See the module docstring for the formats.
+  """
+  state_dict = read_state_dict(path)
+  params, batch_stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+  params, batch_stats = convert_torchvision_state_dict(state_dict, params, batch_stats)
+  nnx.update(model, params, batch_stats)

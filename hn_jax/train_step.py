@@ -1,0 +1,110 @@
+"""The training state and the jitted train and embedding steps: pure JAX, no TensorFlow.
+
+The model lives as `nnx.split` state (a graph definition plus pytrees of parameters and
+BatchNorm statistics); the steps are pure functions of that state under `jax.jit`, with
+explicit shardings from `sharding.py`. The Python graph walk of `nnx.merge` happens once,
+at trace time, not on every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from hn_jax import losses, models, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the config: step, weights, optimizer."""
+
+  step: jax.Array
+  params: nnx.State
+  batch_stats: nnx.State
+  opt_state: optax.OptState
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.ResNetEmbedding:
+  """The config's freshly initialized model (seeded by `config.seed`)."""
+  return models.create_model(config.model, config.embedding_dim, dtype=compute_dtype(config),
+                             rngs=nnx.Rngs(config.seed))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """The base rate, times 0.1 at each epoch of `config.lr_drop_epochs`."""
+  return optax.piecewise_constant_schedule(
+      config.learning_rate,
+      {int(epoch) * steps_per_epoch: 0.1 for epoch in config.lr_drop_epochs})
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Plain SGD (momentum only if configured, no weight decay), as the release."""
+  momentum = config.momentum or None
+  return optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=momentum)
+
+
+def create_train_state(model: models.ResNetEmbedding,
+                       tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits the model into its graph definition and a fresh TrainState."""
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                     opt_state=tx.init(params))
+  return graphdef, state
+
+
+def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(method=config.loss, lam=config.lam, temperature=config.temperature,
+              hard_threshold=config.hard_threshold)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh: Mesh
+                    ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+  """jit(state, images, labels) -> (state, metrics) over the global batch."""
+  kwargs = loss_kwargs(config)
+
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+    def loss_fn(params):
+      # copy=True: fresh Variables in this trace, which BatchNorm may update.
+      model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+      model.train()
+      embeddings = model(images)
+      loss, aux = losses.triplet_loss(embeddings, labels, **kwargs)
+      return loss, (aux, nnx.state(model, nnx.BatchStat))
+
+    (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state)
+    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+    return new_state, metrics
+
+  batch = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(replicated, batch, batch),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_embed_step(graphdef: nnx.GraphDef, mesh: Mesh
+                    ) -> Callable[[TrainState, jax.Array], jax.Array]:
+  """jit(state, images) -> float32 embeddings, BatchNorm in inference mode."""
+
+  def embed_step(state: TrainState, images: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    model.eval()
+    return model(images)
+
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(embed_step, in_shardings=(sharding.replicated(mesh), batch), out_shardings=batch)
