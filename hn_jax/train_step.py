@@ -88,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state)
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return new_state, metrics
 
   batch = sharding.batch_sharding(mesh)

@@ -223,7 +223,6 @@ def test_backbone_matches_torch(torch_checkpoint):
   assert err <= 1e-4
 
 
-
 def test_pth_values_land_in_the_right_place(torch_checkpoint):
   """Spot-checks the layout conversion key by key (OIHW -> HWIO, BN names, downsample)."""
   pytest.importorskip("torch")

@@ -1,0 +1,155 @@
+"""Samplers (PROTOCOL section 2), host slicing and the tf.data transforms (section 3)."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from hn_jax import input_pipeline as ip
+
+
+def _config(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      seed=0, sampler="filled", images_per_class=2, repeat=1, batch_size=8, image_size=16,
+      eval_batch_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+  config.update(overrides)
+  return config
+
+
+def _labels(sizes):
+  return np.concatenate([np.full(n, 10 + c) for c, n in enumerate(sizes)])
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_filled_epoch(m):
+  sizes = [3, 5, 2, 7, 1]
+  labels = _labels(sizes)
+  stream = ip.filled_epoch(labels, m, np.random.default_rng(0))
+  length = -(-max(sizes) // m) * m
+  assert len(stream) == len(sizes) * length
+  groups = labels[stream].reshape(-1, m)
+  assert np.all(groups == groups[:, :1]), "each group of m holds one class"
+  rounds = groups[:, 0].reshape(length // m, len(sizes))
+  assert np.all(rounds == rounds[:1]), "the class order repeats every round"
+  assert sorted(rounds[0]) == sorted(set(labels))
+  for c, n in enumerate(sizes):
+    drawn = stream[labels[stream] == 10 + c]
+    assert len(drawn) == length
+    assert set(drawn) == set(np.flatnonzero(labels == 10 + c)), "every image of the class is used"
+
+
+def test_sample_epoch():
+  sizes = [1, 2, 3, 5, 4]
+  labels = _labels(sizes)
+  stream = ip.sample_epoch(labels, 2, 3, np.random.default_rng(0))
+  eligible = sum(n >= 2 for n in sizes)
+  assert len(stream) == 3 * eligible * 2
+  pairs = stream.reshape(-1, 2)
+  assert np.all(labels[pairs[:, 0]] == labels[pairs[:, 1]])
+  assert np.all(pairs[:, 0] != pairs[:, 1]), "drawn without replacement"
+  for r in pairs.reshape(3, eligible, 2):
+    assert sorted(labels[r[:, 0]]) == [11, 12, 13, 14], "each round covers each class once"
+  orders = [tuple(labels[r[:, 0]]) for r in pairs.reshape(3, eligible, 2)]
+  assert len(set(orders)) > 1, "classes are reshuffled each round"
+
+
+def test_epoch_streams_are_seeded():
+  labels = _labels([4, 6, 3, 8])
+  for sampler in ("filled", "sample"):
+    config = _config(sampler=sampler, repeat=2)
+    a = ip.epoch_indices(labels, config, 3)
+    np.testing.assert_array_equal(a, ip.epoch_indices(labels, config, 3))
+    assert not np.array_equal(a, ip.epoch_indices(labels, config, 4))
+    config.seed = 1
+    assert not np.array_equal(a, ip.epoch_indices(labels, config, 3))
+
+
+def test_steps_per_epoch_drops_incomplete_batch():
+  labels = _labels([3, 5, 2, 7])  # filled: 4 classes x 8 = 32 images
+  assert ip.steps_per_epoch(labels, _config(batch_size=12)) == 2
+  assert ip.steps_per_epoch(labels, _config(batch_size=8)) == 4
+
+
+def test_host_rows_partition_global_batches_without_splitting_pairs():
+  labels = _labels([6, 6, 6, 6, 6])
+  stream = ip.filled_epoch(labels, 2, np.random.default_rng(1))
+  parts = [ip.host_rows(stream, 8, p, 4) for p in range(4)]
+  np.testing.assert_array_equal(np.concatenate(parts, axis=1).reshape(-1),
+                                stream[:len(stream) // 8 * 8])
+  for part in parts:
+    assert np.all(labels[part[:, 0::2]] == labels[part[:, 1::2]])
+
+
+def _split(n=30, classes=5, size=(12, 20)):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(n, *size, 3), dtype=np.uint8)
+  return ip.Split(images, np.arange(n) % classes)
+
+
+def test_train_batches_shapes_pairs_and_determinism():
+  split = _split()
+  config = _config()
+  batches = list(ip.train_batches(split, config, epoch=1))
+  assert len(batches) == ip.steps_per_epoch(split.labels, config)
+  for b in batches:
+    assert b["images"].shape == (8, 16, 16, 3) and b["images"].dtype == np.float32
+    assert np.all(b["labels"][0::2] == b["labels"][1::2])
+  again = list(ip.train_batches(split, config, epoch=1))
+  for a, b in zip(batches, again):
+    np.testing.assert_array_equal(a["images"], b["images"])
+  other_epoch = next(ip.train_batches(split, config, epoch=2))
+  assert not np.array_equal(other_epoch["images"], batches[0]["images"])
+
+
+def test_train_batches_host_slices_and_resume_offset_match_single_process():
+  split = _split()
+  config = _config()
+  full = list(ip.train_batches(split, config, epoch=1))
+  halves = [list(ip.train_batches(split, config, epoch=1, process_index=p, process_count=2))
+            for p in range(2)]
+  for i, b in enumerate(full):
+    joined = np.concatenate([halves[0][i]["images"], halves[1][i]["images"]])
+    np.testing.assert_array_equal(joined, b["images"])
+  tail = list(ip.train_batches(split, config, epoch=1, first_step=2))
+  np.testing.assert_array_equal(tail[0]["images"], full[2]["images"])
+
+
+def test_train_transform_crops_flips_and_normalizes():
+  config = _config(image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  # A constant image stays constant through resize, crop and flip.
+  image = np.full((10, 40, 3), 51, np.uint8)
+  out = ip.train_transform(image, np.array([0, 7]), config).numpy()
+  assert out.shape == (16, 16, 3)
+  np.testing.assert_allclose(out, 0.2, atol=1e-5)
+  # Shorter side resized to int(1.1 * 16) = 17: a crop of a 17-row ramp keeps 16 of its rows.
+  ramp = np.repeat(np.repeat(np.arange(17, dtype=np.uint8)[:, None, None] * 10, 17, 1), 3, 2)
+  crops = {tuple(ip.train_transform(ramp, np.array([0, s]), config).numpy()[:, 0, 0].round(4))
+           for s in range(20)}
+  assert len(crops) == 2, "a 17-pixel side leaves two vertical crop offsets"
+  flips = [ip.train_transform(ramp.transpose(1, 0, 2), np.array([0, s]), config).numpy()
+           for s in range(20)]
+  increasing = [f[0, 0, 0] < f[0, -1, 0] for f in flips]
+  assert any(increasing) and not all(increasing), "some crops are flipped, some are not"
+
+
+def test_eval_transform_center_crop_and_normalization():
+  config = _config(image_size=16)
+  image = np.zeros((16, 32, 3), np.uint8)
+  image[:, 8:24] = 255  # the central 16 columns are white
+  out = ip.eval_transform(image, config).numpy()
+  assert out.shape == (16, 16, 3)
+  np.testing.assert_allclose(out, (1.0 - 0.5) / 0.25, atol=1e-4)
+
+
+def test_eval_batches_keep_order_and_mark_padding():
+  split = _split(n=21)
+  config = _config(eval_batch_size=8)
+  batches = list(ip.eval_batches(split, config))
+  labels = np.concatenate([b["labels"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert len(labels) == 24 and mask.sum() == 21 and not mask[21:].any()
+  np.testing.assert_array_equal(labels[:21], split.labels)
+  halves = [list(ip.eval_batches(split, config, process_index=p, process_count=2))
+            for p in range(2)]
+  for i, b in enumerate(batches):
+    np.testing.assert_array_equal(
+        np.concatenate([halves[0][i]["images"], halves[1][i]["images"]]), b["images"])

@@ -1,0 +1,152 @@
+"""The training loop end to end on the embedded digits: logs, checkpoints, resume, errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from hn_jax import report, sharding, train, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+  config = digits.get_config()
+  config.image_size = 16
+  config.embedding_dim = 16
+  config.batch_size = 64
+  config.eval_batch_size = 512
+  config.num_epochs = 2
+  config.eval_every = 1
+  config.lr_drop_epochs = (2,)
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  metrics = train.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, metrics
+
+
+def test_run_logs_the_paper_keys(two_epoch_run):
+  workdir, metrics = two_epoch_run
+  scalars = report.load_scalars(workdir)
+  for key in ("DIGITS_test_R_1", "DIGITS_test_R_2", "DIGITS_test_R_4", "DIGITS_test_R_8",
+              "DIGITS_train_R_1"):
+    assert [p[0] for p in scalars[key]] == [0, 1, 2], key
+  assert [p[0] for p in scalars["loss"]] == [1, 2]
+  steps_per_epoch = 920 // 64
+  assert [p[0] for p in scalars["hn_ratio"]] == list(range(1, 2 * steps_per_epoch + 1))
+  assert "embedding_mean_sim" in scalars
+  assert scalars["DIGITS_test_R_1"][-1][2] == pytest.approx(metrics["DIGITS_test_R_1"])
+  assert 0.0 < metrics["DIGITS_test_R_1"] <= 1.0
+  assert (workdir / "config.json").exists()
+
+
+def test_training_learns(two_epoch_run):
+  workdir, _ = two_epoch_run
+  scalars = report.load_scalars(workdir)
+  first, last = scalars["DIGITS_train_R_1"][0][2], scalars["DIGITS_train_R_1"][-1][2]
+  assert last > first + 0.02, (first, last)
+
+
+def test_resumed_run_continues_exactly(two_epoch_run, tmp_path):
+  _, uninterrupted = two_epoch_run
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+  resumed = train.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
+  assert resumed == uninterrupted
+  scalars = report.load_scalars(tmp_path)
+  assert [p[0] for p in scalars["loss"]] == [1, 2]
+
+
+def test_same_seed_same_run_other_seed_other_run(two_epoch_run, tmp_path):
+  _, first = two_epoch_run
+  other = train.train_and_evaluate(tiny_config(seed=1, num_epochs=2), str(tmp_path))
+  assert other != first
+
+
+def _step_on(devices, config, images, labels):
+  mesh = sharding.create_mesh(devices)
+  tx = train_step.create_optimizer(config, steps_per_epoch=10)
+  graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
+  state = sharding.replicate(state, mesh)
+  step = train_step.make_train_step(graphdef, tx, config, mesh)
+  batch = sharding.global_batch({"images": images, "labels": labels}, mesh)
+  state, metrics = step(state, batch["images"], batch["labels"])
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("loss", ["hn", "sct"])
+def test_sharded_step_equals_single_device_step(loss):
+  assert jax.device_count() == 8
+  config = tiny_config(loss=loss)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(64, 16, 16, 3)).astype(np.float32)
+  labels = np.repeat(np.arange(32), 2).astype(np.int32)
+  one = _step_on(jax.devices()[:1], config, images, labels)
+  eight = _step_on(jax.devices(), config, images, labels)
+  for key in ("loss", "hn_ratio", "num_valid", "num_hard"):
+    np.testing.assert_allclose(eight[1][key], one[1][key], rtol=1e-5, err_msg=key)
+  flat_one, flat_eight = jax.tree.leaves(one[0]), jax.tree.leaves(eight[0])
+  for a, b in zip(flat_one, flat_eight):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+BAD_CONFIGS = [
+    ({"loss": "nope"}, "config.loss='nope' is not a loss; use one of hn, shn, sct"),
+    ({"dataset": "imagenet"}, "config.dataset='imagenet' is not a dataset"),
+    ({"model": "vgg"}, "config.model='vgg' is not a model"),
+    ({"sampler": "random"}, "config.sampler='random' is not a sampler"),
+    ({"batch_size": 63}, "config.batch_size=63 must be a multiple of config.images_per_class=2"),
+    ({"batch_size": 36}, "config.batch_size=36 is not divisible by the 8 devices"),
+    ({"eval_batch_size": 100}, "config.eval_batch_size=100 is not divisible by the 8 devices"),
+    ({"embedding_dim": 0}, "config.embedding_dim=0 must be a positive integer"),
+    ({"learning_rate": -0.1}, "config.learning_rate=-0.1 must be positive"),
+    ({"lr_drop_epochs": (0,)}, "config.lr_drop_epochs=(0,) must be positive epoch numbers"),
+    ({"momentum": 1.0}, "config.momentum=1.0 must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
+def test_check_config_names_the_problem(overrides, message):
+  with pytest.raises(train.ConfigError) as error:
+    train.check_config(tiny_config(**overrides), num_devices=8, num_processes=1)
+  assert message in str(error.value)
+  assert "\n" not in str(error.value)
+
+
+def test_check_config_names_process_split():
+  with pytest.raises(train.ConfigError, match="per process"):
+    train.check_config(tiny_config(batch_size=16), num_devices=1, num_processes=16)
+
+
+def test_epoch_shorter_than_a_batch_is_refused(tmp_path):
+  with pytest.raises(train.ConfigError, match="fewer images than config.batch_size=2048"):
+    train.train_and_evaluate(tiny_config(batch_size=2048), str(tmp_path))
+  assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.loss=nope", "config.loss='nope' is not a loss"),
+    ("--config.batch_size=36", "not divisible by the 8 devices"),
+])
+def test_main_stops_with_one_line_before_compiling(override, message, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             TF_CPP_MIN_LOG_LEVEL="3")
+  workdir = tmp_path / "wd"
+  result = subprocess.run(
+      [sys.executable, "-m", "hn_jax.main", "--config=configs/digits.py",
+       f"--workdir={workdir}", override], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("hn_jax: error: ") and message in last, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and "Compiling" not in result.stderr
+  assert not workdir.exists() or not any(workdir.iterdir()), "nothing written"
