@@ -75,6 +75,13 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
   need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1)")
   need(all(isinstance(e, int) and e >= 1 for e in config.lr_drop_epochs),
        f"config.lr_drop_epochs={tuple(config.lr_drop_epochs)!r} must be positive epoch numbers")
+  if config.pretrained:
+    need(config.model in ("resnet18", "resnet50"),
+         f"config.pretrained is set but config.model={config.model!r} has no torchvision "
+         "weights; use resnet18 or resnet50")
+    need(os.path.isfile(config.pretrained),
+         f"config.pretrained={config.pretrained!r}: no such file; give the path of torchvision "
+         "weights (.pth, .npz or .safetensors), see hn_jax/pretrained.py")
   need(len(config.mean) == 3 and len(config.std) == 3 and min(config.std) > 0,
        f"config.mean={tuple(config.mean)} and config.std={tuple(config.std)} must be 3 values "
        "each, std positive")

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from hn_jax import losses, models, sharding
+from hn_jax import losses, models, pretrained, sharding
 
 
 @flax.struct.dataclass
@@ -36,9 +36,12 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 
 def create_model(config: ml_collections.ConfigDict) -> models.ResNetEmbedding:
-  """The config's freshly initialized model (seeded by `config.seed`)."""
-  return models.create_model(config.model, config.embedding_dim, dtype=compute_dtype(config),
-                             rngs=nnx.Rngs(config.seed))
+  """The config's model: seeded by `config.seed`, backbone from `config.pretrained` if set."""
+  model = models.create_model(config.model, config.embedding_dim, dtype=compute_dtype(config),
+                              rngs=nnx.Rngs(config.seed))
+  if config.pretrained:
+    pretrained.load_torchvision_weights(model, config.pretrained)
+  return model
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:

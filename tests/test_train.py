@@ -111,6 +111,9 @@ BAD_CONFIGS = [
     ({"learning_rate": -0.1}, "config.learning_rate=-0.1 must be positive"),
     ({"lr_drop_epochs": (0,)}, "config.lr_drop_epochs=(0,) must be positive epoch numbers"),
     ({"momentum": 1.0}, "config.momentum=1.0 must be in [0, 1)"),
+    ({"pretrained": "/nonexistent/resnet50.pth", "model": "resnet50"},
+     "config.pretrained='/nonexistent/resnet50.pth': no such file"),
+    ({"pretrained": "/nonexistent/resnet50.pth"}, "has no torchvision weights"),
 ]
 
 
@@ -150,3 +153,25 @@ def test_main_stops_with_one_line_before_compiling(override, message, tmp_path):
   assert last.startswith("hn_jax: error: ") and message in last, result.stderr[-2000:]
   assert "Traceback" not in result.stderr and "Compiling" not in result.stderr
   assert not workdir.exists() or not any(workdir.iterdir()), "nothing written"
+
+
+def test_config_pretrained_fills_the_backbone(tmp_path):
+  from hn_jax import pretrained
+  from flax import nnx
+  config = tiny_config(model="resnet18", embedding_dim=8)
+  fresh = train_step.create_model(config)
+  _, params, batch_stats = nnx.split(fresh, nnx.Param, nnx.BatchStat)
+  shapes = pretrained.expected_torchvision_shapes(params, batch_stats)
+  rng = np.random.default_rng(0)
+  shapes.update({"fc.weight": (1000, 512), "fc.bias": (1000,)})
+  weights = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  np.savez(tmp_path / "r18.npz", **weights)
+  config.pretrained = str(tmp_path / "r18.npz")
+  train.check_config(config, num_devices=8, num_processes=1)
+  model = train_step.create_model(config)
+  np.testing.assert_array_equal(np.asarray(model.conv1.kernel[...]),
+                                weights["conv1.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(np.asarray(model.layer1[0].bn1.mean[...]),
+                                weights["layer1.0.bn1.running_mean"])
+  np.testing.assert_array_equal(np.asarray(model.embedding.kernel[...]),
+                                np.asarray(fresh.embedding.kernel[...]))
