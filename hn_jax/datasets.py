@@ -8,10 +8,12 @@ train and test classes are disjoint as in every benchmark of the paper.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import ml_collections
 import numpy as np
 
+from hn_jax import evaluation
 from hn_jax.input_pipeline import Split
 
 DATASET_NAMES = ("digits",)
@@ -26,6 +28,17 @@ class Dataset:
   test: Split
   test_ks: tuple[int, ...]  # the K of the logged test recalls
   train_recall: bool  # whether training-set R@1 is logged
+
+  def evaluate(self, embed: Callable[[Split], np.ndarray]) -> dict[str, float]:
+    """The logged metrics (PROTOCOL section 7) of the embedding function `embed`."""
+    metrics = {}
+    test = embed(self.test)
+    for k, r in evaluation.recall_at_k(test, self.test.labels, self.test_ks).items():
+      metrics[f"{self.key}_test_R_{k}"] = r
+    if self.train_recall:
+      train = embed(self.train)
+      metrics[f"{self.key}_train_R_1"] = evaluation.recall_at_k(train, self.train.labels, [1])[1]
+    return metrics
 
 
 def _digits() -> Dataset:

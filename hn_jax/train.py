@@ -20,7 +20,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
-from hn_jax import datasets, evaluation, input_pipeline, losses, models, sharding, train_step
+from hn_jax import datasets, input_pipeline, losses, models, sharding, train_step
 
 
 class ConfigError(ValueError):
@@ -101,15 +101,8 @@ def embed_split(embed_step, state: train_step.TrainState, split: input_pipeline.
 
 def evaluate(embed_step, state: train_step.TrainState, dataset: datasets.Dataset,
              config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, float]:
-  """The logged recalls: `{DATA}_test_R_{K}` and, where the protocol has it, train R@1."""
-  metrics = {}
-  test = embed_split(embed_step, state, dataset.test, config, mesh)
-  for k, r in evaluation.recall_at_k(test, dataset.test.labels, dataset.test_ks).items():
-    metrics[f"{dataset.key}_test_R_{k}"] = r
-  if dataset.train_recall:
-    train = embed_split(embed_step, state, dataset.train, config, mesh)
-    metrics[f"{dataset.key}_train_R_1"] = evaluation.recall_at_k(train, dataset.train.labels, [1])[1]
-  return metrics
+  """The dataset's logged metrics for the model in `state`."""
+  return dataset.evaluate(lambda split: embed_split(embed_step, state, split, config, mesh))
 
 
 def _epoch_scalars(step_metrics: list[dict[str, Any]]) -> dict[str, float]:
