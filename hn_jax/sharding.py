@@ -49,3 +49,8 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def local_value(tree: Any) -> Any:
+  """A pytree of replicated arrays as NumPy values, read from this process's first copy."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

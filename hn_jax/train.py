@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from typing import Any
 
 import jax
@@ -18,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hn_jax import datasets, input_pipeline, losses, models, sharding, train_step
@@ -105,15 +109,101 @@ def evaluate(embed_step, state: train_step.TrainState, dataset: datasets.Dataset
   return dataset.evaluate(lambda split: embed_split(embed_step, state, split, config, mesh))
 
 
-def _epoch_scalars(step_metrics: list[dict[str, Any]]) -> dict[str, float]:
-  means = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-  return {("loss" if k == "loss" else f"train/{k}"): v for k, v in means.items()}
+class TrainingStopped(RuntimeError):
+  """The run cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
+class Preemption:
+  """Notices a SIGTERM (preemption notice) so the loop can checkpoint and exit cleanly.
+
+  One process: a signal handler. Several: JAX's preemption service, through which every
+  process agrees on the same step to stop at.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: checkpointing at the next step")
+    self.received = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class EpochLog:
+  """Writes per-step scalars one step late (so the host never waits on the step in flight)
+  and keeps the sums behind the epoch means, which a checkpoint carries across a restart."""
+
+  PER_STEP = ("hn_ratio", "embedding_mean_sim", "loss")
+
+  def __init__(self, writer: metric_writers.MetricWriter, sums: dict[str, float] | None = None,
+               count: int = 0):
+    self.writer = writer
+    self.sums = dict(sums or {})
+    self.count = count
+    self.skipped_in_a_row = 0
+    self.skipped_steps = 0
+    self._created = time.monotonic()
+    self._first_flush_time = None
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.flush()
+    self._pending.append((step, metrics))
+
+  def flush(self) -> None:
+    for step, metrics in self._pending:
+      values = {k: float(v) for k, v in sharding.local_value(metrics).items()}
+      self.writer.write_scalars(step, {("step_loss" if k == "loss" else k): values[k]
+                                       for k in self.PER_STEP})
+      for k, v in values.items():
+        self.sums[k] = self.sums.get(k, 0.0) + v
+      self.count += 1
+      if self._first_flush_time is None:
+        self._first_flush_time = time.monotonic()
+        logging.info("Step %d done (the first step of this process: compiled and ran in "
+                     "%.1f s)", step, self._first_flush_time - self._created)
+      self.skipped_in_a_row = int(values["skipped_in_a_row"])
+      self.skipped_steps = int(values["skipped_steps"])
+    self._pending = []
+
+  def epoch_means(self) -> dict[str, float]:
+    self.flush()
+    means = {k: v / max(1, self.count) for k, v in self.sums.items()}
+    scalars = {("loss" if k == "loss" else f"train/{k}"): v for k, v in means.items()
+               if k not in ("skipped_in_a_row", "skipped_steps")}
+    scalars["skipped_steps"] = float(self.skipped_steps)
+    self.sums, self.count = {}, 0
+    return scalars
+
+  def progress(self) -> dict[str, Any]:
+    self.flush()
+    return {"sums": self.sums, "count": self.count}
+
+
+def _save(checkpoints: ocp.CheckpointManager, step: int, state: train_step.TrainState,
+          progress: dict[str, Any]) -> None:
+  if checkpoints.latest_step() != step:
+    checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   progress=ocp.args.JsonSave(progress)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains and evaluates per `config`, logging to and checkpointing in `workdir`.
 
-  Returns the metrics of the last evaluation.
+  A run started again on the same workdir resumes from its latest checkpoint: the
+  evaluations' and a preemption's (SIGTERM), and continues as if never stopped.
+  Returns the metrics of the last evaluation (empty when resumed with nothing left to do).
   """
   check_config(config)
   dataset = datasets.load(config)
@@ -135,49 +225,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  start_epoch = checkpoints.latest_step()
-  if start_epoch is None:
-    start_epoch = 0
+  step = checkpoints.latest_step()
+  metrics = {}
+  if step is None:
+    step = 0
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
     metrics = evaluate(embed_fn, state, dataset, config, mesh)
     writer.write_scalars(0, metrics)
-    checkpoints.save(0, args=ocp.args.StandardSave(state))
+    logging.info("epoch 0: %s", json.dumps(metrics))
+    _save(checkpoints, 0, state, {"sums": {}, "count": 0})
+    log = EpochLog(writer)
   else:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = checkpoints.restore(start_epoch, args=ocp.args.StandardRestore(abstract))
-    logging.info("Resumed from the checkpoint of epoch %d in %s", start_epoch, workdir)
-    metrics = {}
+    restored = checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+    state = restored.state
+    log = EpochLog(writer, restored.progress["sums"], restored.progress["count"])
+    logging.info("Resumed from the checkpoint of step %d in %s", step, workdir)
 
-  total_steps = config.num_epochs * steps_per_epoch
-  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  step = start_epoch * steps_per_epoch
-  for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    step_metrics = []
-    for batch in input_pipeline.train_batches(dataset.train, config, epoch,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count()):
-      batch = sharding.global_batch(batch, mesh)
-      state, m = step_fn(state, batch["images"], batch["labels"])
-      step_metrics.append(m)
-      step += 1
-      report_progress(step)
-    # One transfer per epoch rather than a host sync on every step.
-    step_metrics = jax.device_get(step_metrics)
-    for i, m in enumerate(step_metrics):
-      writer.write_scalars(step - len(step_metrics) + i + 1,
-                           {"hn_ratio": m["hn_ratio"], "embedding_mean_sim": m["embedding_mean_sim"]})
-    scalars = _epoch_scalars(step_metrics)
-    scalars["learning_rate"] = float(schedule(step - 1))
-    writer.write_scalars(epoch, scalars)
-    logging.info("epoch %d: loss %.4f, hn_ratio %.3f", epoch, scalars["loss"],
-                 scalars["train/hn_ratio"])
-    if epoch % config.eval_every == 0 or epoch == config.num_epochs:
-      metrics = evaluate(embed_fn, state, dataset, config, mesh)
-      writer.write_scalars(epoch, metrics)
-      logging.info("epoch %d: %s", epoch, json.dumps(metrics))
-      checkpoints.save(epoch, args=ocp.args.StandardSave(state))
-  checkpoints.wait_until_finished()
-  writer.flush()
+  preemption = Preemption()
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=config.num_epochs * steps_per_epoch, writer=writer)
+  try:
+    for epoch in range(step // steps_per_epoch + 1, config.num_epochs + 1):
+      first_step = step - (epoch - 1) * steps_per_epoch
+      for batch in input_pipeline.train_batches(dataset.train, config, epoch,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count(),
+                                                first_step=first_step):
+        if preemption.reached(step):
+          _save(checkpoints, step, state, log.progress())
+          checkpoints.wait_until_finished()
+          logging.warning("Preempted: saved the checkpoint of step %d; run the same command "
+                          "to resume", step)
+          return metrics
+        batch = sharding.global_batch(batch, mesh)
+        state, step_metrics = step_fn(state, batch["images"], batch["labels"])
+        step += 1
+        log.add(step, step_metrics)
+        if log.skipped_in_a_row >= config.max_consecutive_skips:
+          raise TrainingStopped(
+              f"the loss or its gradients were not finite for {log.skipped_in_a_row} steps in "
+              f"a row (before step {step}); lower config.learning_rate or use float32 "
+              "(config.half_precision=False), then resume from the last checkpoint")
+        report_progress(step)
+      scalars = log.epoch_means()
+      scalars["learning_rate"] = float(schedule(step - 1))
+      writer.write_scalars(epoch, scalars)
+      logging.info("epoch %d: loss %.4f, hn_ratio %.3f", epoch, scalars["loss"],
+                   scalars["train/hn_ratio"])
+      if epoch % config.eval_every == 0 or epoch == config.num_epochs:
+        metrics = evaluate(embed_fn, state, dataset, config, mesh)
+        writer.write_scalars(epoch, metrics)
+        logging.info("epoch %d: %s", epoch, json.dumps(metrics))
+        _save(checkpoints, step, state, log.progress())
+  finally:
+    preemption.close()
+    checkpoints.wait_until_finished()
+    writer.flush()
   return metrics

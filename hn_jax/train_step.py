@@ -52,9 +52,19 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Plain SGD (momentum only if configured, no weight decay), as the release."""
+  """Plain SGD (momentum only if configured, no weight decay), as the release.
+
+  Wrapped in `optax.apply_if_finite`: a step whose gradients are not finite changes nothing
+  and is counted; the training loop stops after `config.max_consecutive_skips` in a row.
+  """
   momentum = config.momentum or None
-  return optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=momentum)
+  sgd = optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=momentum)
+  return optax.apply_if_finite(sgd, max_consecutive_errors=2**31 - 1)
+
+
+def skipped_steps(opt_state: optax.OptState) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(last step skipped, skipped steps in a row, skipped steps in all) of the optimizer."""
+  return ~opt_state.last_finite, opt_state.notfinite_count, opt_state.total_notfinite
 
 
 def create_train_state(model: models.ResNetEmbedding,
@@ -87,11 +97,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return loss, (aux, nnx.state(model, nnx.BatchStat))
 
     (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    skipped, in_a_row, total = skipped_steps(opt_state)
+    # A skipped step leaves the BatchNorm statistics alone too.
+    batch_stats = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), batch_stats,
+                               state.batch_stats)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state)
-    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
+                   skipped_in_a_row=in_a_row, skipped_steps=total)
     return new_state, metrics
 
   batch = sharding.batch_sharding(mesh)

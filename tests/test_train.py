@@ -1,6 +1,7 @@
 """The training loop end to end on the embedded digits: logs, checkpoints, resume, errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,13 +58,41 @@ def test_training_learns(two_epoch_run):
   assert last > first + 0.02, (first, last)
 
 
-def test_resumed_run_continues_exactly(two_epoch_run, tmp_path):
-  _, uninterrupted = two_epoch_run
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
-  resumed = train.train_and_evaluate(tiny_config(num_epochs=2), str(tmp_path))
+def _preempt_at(monkeypatch, at_step):
+  monkeypatch.setattr(train.Preemption, "reached", lambda self, step: step == at_step)
+
+
+def test_preempted_mid_epoch_run_resumes_exactly(two_epoch_run, tmp_path, monkeypatch):
+  workdir, uninterrupted = two_epoch_run
+  _preempt_at(monkeypatch, 5)  # mid-epoch 1 (14 steps an epoch)
+  before = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  epoch0 = report.load_scalars(workdir)["DIGITS_test_R_1"][0]
+  assert epoch0[0] == 0 and before["DIGITS_test_R_1"] == pytest.approx(epoch0[2])
+  assert (tmp_path / "checkpoints" / "5").is_dir()
+  # A crash while writing the next checkpoint leaves a temporary folder behind: ignored.
+  partial = tmp_path / "checkpoints" / "14.orbax-checkpoint-tmp"
+  shutil.copytree(tmp_path / "checkpoints" / "5", partial)
+  for f in list(partial.rglob("*"))[::2]:
+    if f.is_file():
+      f.unlink()
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert resumed == uninterrupted
+  a, b = report.load_scalars(workdir), report.load_scalars(tmp_path)
+  for key in ("loss", "step_loss", "hn_ratio", "DIGITS_test_R_1", "train/num_hard"):
+    assert [p[0] for p in b[key]] == [p[0] for p in a[key]], key
+    assert [p[2] for p in b[key]] == [p[2] for p in a[key]], key
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+  config = tiny_config(learning_rate=1e30, max_consecutive_skips=3, num_epochs=1)
+  with pytest.raises(train.TrainingStopped, match="not finite for 3 steps in a row"):
+    train.train_and_evaluate(config, str(tmp_path))
   scalars = report.load_scalars(tmp_path)
-  assert [p[0] for p in scalars["loss"]] == [1, 2]
+  # Step 1 updates the weights to huge values; steps 2-4 have non-finite gradients and
+  # change nothing; the loop notices the third in a row one step later (it reads late).
+  assert [p[0] for p in scalars["step_loss"]] == [1, 2, 3, 4]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0"]
 
 
 def test_same_seed_same_run_other_seed_other_run(two_epoch_run, tmp_path):

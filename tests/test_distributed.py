@@ -1,0 +1,84 @@
+"""Scale-out: the same run on 1 device, 4 devices and 2 processes x 2 devices; preemption."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hn_jax import report
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/digits.py", "--config.image_size=16", "--config.embedding_dim=16",
+        "--config.batch_size=128", "--config.eval_batch_size=256", "--config.learning_rate=0.001"]
+
+
+def _env(devices):
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _main(workdir, *extra, devices=1, **kwargs):
+  return subprocess.Popen([sys.executable, "-m", "hn_jax.main", *TINY, f"--workdir={workdir}",
+                           *extra], cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _finish(proc, timeout=400):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def topologies(tmp_path_factory):
+  root = tmp_path_factory.mktemp("topologies")
+  epochs = "--config.num_epochs=1"
+  port = _free_port()
+  procs = [_main(root / "two_processes", epochs, f"--coordinator_address=localhost:{port}",
+                 "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
+  _finish(_main(root / "one_device", epochs, devices=1))
+  _finish(_main(root / "four_devices", epochs, devices=4))
+  for p in procs:
+    _finish(p)
+  return {name: report.load_scalars(root / name)
+          for name in ("one_device", "four_devices", "two_processes")}
+
+
+@pytest.mark.parametrize("other", ["four_devices", "two_processes"])
+def test_same_losses_and_recalls_on_every_topology(topologies, other):
+  base, run = topologies["one_device"], topologies[other]
+  base_loss = np.array([p[2] for p in base["step_loss"]])
+  run_loss = np.array([p[2] for p in run["step_loss"]])
+  assert len(base_loss) == len(run_loss) == 920 // 128
+  np.testing.assert_allclose(run_loss, base_loss, rtol=1e-5, atol=1e-6)
+  for key in ("DIGITS_test_R_1", "DIGITS_test_R_8", "DIGITS_train_R_1"):
+    assert abs(run[key][-1][2] - base[key][-1][2]) <= 1e-5, key
+
+
+def test_sigterm_mid_epoch_then_restart_matches_uninterrupted(topologies, tmp_path):
+  interrupted = _main(tmp_path, "--config.num_epochs=1")
+  for line in interrupted.stdout:  # the first step has run: preempt mid-epoch
+    if "the first step of this process" in line:
+      break
+  interrupted.send_signal(signal.SIGTERM)
+  out = _finish(interrupted)
+  assert "Preempted: saved the checkpoint of step" in out, out[-3000:]
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved[-1] > 0
+  _finish(_main(tmp_path, "--config.num_epochs=1"))
+  straight, resumed = topologies["one_device"], report.load_scalars(tmp_path)
+  for key in ("loss", "step_loss", "DIGITS_test_R_1", "DIGITS_train_R_1"):
+    assert [p[0] for p in resumed[key]] == [p[0] for p in straight[key]], key
+    np.testing.assert_allclose([p[2] for p in resumed[key]], [p[2] for p in straight[key]],
+                               rtol=1e-6, err_msg=key)
