@@ -1,6 +1,7 @@
 """Scale-out: the same run on 1 device, 4 devices and 2 processes x 2 devices; preemption."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,12 +46,14 @@ def topologies(tmp_path_factory):
   root = tmp_path_factory.mktemp("topologies")
   epochs = "--config.num_epochs=1"
   port = _free_port()
-  procs = [_main(root / "two_processes", epochs, f"--coordinator_address=localhost:{port}",
-                 "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
+  two = subprocess.Popen(
+      ["bash", "launch/local_multiprocess.sh", "2", "2", "--", *TINY, epochs,
+       f"--workdir={root / 'two_processes'}"],
+      cwd=REPO, env=dict(_env(2), PORT=str(port), PYTHON=sys.executable),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   _finish(_main(root / "one_device", epochs, devices=1))
   _finish(_main(root / "four_devices", epochs, devices=4))
-  for p in procs:
-    _finish(p)
+  _finish(two)
   return {name: report.load_scalars(root / name)
           for name in ("one_device", "four_devices", "two_processes")}
 
@@ -82,3 +85,14 @@ def test_sigterm_mid_epoch_then_restart_matches_uninterrupted(topologies, tmp_pa
     assert [p[0] for p in resumed[key]] == [p[0] for p in straight[key]], key
     np.testing.assert_allclose([p[2] for p in resumed[key]], [p[2] for p in straight[key]],
                                rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("script", ["local_multiprocess.sh", "slurm_gpu.sbatch", "tpu_pod.sh",
+                                    "sweep.sh"])
+def test_launch_scripts_parse_and_pass_shellcheck(script):
+  path = REPO / "launch" / script
+  subprocess.run(["bash", "-n", str(path)], check=True)
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed")
+  result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
