@@ -10,8 +10,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = "digits"  # One of: digits (embedded, no download).
-  config.data_dir = ""  # Where prepared datasets live (unused by digits).
+  config.dataset = "digits"  # digits, synthetic (no download) or cub, cars, sop, inshop, hotels50k.
+  config.data_dir = ""  # Where prepared datasets live; empty: $HN_DATA_DIR (unused by digits, synthetic).
+  config.cache_images = False  # Keep decoded, resized images in memory (small sets: CUB, CARS).
+  config.synthetic_classes = 200  # synthetic: classes generated; the first half train, the rest test.
+  config.synthetic_images_per_class = 10  # synthetic: images per class.
   config.image_size = 256  # Side of the square crop fed to the model.
   config.mean = (0.485, 0.456, 0.406)  # Per-channel RGB mean of the dataset, images in [0, 1].
   config.std = (0.229, 0.224, 0.225)  # Per-channel RGB standard deviation.

@@ -54,11 +54,11 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   initialize_distributed()
-  from hn_jax import train  # pylint: disable=g-import-not-at-top
+  from hn_jax import datasets, train  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, train.TrainingStopped) as e:
+  except (train.ConfigError, train.TrainingStopped, datasets.DataNotPreparedError) as e:
     sys.exit(f"hn_jax: error: {e}")
 
 

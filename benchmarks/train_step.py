@@ -1,0 +1,784 @@
+"""Train-step speed: the jitted hn_jax step against the same step in PyTorch (issue 8).
+
+The GPU figures (one H100; JAX rows, then every PyTorch row, in one run):
+
+    python benchmarks/train_step.py --json=/tmp/train_step.json
+
+Smoke test on a CPU (tiny models, 32 px, batch 16, 2 timed steps; not a performance figure):
+
+    JAX_PLATFORMS=cpu python benchmarks/train_step.py --tiny --json=/tmp/train_step_tiny.json
+
+What is measured, per (framework, mode, dtype, batch):
+  jax    The project's own step, `hn_jax.train_step.make_train_step` (ResNet50 in Flax NNX,
+         sct loss mining over the global batch, SGD in `optax.apply_if_finite`, the non-finite
+         guards, donated state), jitted over `sharding.create_mesh()` (every local device: one
+         on a one-GPU host). bfloat16 is `config.half_precision=True` (bfloat16 compute,
+         float32 parameters, loss and optimizer), as in training.
+  torch  The same step in PyTorch: torchvision's `resnet50(weights=None)` with `fc` replaced by
+         Linear(2048, 512) (with --tiny, or when torchvision is missing, the same layout
+         written in this file), the release's sct loss written here in vectorized torch
+         (PROTOCOL section 1; `triplet_loss_torch`, tested equal to `hn_jax.losses`), plain
+         `torch.optim.SGD`. bfloat16 is `torch.autocast(dtype=torch.bfloat16)` around the model
+         (the loss is computed in float32, as in hn_jax). Channels-last memory format for model
+         and images (`--torch_channels_last`), `cudnn.benchmark=True`. Modes: `eager`, and
+         `compile` = `torch.compile` of model + loss (forward and backward) and of
+         `optimizer.step`, the strongest PyTorch a user would normally pick.
+Inputs are random images (N(0, 1), float32, already on the device; labels: 2 images per
+class) created once. Each configuration: the first call is timed alone ("compile s": XLA
+compilation, or torch.compile / cuDNN autotuning, plus one step), then `--warmup` untimed
+steps, then `--steps` steps each timed to completion (`jax.block_until_ready`,
+`torch.cuda.synchronize`): "step ms" is their median and "images/s" = batch / median.
+The JSON also has the mean of a back-to-back window of `--steps` steps synchronised only at
+its end ("pipelined_images_per_s"). torch.compile keeps compiled kernels in an on-disk cache
+(inductor's, under the temp directory), so a repeated run reports a shorter "compile s"; the
+first run on a fresh machine is the cold figure.
+
+Each framework runs in its own subprocess (JAX preallocates GPU memory, PyTorch caches it;
+neither must starve the other). An out-of-memory configuration is reported as "OOM" in its
+row and the run goes on; another failure is reported as "error: ..."; if a worker process
+dies, its configuration is marked and a fresh worker runs the rest. Every row, the versions
+and the device names are written to `--json`.
+
+Targets (issue 8, one H100, ResNet50 at 256 px, embedding 512, sct): JAX at least 1.5x eager
+PyTorch's images/s and 1.2x compiled PyTorch's at the same precision and batch, and at least
+5,500 images/s at batch 512 in bfloat16. Reference H100 figures (images/s, batch 128 / 512):
+eager PyTorch float32 1,364 / 1,480, bfloat16 channels-last 2,713 / 3,135; compiled PyTorch
+bfloat16 channels-last 3,648 / 3,783, float32 1,665 / -; an untuned Flax ResNet50 step
+float32 2,280 / -, bfloat16 3,938 / 4,590.
+
+Budget on the GPU: four JAX compilations (about a minute each at most) and four
+torch.compile compilations (typically one to a few minutes each for ResNet50 training); to
+fit a short device session split it, e.g. `--frameworks=jax` then `--frameworks=torch`, or
+`--torch_modes=eager` and `--torch_modes=compile`, with different `--json` files.
+
+Ideas that matter on the GPU (notes; nothing here is switched on unless stated):
+  * bfloat16 compute (`config.half_precision`) is the big one: tensor cores at full rate, half
+    the activation memory traffic. The targets at bfloat16 assume it.
+  * float32 rows run each framework's default precision for 32-bit convolutions and matmuls.
+    On Ampere and later, cuDNN convolutions in PyTorch use TF32 by default
+    (`torch.backends.cudnn.allow_tf32`), matmuls do not (`torch.backends.cuda.matmul.allow_tf32`);
+    JAX's is set by `jax_default_matmul_precision` (unset = the backend default;
+    `--jax_matmul_precision=tensorfloat32|float32|bfloat16` sets it). The JSON records both.
+  * Buffer donation: the hn_jax step already donates its state (`donate_argnums=0`), so
+    parameters and optimizer state are updated in place.
+  * `XLA_PYTHON_CLIENT_MEM_FRACTION`: JAX preallocates 75% of GPU memory by default; this
+    script's JAX worker sets 0.9 unless the variable is already set, so that batch 512 in
+    float32 has room.
+  * `--xla_gpu_enable_latency_hiding_scheduler=true` (an XLA GPU flag that JAX's GPU
+    performance notes list) overlaps collectives with compute: it matters for several GPUs
+    only, not for this one-GPU figure.
+  * Input layout: hn_jax feeds NHWC, which is what cuDNN's fast bfloat16 kernels want; that is
+    why PyTorch is run channels-last here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+FRAMEWORKS = ("jax", "torch")
+DTYPES = ("float32", "bfloat16")
+TORCH_MODES = ("eager", "compile")
+# Modules that must not be needed (the GPU machine has none of them).
+FORBIDDEN_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
+
+TINY = dict(batch_sizes="16", image_size=32, steps=2, warmup=1, jax_model="small",
+            torch_model="small")
+
+TARGET_VS_EAGER = 1.5
+TARGET_VS_COMPILE = 1.2
+TARGET_IMAGES_PER_S = 5500.0  # bfloat16, batch 512, one H100.
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags.
+
+
+def _csv(choices: tuple[str, ...] | None = None):
+  def parse(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if choices is not None:
+      bad = [s for s in items if s not in choices]
+      if bad:
+        raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+    return items
+  return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--tiny", action="store_true",
+                 help=f"CPU smoke-test preset: {TINY} (explicit flags still win)")
+  p.add_argument("--batch_sizes", default="128,512", help="comma-separated global batch sizes")
+  p.add_argument("--image_size", type=int, default=256)
+  p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+  p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first call")
+  p.add_argument("--frameworks", type=_csv(FRAMEWORKS), default="jax,torch")
+  p.add_argument("--dtypes", type=_csv(DTYPES), default="float32,bfloat16")
+  p.add_argument("--torch_modes", type=_csv(TORCH_MODES), default="eager,compile")
+  p.add_argument("--json", default="", help="write every row, versions and devices here")
+  p.add_argument("--embedding_dim", type=int, default=512)
+  p.add_argument("--loss", default="sct", choices=("hn", "shn", "sct"))
+  p.add_argument("--learning_rate", type=float, default=0.03)
+  p.add_argument("--jax_model", default="resnet50", choices=("small", "resnet18", "resnet50"))
+  p.add_argument("--torch_model", default="resnet50", choices=("small", "resnet18", "resnet50"))
+  p.add_argument("--torch_impl", default="auto", choices=("auto", "torchvision", "script"),
+                 help="auto: torchvision's resnet when installed (not for 'small'), else the "
+                      "copy of its layout in this file")
+  p.add_argument("--torch_channels_last", default="all", choices=("all", "bfloat16", "none"),
+                 help="which torch dtypes run channels-last")
+  p.add_argument("--torch_compile_mode", default="default",
+                 help="torch.compile(mode=...): default, reduce-overhead, max-autotune, ...")
+  p.add_argument("--jax_matmul_precision", default="",
+                 help="if set, jax_default_matmul_precision (e.g. tensorfloat32, float32)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--check_no_tf", action="store_true",
+                 help="block imports of tensorflow / tensorflow_datasets / clu in the workers "
+                      "and report that none of them is in sys.modules")
+  p.add_argument("--_worker_spec", default="", help=argparse.SUPPRESS)
+  return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = build_parser()
+  first, _ = parser.parse_known_args(argv)
+  if first.tiny:
+    parser.set_defaults(**TINY)
+  args = parser.parse_args(argv)
+  for name in ("frameworks", "dtypes", "torch_modes"):  # string defaults are not parsed
+    value = getattr(args, name)
+    if isinstance(value, str):
+      setattr(args, name, _csv()(value))
+  args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+  return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The release's loss in PyTorch (PROTOCOL section 1), vectorized.
+
+
+def triplet_loss_torch(embeddings, labels, *, method: str = "sct", lam: float = 1.0,
+                       temperature: float = 0.1, hard_threshold: float = 0.8,
+                       with_aux: bool = False):
+  """hn / shn / sct with batch-hard mining, as `hn_jax.losses.triplet_loss`, in float32.
+
+  Cosine similarities of the rows normalized by max(||f||, 1e-12), diagonal -1; easiest
+  positive among same-label others with similarity <= 0.9999; hardest negative (for shn: no
+  more similar than the positive); selection without gradient; an anchor is valid when both
+  chosen similarities lie in (-1, 1). hn/shn: mean softplus((neg - pos) / t) over valid
+  anchors; sct: softplus on easy triplets, lam * neg on hard ones, over n_easy + n_hard.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  f = embeddings.float()
+  norm = torch.sqrt(torch.clamp((f * f).sum(dim=1, keepdim=True), min=1e-24))
+  u = f / norm
+  n = u.shape[0]
+  eye = torch.eye(n, dtype=torch.bool, device=u.device)
+  sims = (u @ u.T).masked_fill(eye, -1.0)
+  fixed = sims.detach()
+
+  same = labels[:, None] == labels[None, :]
+  pos_candidates = torch.where(same & ~eye & (fixed <= 0.9999), fixed, -1.0)
+  pos_value, pos_idx = pos_candidates.max(dim=1)
+  neg_ok = ~same
+  if method == "shn":
+    neg_ok = neg_ok & (fixed <= pos_value[:, None])
+  elif method not in ("hn", "sct"):
+    raise ValueError(f"unknown loss method {method!r}")
+  neg_value, neg_idx = torch.where(neg_ok, fixed, -1.0).max(dim=1)
+
+  valid = (pos_value > -1) & (pos_value < 1) & (neg_value > -1) & (neg_value < 1)
+  pos = sims.gather(1, pos_idx[:, None])[:, 0]
+  neg = sims.gather(1, neg_idx[:, None])[:, 0]
+  contrastive = F.softplus((neg - pos) / temperature)
+  zero = torch.zeros((), device=u.device)
+  if method == "sct":
+    hard = valid & ((neg > pos) | (neg > hard_threshold))
+    easy = valid & (neg < pos) & (neg < hard_threshold)
+    total = (torch.where(easy, contrastive, zero).sum()
+             + lam * torch.where(hard, neg, zero).sum())
+    loss = total / torch.clamp(easy.sum() + hard.sum(), min=1)
+  else:
+    loss = torch.where(valid, contrastive, zero).sum() / torch.clamp(valid.sum(), min=1)
+  if not with_aux:
+    return loss
+  with torch.no_grad():
+    hard = valid & ((neg > pos) | (neg > hard_threshold))
+    easy = valid & (neg < pos) & (neg < hard_threshold)
+    per_valid = torch.clamp(valid.sum(), min=1).float()
+    aux = {
+        "hn_ratio": (valid & (neg > pos)).sum() / per_valid,
+        "num_valid": valid.sum().float(),
+        "num_hard": hard.sum().float(),
+        "num_easy": easy.sum().float(),
+        "pos_sim": torch.where(valid, pos, zero).sum() / per_valid,
+        "neg_sim": torch.where(valid, neg, zero).sum() / per_valid,
+        "embedding_mean_sim": torch.where(eye, zero, fixed).sum() / max(1, n * (n - 1)),
+    }
+  return loss, aux
+
+
+# ---------------------------------------------------------------------------------------------
+# A torch ResNet in torchvision's layout (torchvision/models/resnet.py, v1.5), for --tiny and
+# for hosts without torchvision. `small` mirrors hn_jax.models' small (BasicBlock x 1 per
+# stage, base width 16).
+
+
+def build_torch_resnet(name: str, embedding_dim: int, impl: str = "auto"):
+  """(model, description): `name`'s ResNet with `fc` = Linear(features, embedding_dim)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  if impl in ("auto", "torchvision") and name != "small":
+    try:
+      import torchvision  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      if impl == "torchvision":
+        raise
+    else:
+      model = getattr(torchvision.models, name)(weights=None)
+      model.fc = nn.Linear(model.fc.in_features, embedding_dim)
+      return model, f"torchvision {torchvision.__version__} models.{name}(weights=None)"
+  elif impl == "torchvision":
+    raise ValueError("torchvision has no 'small' ResNet")
+
+  def conv3x3(i, o, stride=1):
+    return nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False)
+
+  def conv1x1(i, o, stride=1):
+    return nn.Conv2d(i, o, 1, stride=stride, bias=False)
+
+  class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+      super().__init__()
+      self.conv1 = conv3x3(inplanes, planes, stride)
+      self.bn1 = nn.BatchNorm2d(planes)
+      self.relu = nn.ReLU(inplace=True)
+      self.conv2 = conv3x3(planes, planes)
+      self.bn2 = nn.BatchNorm2d(planes)
+      self.downsample = downsample
+
+    def forward(self, x):
+      identity = x if self.downsample is None else self.downsample(x)
+      out = self.relu(self.bn1(self.conv1(x)))
+      out = self.bn2(self.conv2(out))
+      return self.relu(out + identity)
+
+  class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+      super().__init__()
+      self.conv1 = conv1x1(inplanes, planes)
+      self.bn1 = nn.BatchNorm2d(planes)
+      self.conv2 = conv3x3(planes, planes, stride)  # v1.5: the stride sits on the 3x3
+      self.bn2 = nn.BatchNorm2d(planes)
+      self.conv3 = conv1x1(planes, planes * self.expansion)
+      self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+      self.relu = nn.ReLU(inplace=True)
+      self.downsample = downsample
+
+    def forward(self, x):
+      identity = x if self.downsample is None else self.downsample(x)
+      out = self.relu(self.bn1(self.conv1(x)))
+      out = self.relu(self.bn2(self.conv2(out)))
+      out = self.bn3(self.conv3(out))
+      return self.relu(out + identity)
+
+  class ResNet(nn.Module):
+
+    def __init__(self, block, layers, num_outputs, base_width=64):
+      super().__init__()
+      self.inplanes = base_width
+      self.conv1 = nn.Conv2d(3, base_width, 7, stride=2, padding=3, bias=False)
+      self.bn1 = nn.BatchNorm2d(base_width)
+      self.relu = nn.ReLU(inplace=True)
+      self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+      for stage, blocks in enumerate(layers):
+        setattr(self, f"layer{stage + 1}",
+                self._make_layer(block, base_width * 2**stage, blocks, 1 if stage == 0 else 2))
+      self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+      self.fc = nn.Linear(self.inplanes, num_outputs)
+      for m in self.modules():
+        if isinstance(m, nn.Conv2d):
+          nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+          nn.init.ones_(m.weight)
+          nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes, blocks, stride):
+      downsample = None
+      if stride != 1 or self.inplanes != planes * block.expansion:
+        downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                   nn.BatchNorm2d(planes * block.expansion))
+      layers = [block(self.inplanes, planes, stride, downsample)]
+      self.inplanes = planes * block.expansion
+      layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+      return nn.Sequential(*layers)
+
+    def forward(self, x):
+      x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+      x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+      return self.fc(torch.flatten(self.avgpool(x), 1))
+
+  specs = {"resnet50": (Bottleneck, (3, 4, 6, 3), 64), "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+           "small": (BasicBlock, (1, 1, 1, 1), 16)}
+  block, layers, width = specs[name]
+  return ResNet(block, layers, embedding_dim, width), f"{name} in torchvision's layout (this file)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one process per framework.
+
+
+def _block_forbidden_imports() -> None:
+  """Makes tensorflow, tensorflow_datasets and clu absent, as on the GPU machine.
+
+  A `None` entry in `sys.modules` is Python's own way to say "not importable": `import x`
+  raises ImportError and `importlib.util.find_spec(x)` returns None (optional imports in
+  libraries then take their no-TensorFlow path).
+  """
+  for name in FORBIDDEN_MODULES:
+    if sys.modules.get(name) is None:
+      sys.modules[name] = None  # type: ignore[assignment]
+
+
+def _forbidden_loaded() -> list[str]:
+  return sorted(m for m, mod in list(sys.modules.items())
+                if m.split(".")[0] in FORBIDDEN_MODULES and mod is not None)
+
+
+def _is_oom(exc: BaseException) -> bool:
+  text = f"{type(exc).__name__} {exc}".lower()
+  return any(s in text for s in ("out of memory", "resource_exhausted", "outofmemory",
+                                 "resource exhausted"))
+
+
+def _timings(first_s: float, times: list[float], window_s: float, steps: int,
+             batch: int) -> dict[str, Any]:
+  median = statistics.median(times)
+  return dict(status="ok", compile_s=first_s, step_ms=1e3 * median,
+              step_ms_min=1e3 * min(times), step_ms_mean=1e3 * statistics.fmean(times),
+              images_per_s=batch / median, pipelined_images_per_s=batch * steps / window_s)
+
+
+def _jax_worker(spec: dict, emit) -> None:
+  args = spec["args"]
+  import jax  # pylint: disable=g-import-not-at-top
+  if args["jax_matmul_precision"]:
+    jax.config.update("jax_default_matmul_precision", args["jax_matmul_precision"])
+  import flax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO))
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from hn_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.create_mesh()
+  devices = jax.devices()
+  emit(dict(kind="env", framework="jax", jax=jax.__version__, flax=flax.__version__,
+            jaxlib=_dist_version("jaxlib"),
+            backend=jax.default_backend(), device_kind=devices[0].device_kind,
+            device_count=len(devices), mesh_devices=int(mesh.devices.size),
+            jax_default_matmul_precision=jax.config.jax_default_matmul_precision,
+            XLA_FLAGS=os.environ.get("XLA_FLAGS", ""),
+            XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")))
+
+  for cfg in spec["configs"]:
+    row = dict(cfg, model=args["jax_model"], image_size=args["image_size"],
+               device=devices[0].device_kind, devices=int(mesh.devices.size))
+    state = step = images = labels = metrics = None
+    try:
+      config = default.get_config()
+      config.model = args["jax_model"]
+      config.embedding_dim = args["embedding_dim"]
+      config.half_precision = cfg["dtype"] == "bfloat16"
+      config.loss = args["loss"]
+      config.batch_size = cfg["batch"]
+      config.image_size = args["image_size"]
+      config.learning_rate = args["learning_rate"]
+      config.seed = args["seed"]
+      config.pretrained = ""
+      if cfg["batch"] % mesh.devices.size:
+        raise ValueError(f"batch {cfg['batch']} is not divisible by {mesh.devices.size} devices")
+      model = train_step.create_model(config)
+      tx = train_step.create_optimizer(config, steps_per_epoch=1000)
+      graphdef, state = train_step.create_train_state(model, tx)
+      del model
+      state = sharding.replicate(state, mesh)
+      step = train_step.make_train_step(graphdef, tx, config, mesh)
+      shape = (cfg["batch"], args["image_size"], args["image_size"], 3)
+      batch_sharding = sharding.batch_sharding(mesh)
+      images = jax.jit(lambda key: jax.random.normal(key, shape, np.float32),
+                       out_shardings=batch_sharding)(jax.random.key(args["seed"]))
+      labels = jax.device_put(np.arange(cfg["batch"], dtype=np.int32) // 2, batch_sharding)
+      jax.block_until_ready((state, images, labels))
+
+      t0 = time.perf_counter()
+      state, metrics = step(state, images, labels)
+      jax.block_until_ready((state, metrics))
+      first_s = time.perf_counter() - t0
+      for _ in range(args["warmup"]):
+        state, metrics = step(state, images, labels)
+      jax.block_until_ready((state, metrics))
+      times = []
+      for _ in range(args["steps"]):
+        t0 = time.perf_counter()
+        state, metrics = step(state, images, labels)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      for _ in range(args["steps"]):
+        state, metrics = step(state, images, labels)
+      jax.block_until_ready((state, metrics))
+      window_s = time.perf_counter() - t0
+      row.update(_timings(first_s, times, window_s, args["steps"], cfg["batch"]))
+      row["final_loss"] = float(metrics["loss"])
+    except Exception as exc:  # pylint: disable=broad-except
+      row.update(status="OOM" if _is_oom(exc) else "error",
+                 error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+    del state, step, images, labels, metrics
+    gc.collect()
+    emit(dict(kind="row", **row))
+
+
+def _torch_worker(spec: dict, emit) -> None:
+  args = spec["args"]
+  import torch  # pylint: disable=g-import-not-at-top
+
+  cuda = torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  device_name = torch.cuda.get_device_name(0) if cuda else f"cpu ({_cpu_model()})"
+  torch.backends.cudnn.benchmark = True
+  _, impl = build_torch_resnet(args["torch_model"], args["embedding_dim"], args["torch_impl"])
+  emit(dict(kind="env", framework="torch", torch=torch.__version__,
+            torchvision=_dist_version("torchvision"), cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version() if cuda else None, device=device_name,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_benchmark=True, num_threads=torch.get_num_threads(), model_impl=impl))
+
+  for cfg in spec["configs"]:
+    row = dict(cfg, model=args["torch_model"], image_size=args["image_size"], device=device_name,
+               devices=1)
+    model = opt = images = labels = step = None
+    try:
+      torch.manual_seed(args["seed"])
+      bf16 = cfg["dtype"] == "bfloat16"
+      channels_last = args["torch_channels_last"] == "all" or (
+          args["torch_channels_last"] == "bfloat16" and bf16)
+      row["memory_format"] = "channels_last" if channels_last else "contiguous"
+      model, _ = build_torch_resnet(args["torch_model"], args["embedding_dim"], args["torch_impl"])
+      model = model.to(device)
+      images = torch.randn(cfg["batch"], 3, args["image_size"], args["image_size"], device=device)
+      if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+      labels = torch.arange(cfg["batch"], device=device) // 2
+      model.train()
+      opt = torch.optim.SGD(model.parameters(), lr=args["learning_rate"], momentum=0.0)
+
+      def forward_loss(x, y, model=model, bf16=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+          embeddings = model(x)
+        return triplet_loss_torch(embeddings.float(), y, method=args["loss"])
+
+      def opt_step(opt=opt):
+        opt.step()
+
+      if cfg["mode"] == "compile":
+        forward_loss = torch.compile(forward_loss, mode=args["torch_compile_mode"])
+        opt_step = torch.compile(opt_step, mode=args["torch_compile_mode"])
+
+      def step(forward_loss=forward_loss, opt_step=opt_step, opt=opt):
+        opt.zero_grad(set_to_none=True)
+        loss = forward_loss(images, labels)
+        loss.backward()
+        opt_step()
+        return loss
+
+      def sync():
+        if cuda:
+          torch.cuda.synchronize()
+
+      sync()
+      t0 = time.perf_counter()
+      loss = step()
+      sync()
+      first_s = time.perf_counter() - t0
+      for _ in range(args["warmup"]):
+        loss = step()
+      sync()
+      times = []
+      for _ in range(args["steps"]):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      for _ in range(args["steps"]):
+        loss = step()
+      sync()
+      window_s = time.perf_counter() - t0
+      row.update(_timings(first_s, times, window_s, args["steps"], cfg["batch"]))
+      row["final_loss"] = float(loss.detach())
+    except Exception as exc:  # pylint: disable=broad-except
+      row.update(status="OOM" if _is_oom(exc) else "error",
+                 error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+    del model, opt, images, labels, step
+    gc.collect()
+    if cuda:
+      torch.cuda.empty_cache()
+    if cfg["mode"] == "compile":
+      torch._dynamo.reset()  # pylint: disable=protected-access
+    emit(dict(kind="row", **row))
+
+
+def worker_main(spec_path: str) -> int:
+  spec = json.loads(Path(spec_path).read_text())
+  if spec["args"]["check_no_tf"]:
+    _block_forbidden_imports()
+  out = open(spec["out"], "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
+  def emit(record: dict) -> None:
+    out.write(json.dumps(record) + "\n")
+    out.flush()
+    if record["kind"] == "row":
+      status = record["status"]
+      detail = (f"{record['step_ms']:.1f} ms, {record['images_per_s']:.1f} images/s, first call "
+                f"{record['compile_s']:.1f} s" if status == "ok" else record.get("error", ""))
+      print(f"[{record['framework']} {record['mode']} {record['dtype']} batch {record['batch']}]"
+            f" {status}: {detail}", flush=True)
+
+  {"jax": _jax_worker, "torch": _torch_worker}[spec["framework"]](spec, emit)
+  if spec["args"]["check_no_tf"]:
+    loaded = _forbidden_loaded()
+    emit(dict(kind="check_no_tf", framework=spec["framework"], loaded=loaded))
+    print(f"check_no_tf ({spec['framework']} worker): tensorflow, tensorflow_datasets and clu "
+          f"made unimportable; loaded anyway: {loaded}", flush=True)
+  out.close()
+  return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: plan, run the workers, table, JSON.
+
+
+def _dist_version(name: str) -> str | None:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def _cpu_model() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def plan(args: argparse.Namespace) -> dict[str, list[dict]]:
+  configs: dict[str, list[dict]] = {}
+  for framework in args.frameworks:
+    modes = ["jit"] if framework == "jax" else list(args.torch_modes)
+    configs[framework] = [dict(framework=framework, mode=mode, dtype=dtype, batch=batch)
+                          for dtype in args.dtypes for batch in args.batch_sizes
+                          for mode in modes]
+  return configs
+
+
+def _key(row: dict) -> tuple:
+  return row["framework"], row["mode"], row["dtype"], row["batch"]
+
+
+def run_framework(framework: str, configs: list[dict], args: argparse.Namespace,
+                  workdir: Path) -> tuple[list[dict], list[dict]]:
+  """Runs `configs` in worker processes; a crashed worker's configuration is marked, and a
+  fresh worker takes the rest. Returns (env and check records, rows)."""
+  remaining = list(configs)
+  rows, records = [], []
+  attempt = 0
+  while remaining:
+    attempt += 1
+    out = workdir / f"{framework}-{attempt}.jsonl"
+    spec_path = workdir / f"{framework}-{attempt}.json"
+    spec_path.write_text(json.dumps(dict(framework=framework, configs=remaining, out=str(out),
+                                         args=vars(args))))
+    env = dict(os.environ)
+    if framework == "jax":
+      env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"--_worker_spec={spec_path}"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    for line in proc.stderr:
+      sys.stderr.write(line)
+      tail.append(line)
+    rc = proc.wait()
+    done = set()
+    if out.exists():
+      for line in out.read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "row":
+          rows.append(record)
+          done.add(_key(record))
+        else:
+          records.append(record)
+    remaining = [c for c in remaining if _key(c) not in done]
+    if remaining:  # the worker died (or stopped early) at its first unfinished configuration
+      crashed = remaining.pop(0)
+      text = "".join(tail)
+      status = "OOM" if any(s in text.lower() for s in ("out of memory", "resource_exhausted")) \
+          else "error"
+      rows.append(dict(crashed, status=status, kind="row",
+                       error=f"worker exited with code {rc}: {text[-1500:]}"))
+  return records, rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+  by_key = {_key(r): r for r in rows}
+  out = []
+  for r in rows:
+    if r["framework"] != "jax":
+      continue
+    entry = dict(dtype=r["dtype"], batch=r["batch"])
+    for mode in TORCH_MODES:
+      t = by_key.get(("torch", mode, r["dtype"], r["batch"]))
+      if t is None:
+        continue
+      ok = r.get("status") == "ok" and t.get("status") == "ok"
+      entry[f"jax_over_torch_{mode}"] = r["images_per_s"] / t["images_per_s"] if ok else None
+    out.append(entry)
+  return out
+
+
+def targets(rows: list[dict], ratio_rows: list[dict]) -> list[dict]:
+  """The issue's targets (meaningful only for ResNet50 at 256 px on one H100)."""
+  out = []
+  for e in ratio_rows:
+    for mode, goal in (("eager", TARGET_VS_EAGER), ("compile", TARGET_VS_COMPILE)):
+      value = e.get(f"jax_over_torch_{mode}")
+      if f"jax_over_torch_{mode}" in e:
+        out.append(dict(target=f"jax/torch-{mode} images/s >= {goal}", dtype=e["dtype"],
+                        batch=e["batch"], value=value,
+                        passed=None if value is None else value >= goal))
+  for r in rows:
+    if r["framework"] == "jax" and r["dtype"] == "bfloat16" and r["batch"] == 512:
+      value = r.get("images_per_s")
+      out.append(dict(target=f"jax images/s >= {TARGET_IMAGES_PER_S:.0f}", dtype="bfloat16",
+                      batch=512, value=value,
+                      passed=None if value is None else value >= TARGET_IMAGES_PER_S))
+  return out
+
+
+def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
+  by_ratio = {(e["dtype"], e["batch"]): e for e in ratio_rows}
+  header = ("framework", "mode", "dtype", "batch", "step ms", "images/s", "compile s",
+            "JAX/eager", "JAX/compiled")
+  lines = [header]
+
+  def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+  order = {"jax": 0, "torch": 1}
+  mode_order = {"jit": 0, "eager": 1, "compile": 2}
+  for r in sorted(rows, key=lambda r: (r["dtype"] != "float32", r["batch"], order[r["framework"]],
+                                       mode_order[r["mode"]])):
+    if r.get("status") == "ok":
+      cells = (fmt(r["step_ms"], ".1f"), fmt(r["images_per_s"], ".1f"), fmt(r["compile_s"], ".1f"))
+    else:
+      cells = (r.get("status", "error"), "-", "-")
+    e = by_ratio.get((r["dtype"], r["batch"]), {}) if r["framework"] == "jax" else {}
+    lines.append((r["framework"], r["mode"], r["dtype"], str(r["batch"])) + cells
+                 + (fmt(e.get("jax_over_torch_eager"), ".2f"),
+                    fmt(e.get("jax_over_torch_compile"), ".2f")))
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
+  text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  if args._worker_spec:  # pylint: disable=protected-access
+    return worker_main(args._worker_spec)  # pylint: disable=protected-access
+
+  started = datetime.datetime.now(datetime.timezone.utc)
+  print(f"train-step benchmark: batches {args.batch_sizes}, {args.image_size} px, "
+        f"models jax={args.jax_model} torch={args.torch_model}, embedding {args.embedding_dim}, "
+        f"loss {args.loss}, {args.warmup} warm-up + {args.steps} timed steps"
+        + (" (--tiny: a smoke test, not a performance figure)" if args.tiny else ""), flush=True)
+  records, rows = [], []
+  with tempfile.TemporaryDirectory(prefix="hn_train_step_") as tmp:
+    for framework, configs in plan(args).items():
+      r, w = run_framework(framework, configs, args, Path(tmp))
+      records += r
+      rows += w
+  envs = {r["framework"]: {k: v for k, v in r.items() if k not in ("kind", "framework")}
+          for r in records if r["kind"] == "env"}
+  checks = [r for r in records if r["kind"] == "check_no_tf"]
+  ratio_rows = ratios(rows)
+  target_rows = targets(rows, ratio_rows) if not args.tiny else []
+
+  print()
+  if "jax" in envs:
+    e = envs["jax"]
+    print(f"jax {e['jax']} (jaxlib {e['jaxlib']}), flax {e['flax']}; {e['backend']} "
+          f"x{e['mesh_devices']}: {e['device_kind']}; "
+          f"jax_default_matmul_precision={e['jax_default_matmul_precision']}")
+  if "torch" in envs:
+    e = envs["torch"]
+    print(f"torch {e['torch']} (torchvision {e['torchvision']}, CUDA {e['cuda']}, cuDNN "
+          f"{e['cudnn']}); device: {e['device']}; model: {e['model_impl']}; "
+          f"cudnn.allow_tf32={e['cudnn_allow_tf32']}, matmul.allow_tf32={e['matmul_allow_tf32']}")
+  print(format_table(rows, ratio_rows))
+  for t in target_rows:
+    verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
+    value = "-" if t["value"] is None else f"{t['value']:.2f}"
+    print(f"target {t['target']} ({t['dtype']}, batch {t['batch']}): {value} {verdict}")
+  if target_rows:
+    print("(the targets are for one H100 at ResNet50 / 256 px)")
+  if args.check_no_tf:
+    bad = sorted({m for c in checks for m in c["loaded"]})
+    print(f"check_no_tf: \"tensorflow\" in sys.modules: {'tensorflow' in bad} (forbidden "
+          f"modules loaded in any worker: {bad}; {len(checks)} worker(s) checked)")
+
+  result = dict(
+      date=started.isoformat(timespec="seconds"), argv=sys.argv, args=vars(args),
+      host=dict(hostname=platform.node(), nproc=os.cpu_count(), cpu=_cpu_model(),
+                python=platform.python_version()),
+      env=envs, rows=rows, ratios=ratio_rows, targets=target_rows, check_no_tf=checks,
+      note="smoke test (--tiny), not a performance figure" if args.tiny else "")
+  if args.json:
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.json}")
+  if args.check_no_tf and any(c["loaded"] for c in checks):
+    return 3
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,29 @@
+"""Hotels-50K as in the paper (PROTOCOL section 5): ResNet50, 256-d, batch 512, 200 epochs.
+
+Prepare once: `python -m hn_jax.prepare --dataset=hotels50k --manual_dir=/path/to/hotels50k
+--data_dir=/path/to/prepared` (the folder with input/dataset/*.csv and images/), then train
+with `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR). Logged as HOTEL: the test
+images are queries against the training images, by hotel and by chain. The paper starts
+from ImageNet weights: add `--config.pretrained=...`.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = "hotels50k"
+  config.mean = (0.5838, 0.5146, 0.4470)
+  config.std = (0.6298, 0.6112, 0.4445)
+  config.model = "resnet50"
+  config.image_size = 256
+  config.embedding_dim = 256
+  config.batch_size = 512
+  config.num_epochs = 200
+  config.sampler = "sample"
+  config.repeat = 5
+  config.lr_drop_epochs = (100, 150)
+  config.eval_every = 40
+  config.learning_rate = 0.1  # sct; shn: 0.01
+  config.eval_batch_size = 512
+  return config

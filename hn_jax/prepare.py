@@ -1,0 +1,158 @@
+"""Builds a benchmark's TFDS dataset, once, from the published layout a user already has.
+
+  python -m hn_jax.prepare --dataset=cub --manual_dir=/data/CUB_200_2011 --data_dir=/data/tfds
+
+reads the layout in `manual_dir` (see the builders in `hn_jax/tfds_builders/`), checks every
+image, and writes ArrayRecord files (random access by index, which the samplers need) under
+`data_dir/hn_<dataset>/<version>/`. It ends with a summary: images written per split,
+classes, files skipped and why; the same summary is saved there as `prepare_report.txt`.
+Nothing is downloaded: TFDS is told to use the manual folder only.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", None, "One of: cub, cars, sop, inshop, hotels50k.")
+flags.DEFINE_string("manual_dir", None, "Folder of the published layout (see DATASETS).")
+flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR.")
+flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.")
+flags.DEFINE_integer("workers", None, "Threads checking images (default: 2 per core, <= 32).")
+
+ALIASES = {"car": "cars", "hotel": "hotels50k", "hotels": "hotels50k"}
+REPORT_FILE = "prepare_report.txt"
+_EXAMPLES_PER_REASON = 10  # skipped paths printed per reason; the report file has them all
+
+
+class PrepareError(ValueError):
+  """What stops a build; its message is one line naming the problem."""
+
+
+def canonical_name(dataset: str) -> str:
+  from hn_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+  name = ALIASES.get(dataset, dataset)
+  if name not in tfds_builders.BUILDERS:
+    raise PrepareError(f"unknown dataset {dataset!r}; use one of "
+                       f"{', '.join(tfds_builders.BUILDERS)}")
+  return name
+
+
+def command(dataset: str, data_dir: str | None = None) -> str:
+  """The command line that prepares `dataset` (for error messages)."""
+  folder = {"cub": "CUB_200_2011", "cars": "cars196", "sop": "Stanford_Online_Products",
+            "inshop": "inshop", "hotels50k": "hotels50k"}.get(dataset, dataset)
+  return (f"python -m hn_jax.prepare --dataset={dataset} --manual_dir=/path/to/{folder} "
+          f"--data_dir={data_dir or '/path/to/prepared'}")
+
+
+def summary(builder, *, full: bool = False) -> str:
+  """Images per split, classes, skipped files by reason, conversions and warnings."""
+  info, metadata = builder.info, builder.info.metadata
+  lines = [f"{builder.name} {builder.version} in {builder.data_dir} (from {metadata['root']})"]
+  for split, table in metadata["splits"].items():
+    lines.append(f"  {split}: {len(table['labels'])} images, {len(set(table['labels']))} "
+                 "classes" + (f", {sum(c >= 0 for c in table['chains'])} of a known chain"
+                              if "chains" in table else ""))
+    assert info.splits[split].num_examples == len(table["labels"])
+  limit = None if full else _EXAMPLES_PER_REASON
+  for title, items in (("skipped", metadata["skipped"]), ("converted", metadata["converted"]),
+                       ("warnings", metadata["warnings"])):
+    if not items:
+      if title == "skipped":
+        lines.append("  skipped: none")
+      continue
+    by_reason = collections.defaultdict(list)
+    for where, reason in items:
+      by_reason[reason.split(" (")[0]].append((where, reason))
+    lines.append(f"  {title}: {len(items)}")
+    for key, group in by_reason.items():
+      lines.append(f"    {key}: {len(group)}")
+      for where, reason in group[:limit]:
+        lines.append(f"      {where}" + (f": {reason}" if reason != key else ""))
+      if limit is not None and len(group) > limit:
+        lines.append(f"      ... {len(group) - limit} more in {builder.data_dir}/{REPORT_FILE}")
+  return "\n".join(lines)
+
+
+def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
+            workers: int | None = None, progress: bool = True):
+  """Builds `dataset` from `manual_dir` into `data_dir`; returns the TFDS builder."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from hn_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+
+  name = canonical_name(dataset)
+  if not manual_dir:
+    raise PrepareError(f"--manual_dir is required: the folder of the published layout "
+                       f"({tfds_builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS.strip()})")
+  if not os.path.isdir(manual_dir):
+    raise PrepareError(f"missing folder {manual_dir}; expected "
+                       f"{tfds_builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+  if not data_dir:
+    raise PrepareError("--data_dir (or the HN_DATA_DIR environment variable) is required: "
+                       "where to write the prepared dataset")
+  builder_cls = tfds_builders.BUILDERS[name]
+  builder = builder_cls(data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared() and overwrite:
+    shutil.rmtree(builder.data_dir)
+    builder = builder_cls(data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  if workers:
+    builder.workers = workers
+  bars = {}
+  if progress:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+
+    def show(split: str, done: int, total: int) -> None:
+      if split not in bars:
+        for bar in bars.values():
+          bar.close()
+        bars[split] = tqdm.tqdm(total=total, desc=f"{builder.name} {split}", unit="img",
+                                file=sys.stderr)
+      bars[split].update(1)
+    builder.progress = show
+  tfds.disable_progress_bar()
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  try:
+    builder.download_and_prepare(download_config=config)
+  except AssertionError as e:
+    if "No examples were yielded" in str(e):
+      raise PrepareError(f"{name}: no image of a split could be read ({e}); check the files "
+                         f"under {manual_dir}") from e
+    raise
+  finally:
+    for bar in bars.values():
+      bar.close()
+  with open(os.path.join(builder.data_dir, REPORT_FILE), "w") as f:
+    f.write(summary(builder, full=True) + "\n")
+  return builder
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS.dataset:
+    sys.exit("hn_jax.prepare: error: --dataset is required (cub, cars, sop, inshop, hotels50k)")
+  logging.set_verbosity(logging.ERROR)  # TFDS's info lines would drown the progress bar
+  from hn_jax.tfds_builders import LayoutError  # pylint: disable=g-import-not-at-top
+  data_dir = FLAGS.data_dir or os.environ.get("HN_DATA_DIR", "")
+  try:
+    name = canonical_name(FLAGS.dataset)
+    builder = prepare(name, FLAGS.manual_dir, data_dir, overwrite=FLAGS.overwrite,
+                      workers=FLAGS.workers)
+  except (PrepareError, LayoutError) as e:
+    sys.exit(f"hn_jax.prepare: error: {e}")
+  if not builder.progress:  # nothing was built
+    print(f"{name} is already prepared (--overwrite rebuilds it).")
+  print(summary(builder))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,234 @@
+"""What the five TFDS builders share: checking images, reporting problems, writing in order.
+
+A builder subclasses `LayoutBuilder` and only says how to read its published layout
+(`_find_root`, `_list`): the annotation files give, per split, the examples (image path,
+label, image_id, chain). The base class then checks every image (PIL decodes it, JPEGs at
+1/8 scale, in a pool of threads), skips what is unsound with its path and reason, and
+writes the rest in listing order: shuffling is disabled, so record i of a split is the
+i-th sound example, and the split's label, chain and image_id tables, saved in the
+dataset's metadata (`metadata.json`), line up with the records without reading them.
+Hand-written rather than TFDS's `ImageFolder` because none of the layouts is a folder per
+class with the protocol's split, and because a damaged file must be skipped, not fatal.
+
+Stored images are the original bytes (JPEG or PNG). Images in another format that PIL
+can read (GIF, BMP, TIFF, WebP, ...) are re-encoded as PNG and reported as converted.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import io
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+# The metadata's layout version; datasets.py refuses tables it does not understand.
+METADATA_FORMAT = 1
+# Examples listed ahead of the writer while their images are checked in threads.
+_WINDOW_PER_WORKER = 8
+
+
+class LayoutError(ValueError):
+  """A missing folder or annotation file, or one that cannot be read: nothing is built."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One example as an annotation file lists it."""
+
+  path: str  # absolute path of the image file
+  label: int  # 0..C-1 over the whole dataset
+  image_id: str
+  chain: int = -1  # Hotels-50K only
+
+
+@dataclasses.dataclass
+class Listing:
+  """What a layout's annotations say: examples per split and problems found while reading."""
+
+  splits: dict[str, list[Entry]]
+  # Per split, class label -> where to find it (class folder or name), for every class the
+  # annotations define; a class whose images are all skipped is reported as empty.
+  classes: dict[str, dict[int, str]]
+  problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (where, what)
+  warnings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def require(path: epath.Path, layout: str, *, folder: bool = False) -> epath.Path:
+  """`path` itself, or a LayoutError naming it and the layout that was expected."""
+  ok = path.is_dir() if folder else path.is_file()
+  if not ok:
+    kind = "folder" if folder else "annotation file"
+    raise LayoutError(f"missing {kind} {path}; expected {layout}")
+  return path
+
+
+def read_lines(path: epath.Path, layout: str) -> list[str]:
+  require(path, layout)
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      return f.read().splitlines()
+  except OSError as e:
+    raise LayoutError(f"cannot read annotation file {path} ({e}); expected {layout}") from e
+
+
+def check_image(path: str) -> tuple[bytes | None, str]:
+  """(bytes to store, note) for a sound image, (None, reason) for one to skip.
+
+  The note is "" for a JPEG or PNG stored as it is, or says from what it was converted.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    return None, "missing file"
+  except IsADirectoryError:
+    return None, "not a file"
+  except OSError as e:
+    return None, f"unreadable file ({e.strerror or e})"
+  if not data:
+    return None, "empty file"
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image_format, mode = image.format, image.mode
+      if image_format == "JPEG":
+        # Decoding at 1/8 scale reads every byte (so truncation shows) at a fraction of the cost.
+        image.draft(mode, (max(1, image.width // 8), max(1, image.height // 8)))
+      image.load()
+  except Image.DecompressionBombError:
+    return None, "image too large (decompression bomb check)"
+  except (OSError, SyntaxError, ValueError, EOFError) as e:
+    if "truncated" in str(e):
+      return None, "truncated image"
+    return None, "not a readable image"
+  if image_format == "PNG" or (image_format == "JPEG" and mode in ("L", "RGB", "CMYK")):
+    return data, ""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      out = io.BytesIO()
+      image.convert("RGB").save(out, "PNG")
+  except (OSError, SyntaxError, ValueError, EOFError):
+    return None, "not a readable image"
+  return out.getvalue(), f"converted from {image_format} {mode} to PNG"
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+  """fn over items in a pool of threads, results in order, a bounded number in flight."""
+  window = max(1, workers) * _WINDOW_PER_WORKER
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= window:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+def dense_ids(values: Iterable[Any]) -> dict[Any, int]:
+  """Sorted distinct values -> 0..C-1."""
+  return {v: i for i, v in enumerate(sorted(set(values)))}
+
+
+class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the builders: a published layout in `manual_dir` -> class-disjoint splits."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  SPLIT_NAMES: tuple[str, ...] = ("train", "test")
+  # Splits where a class with a single image is worth a warning (no positive pair).
+  PAIR_SPLITS: tuple[str, ...] = ("train", "test")
+  HAS_CHAIN = False
+  DESCRIPTION = ""
+  HOMEPAGE = ""
+  # Threads checking images while the writer writes (PIL releases the GIL while decoding).
+  workers = min(32, 2 * (os.cpu_count() or 1))
+  # Set by prepare.py to see progress: called with (split, images checked, images listed).
+  progress: Callable[[str, int, int], None] | None = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.Scalar(np.int64, doc="class, 0..C-1 over the whole dataset"),
+        "image_id": tfds.features.Text(),
+    }
+    if self.HAS_CHAIN:
+      features["chain"] = tfds.features.Scalar(np.int64, doc="hotel chain, -1 when unknown")
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION, homepage=self.HOMEPAGE,
+        features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+  # To implement by each builder. ---------------------------------------------------------
+
+  def _find_root(self, manual_dir: epath.Path) -> epath.Path:
+    """The folder of the published layout, given `manual_dir` (it or a folder inside it)."""
+    raise NotImplementedError
+
+  def _list(self, root: epath.Path) -> Listing:
+    """The examples of every split, read from the annotation files under `root`."""
+    raise NotImplementedError
+
+  # Shared. -------------------------------------------------------------------------------
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = epath.Path(dl_manager._manual_dir)  # pylint: disable=protected-access
+    if not manual_dir.is_dir():
+      raise LayoutError(f"missing folder {manual_dir} (the manual_dir); expected "
+                        f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]}")
+    root = self._find_root(manual_dir)
+    listing = self._list(root)
+    for split in self.SPLIT_NAMES:
+      if not listing.splits.get(split):
+        raise LayoutError(f"the annotation files under {root} list no image of the {split} "
+                          f"split; expected {self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+    metadata = self.info.metadata
+    metadata.clear()
+    metadata.update(format=METADATA_FORMAT, root=os.fspath(root), splits={}, skipped=[],
+                    converted=[], warnings=[])
+    metadata["skipped"].extend([list(p) for p in listing.problems])
+    metadata["warnings"].extend([list(w) for w in listing.warnings])
+    self._listing = listing
+    return {split: self._generate_examples(split) for split in self.SPLIT_NAMES}
+
+  def _generate_examples(self, split: str):
+    entries = self._listing.splits.get(split, [])
+    metadata = self.info.metadata
+    labels, chains, image_ids = [], [], []
+    checked = ordered_map(check_image, (e.path for e in entries), self.workers)
+    for done, (entry, (data, note)) in enumerate(zip(entries, checked), 1):
+      if self.progress is not None:
+        self.progress(split, done, len(entries))
+      if data is None:
+        metadata["skipped"].append([entry.path, note])
+        continue
+      if note:
+        metadata["converted"].append([entry.path, note])
+      example = {"image": data, "label": entry.label, "image_id": entry.image_id}
+      if self.HAS_CHAIN:
+        example["chain"] = entry.chain
+      yield len(labels), example
+      labels.append(entry.label)
+      chains.append(entry.chain)
+      image_ids.append(entry.image_id)
+    table = {"labels": labels, "image_ids": image_ids}
+    if self.HAS_CHAIN:
+      table["chains"] = chains
+    metadata["splits"][split] = table
+    self._check_classes(split, labels)
+
+  def _check_classes(self, split: str, labels: Sequence[int]) -> None:
+    counts = collections.Counter(labels)
+    for label, where in sorted(self._listing.classes.get(split, {}).items()):
+      n = counts.get(label, 0)
+      if n == 0:
+        self.info.metadata["warnings"].append([where, f"empty class ({split}, label {label})"])
+      elif n == 1 and split in self.PAIR_SPLITS:
+        self.info.metadata["warnings"].append(
+            [where, f"class with a single image, no positive pair ({split}, label {label})"])

@@ -1,0 +1,286 @@
+"""The five builders on tiny fakes of their published layouts: prepare, load, stream, evaluate.
+
+Each fake (hn_jax/tfds_builders/fakes.py) holds a missing file, a truncated JPEG, a file that
+is not an image, a grayscale and a CMYK JPEG, a PNG, a class with a single image and an
+empty class. No test touches the network: sockets are refused while TFDS runs.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from hn_jax import datasets, input_pipeline, prepare
+from hn_jax.tfds_builders import BUILDERS, LayoutError, fakes
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ["cub", "cars", "sop", "inshop", "hotels50k"]
+SPLITS = {"inshop": ("train", "query", "gallery")}
+
+
+def _refuse(*args, **kwargs):
+  raise AssertionError(f"a test tried to reach the network: {args}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_network():
+  """Any attempt to open a connection fails the test (module-wide, fixtures included)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(socket.socket, "connect", _refuse)
+    patch.setattr(socket, "create_connection", _refuse)
+    yield
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, no_network):
+  """name -> (Expected, data_dir, builder) for every fake, each prepared once."""
+  out = {}
+  for name in NAMES + ["cars_devkit"]:
+    raw = tmp_path_factory.mktemp(f"raw_{name}")
+    data_dir = tmp_path_factory.mktemp(f"data_{name}")
+    if name == "cars_devkit":
+      expected = fakes.write_cars(str(raw), devkit=True)
+      builder = prepare.prepare("cars", expected.root, str(data_dir), progress=False)
+    else:
+      expected = fakes.WRITERS[name](str(raw))
+      builder = prepare.prepare(name, expected.root, str(data_dir), progress=False)
+    out[name] = (expected, str(data_dir), builder)
+  return out
+
+
+def _config(name, data_dir, **overrides):
+  config = ml_collections.ConfigDict(dict(
+      dataset=name, data_dir=data_dir, seed=0, sampler="filled", images_per_class=2, repeat=2,
+      batch_size=8, image_size=16, eval_batch_size=8, mean=(0.5, 0.5, 0.5),
+      std=(0.25, 0.25, 0.25), cache_images=False))
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("name", NAMES + ["cars_devkit"])
+def test_prepare_writes_the_sound_images_in_order(prepared, name):
+  expected, _, builder = prepared[name]
+  metadata = builder.info.metadata
+  splits = SPLITS.get(name, ("train", "test"))
+  assert sorted(metadata["splits"]) == sorted(splits)
+  for split in splits:
+    table = metadata["splits"][split]
+    assert builder.info.splits[split].num_examples == len(expected.splits[split])
+    assert list(zip(table["labels"], table["image_ids"])) == expected.splits[split], split
+    if expected.chains:
+      assert table["chains"] == expected.chains[split]
+  skipped = {path: reason for path, reason in metadata["skipped"]}
+  assert skipped == expected.skipped
+  warnings = [(where, what) for where, what in metadata["warnings"]]
+  singles = {int(what.rsplit(" ", 1)[-1].rstrip(")")) for _, what in warnings
+             if what.startswith("class with a single image")}
+  empties = {int(what.rsplit(" ", 1)[-1].rstrip(")")) for _, what in warnings
+             if what.startswith("empty class")}
+  assert singles == expected.single and empties == expected.empty
+  assert metadata["converted"] == []
+  # The prepare report names every skipped file with its reason.
+  report = (Path(builder.data_dir) / prepare.REPORT_FILE).read_text()
+  for path, reason in expected.skipped.items():
+    assert path in report and reason in report
+
+
+@pytest.mark.parametrize("name", ["cub", "cars", "sop", "inshop"])
+def test_splits_are_class_disjoint(prepared, name):
+  _, _, builder = prepared[name]
+  tables = builder.info.metadata["splits"]
+  train = set(tables["train"]["labels"])
+  for split in set(tables) - {"train"}:
+    assert not train & set(tables[split]["labels"]), split
+  if name == "inshop":
+    assert set(tables["query"]["labels"]) == set(tables["gallery"]["labels"])
+
+
+def test_hotels_test_hotels_are_in_the_gallery(prepared):
+  _, _, builder = prepared["hotels50k"]
+  tables = builder.info.metadata["splits"]
+  assert set(tables["test"]["labels"]) <= set(tables["train"]["labels"])
+  assert -1 in tables["train"]["chains"] and 7 in tables["test"]["chains"]
+
+
+def test_both_cars_layouts_give_the_same_splits(prepared):
+  annos, devkit = prepared["cars"][2], prepared["cars_devkit"][2]
+  for split in ("train", "test"):
+    a, b = annos.info.metadata["splits"][split], devkit.info.metadata["splits"][split]
+    assert sorted(a["labels"]) == sorted(b["labels"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pipeline_streams_prepared_splits(prepared, name):
+  _, data_dir, _ = prepared[name]
+  config = _config(name, data_dir, sampler="filled" if name in ("cub", "cars") else "sample")
+  dataset = datasets.load(config)
+  assert dataset.key == datasets.KEYS[name]
+  batches = list(input_pipeline.train_batches(dataset.train, config, epoch=1))
+  assert len(batches) == input_pipeline.steps_per_epoch(dataset.train.labels, config) > 0
+  for batch in batches:
+    assert batch["images"].shape == (8, 16, 16, 3) and batch["images"].dtype == np.float32
+    assert np.all(batch["labels"][0::2] == batch["labels"][1::2])
+    assert np.isfinite(batch["images"]).all() and batch["images"].std() > 0
+  for split in (dataset.train, dataset.test, dataset.gallery):
+    if split is None:
+      continue
+    rows = list(input_pipeline.eval_batches(split, config))
+    labels = np.concatenate([b["labels"] for b in rows])
+    mask = np.concatenate([b["mask"] for b in rows])
+    np.testing.assert_array_equal(labels[mask], split.labels)
+    assert rows[0]["images"].shape == (8, 16, 16, 3)
+
+
+def test_decoded_images_match_pil(prepared):
+  """The pipeline's decoder gives PIL's RGB for gray, CMYK, PNG and RGB JPEGs alike."""
+  from PIL import Image
+  import io
+  import tensorflow as tf
+  expected, data_dir, _ = prepared["cub"]
+  split = datasets.load(_config("cub", data_dir)).train
+  records = split.images.read(range(len(split)))
+  gray = cmyk = 0
+  for record in records:
+    encoded = tf.io.parse_single_example(record, {"image": tf.io.FixedLenFeature([], tf.string)})
+    data = encoded["image"].numpy()
+    ours = input_pipeline.decode_image(data).numpy()
+    with Image.open(io.BytesIO(data)) as image:
+      gray += image.mode == "L"
+      cmyk += image.mode == "CMYK"
+      theirs = np.asarray(image.convert("RGB"))
+    assert ours.shape == theirs.shape
+    assert np.abs(ours.astype(int) - theirs.astype(int)).mean() < 2.0
+  assert gray == 1 and cmyk == 1
+
+
+def test_cache_gives_the_same_batches(prepared):
+  _, data_dir, _ = prepared["cub"]
+  plain = datasets.load(_config("cub", data_dir))
+  cached = datasets.load(_config("cub", data_dir, cache_images=True))
+  a = list(input_pipeline.train_batches(plain.train, _config("cub", data_dir), epoch=1))
+  config = _config("cub", data_dir, cache_images=True)
+  b = list(input_pipeline.train_batches(cached.train, config, epoch=1))
+  b_again = list(input_pipeline.train_batches(cached.train, config, epoch=1))
+  for x, y, z in zip(a, b, b_again):
+    np.testing.assert_array_equal(x["labels"], y["labels"])
+    # Cached pixels are rounded to uint8 after the resize: at most 1/255 apart, normalized.
+    np.testing.assert_allclose(x["images"], y["images"], atol=0.51 / 255 / 0.25 + 1e-5)
+    np.testing.assert_array_equal(y["images"], z["images"])
+  e1 = next(input_pipeline.eval_batches(plain.test, _config("cub", data_dir)))
+  e2 = next(input_pipeline.eval_batches(cached.test, config))
+  np.testing.assert_allclose(e1["images"], e2["images"], atol=0.51 / 255 / 0.25 + 1e-5)
+
+
+def _embed_by_label(split):
+  """An 'embedding' that retrieves perfectly: one-hot of the label (chains by hotel)."""
+  return np.eye(64, dtype=np.float32)[np.asarray(split.labels) % 64]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_evaluate_reports_the_protocol_keys(prepared, name):
+  _, data_dir, _ = prepared[name]
+  dataset = datasets.load(_config(name, data_dir))
+  metrics = dataset.evaluate(_embed_by_label)
+  key = datasets.KEYS[name]
+  expected = {f"{key}_test_R_{k}" for k in datasets.TEST_KS[name]}
+  if name in ("cub", "cars", "sop"):
+    expected.add(f"{key}_train_R_1")
+  if name == "hotels50k":
+    expected |= {f"HOTEL_test_chain_R_{k}" for k in (1, 3, 5)}
+  assert set(metrics) == expected
+  assert metrics[f"{key}_test_R_1"] == 1.0
+  if name == "hotels50k":
+    assert metrics["HOTEL_test_chain_R_1"] == 1.0
+
+
+def test_hotels_chain_recall_counts_the_chain_not_the_hotel(prepared):
+  _, data_dir, _ = prepared["hotels50k"]
+  dataset = datasets.load(_config("hotels50k", data_dir))
+
+  def by_chain(split):  # hotels 100 and 101 share chain 7: one point for the chain
+    chains = np.asarray(split.chains)
+    return np.eye(16, dtype=np.float32)[np.where(chains < 0, 15, chains % 15)]
+
+  metrics = dataset.evaluate(by_chain)
+  assert metrics["HOTEL_test_chain_R_1"] == 1.0
+  assert metrics["HOTEL_test_R_1"] < 1.0  # hotels 100 and 101 are confused
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_without_prepared_data_names_the_command(tmp_path, name, monkeypatch):
+  monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+  with pytest.raises(datasets.DataNotPreparedError) as error:
+    datasets.load(_config(name, str(tmp_path)))
+  message = str(error.value)
+  assert "\n" not in message and f"python -m hn_jax.prepare --dataset={name}" in message
+  with pytest.raises(datasets.DataNotPreparedError, match=datasets.DATA_DIR_ENV):
+    datasets.load(_config(name, ""))
+
+
+def test_data_dir_from_the_environment(prepared, monkeypatch):
+  _, data_dir, _ = prepared["sop"]
+  monkeypatch.setenv(datasets.DATA_DIR_ENV, data_dir)
+  assert len(datasets.load(_config("sop", "")).train) == 10
+
+
+@pytest.mark.parametrize("name,remove,names", [
+    ("cub", "CUB_200_2011/images.txt", "images.txt"),
+    ("cub", "CUB_200_2011/images", "images"),
+    ("cars", "cars196/cars_annos.mat", "cars_annos.mat"),
+    ("sop", "Stanford_Online_Products/Ebay_test.txt", "Ebay_test.txt"),
+    ("inshop", "inshop/Eval/list_eval_partition.txt", "list_eval_partition.txt"),
+    ("hotels50k", "hotels50k/input/dataset/train_set.csv", "train_set.csv"),
+    ("hotels50k", "hotels50k/images/test/unoccluded", "unoccluded"),
+])
+def test_missing_annotation_or_folder_stops_at_once(tmp_path, name, remove, names):
+  expected = fakes.WRITERS[name](str(tmp_path / "raw"))
+  target = tmp_path / "raw" / remove
+  if target.is_dir():
+    import shutil
+    shutil.rmtree(target)
+  else:
+    target.unlink()
+  with pytest.raises(LayoutError) as error:
+    prepare.prepare(name, expected.root, str(tmp_path / "data"), progress=False)
+  message = str(error.value)
+  assert names in message and "expected" in message and "\n" not in message
+  assert not list((tmp_path / "data").glob(f"hn_{name}/*/*.array_record*"))
+
+
+def test_prepare_command_line(tmp_path):
+  expected = fakes.write_sop(str(tmp_path / "raw"))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  command = [sys.executable, "-m", "hn_jax.prepare", "--dataset=sop",
+             f"--manual_dir={expected.root}", f"--data_dir={tmp_path / 'data'}"]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "train: 10 images, 4 classes" in result.stdout
+  assert "test: 9 images, 3 classes" in result.stdout
+  assert "truncated image: 1" in result.stdout and "missing file: 1" in result.stdout
+  assert "hn_sop train" in result.stderr  # the progress bar
+  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+  assert "already prepared" in again.stdout
+  bad = subprocess.run(command[:4] + [f"--manual_dir={tmp_path / 'nowhere'}",
+                                      f"--data_dir={tmp_path / 'data2'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0
+  last = bad.stderr.strip().splitlines()[-1]
+  assert last.startswith("hn_jax.prepare: error: missing folder") and "Traceback" not in bad.stderr
+
+
+def test_other_image_formats_are_converted(tmp_path):
+  expected = fakes.write_sop(str(tmp_path / "raw"))
+  # A GIF named .JPG, as some scraped copies have.
+  from PIL import Image
+  gif = Path(expected.root) / "chair_final" / "1000_0.JPG"
+  Image.open(gif).convert("P").save(gif, "GIF")
+  builder = prepare.prepare("sop", expected.root, str(tmp_path / "data"), progress=False)
+  converted = builder.info.metadata["converted"]
+  assert converted == [[str(gif), "converted from GIF P to PNG"]]
