@@ -198,14 +198,18 @@ def _save(checkpoints: ocp.CheckpointManager, step: int, state: train_step.Train
                                                    progress=ocp.args.JsonSave(progress)))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       mesh: Mesh | None = None) -> dict[str, float]:
   """Trains and evaluates per `config`, logging to and checkpointing in `workdir`.
+
+  `mesh` defaults to one over every device of every process.
 
   A run started again on the same workdir resumes from its latest checkpoint: the
   evaluations' and a preemption's (SIGTERM), and continues as if never stopped.
   Returns the metrics of the last evaluation (empty when resumed with nothing left to do).
   """
-  check_config(config)
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  check_config(config, num_devices=mesh.size)
   dataset = datasets.load(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(dataset.train.labels, config)
   if steps_per_epoch == 0:
@@ -213,7 +217,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"an epoch of {config.dataset} holds fewer images than config.batch_size="
         f"{config.batch_size}; lower the batch size or raise config.repeat")
 
-  mesh = sharding.create_mesh()
   tx = train_step.create_optimizer(config, steps_per_epoch)
   graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
   state = sharding.replicate(state, mesh)

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from hn_jax import report
+from configs import digits
+from hn_jax import report, sharding, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/digits.py", "--config.image_size=16", "--config.embedding_dim=16",
@@ -41,18 +43,27 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _tiny_config():
+  config = digits.get_config()
+  for arg in TINY[1:]:
+    key, value = arg.removeprefix("--config.").split("=")
+    config[key] = type(config[key])(value)
+  config.num_epochs = 1
+  return config
+
+
 @pytest.fixture(scope="module")
 def topologies(tmp_path_factory):
+  """1 process x 1 device and 1 x 4 in this process; 2 processes x 2 devices launched."""
   root = tmp_path_factory.mktemp("topologies")
-  epochs = "--config.num_epochs=1"
-  port = _free_port()
   two = subprocess.Popen(
-      ["bash", "launch/local_multiprocess.sh", "2", "2", "--", *TINY, epochs,
+      ["bash", "launch/local_multiprocess.sh", "2", "2", "--", *TINY, "--config.num_epochs=1",
        f"--workdir={root / 'two_processes'}"],
-      cwd=REPO, env=dict(_env(2), PORT=str(port), PYTHON=sys.executable),
+      cwd=REPO, env=dict(_env(2), PORT=str(_free_port()), PYTHON=sys.executable),
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  _finish(_main(root / "one_device", epochs, devices=1))
-  _finish(_main(root / "four_devices", epochs, devices=4))
+  for name, count in (("one_device", 1), ("four_devices", 4)):
+    train.train_and_evaluate(_tiny_config(), str(root / name),
+                             mesh=sharding.create_mesh(jax.devices()[:count]))
   _finish(two)
   return {name: report.load_scalars(root / name)
           for name in ("one_device", "four_devices", "two_processes")}

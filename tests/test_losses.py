@@ -1,5 +1,7 @@
 """triplet_loss against an independent float64 NumPy reference, written anchor by anchor."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,10 +74,15 @@ def _rel_err(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
+@functools.cache
+def _compiled_loss_and_grad(method, **kw):
+  return jax.jit(jax.value_and_grad(
+      lambda e, y: triplet_loss(e, y, method=method, **kw), has_aux=True))
+
+
 def jax_loss_and_grad(f, y, method, **kw):
-  fn = jax.jit(jax.value_and_grad(lambda e: triplet_loss(e, jnp.asarray(y), method=method, **kw),
-                                  has_aux=True))
-  (loss, aux), grad = fn(jnp.asarray(f))
+  fn = _compiled_loss_and_grad(method, **kw)
+  (loss, aux), grad = fn(jnp.asarray(f), jnp.asarray(y))
   return float(loss), jax.device_get(aux), np.asarray(grad)
 
 

@@ -165,11 +165,8 @@ def test_epoch_shorter_than_a_batch_is_refused(tmp_path):
   assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.loss=nope", "config.loss='nope' is not a loss"),
-    ("--config.batch_size=36", "not divisible by the 8 devices"),
-])
-def test_main_stops_with_one_line_before_compiling(override, message, tmp_path):
+def test_main_stops_with_one_line_before_compiling(tmp_path):
+  override, message = "--config.batch_size=36", "not divisible by the 8 devices"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              TF_CPP_MIN_LOG_LEVEL="3")
   workdir = tmp_path / "wd"
