@@ -38,6 +38,7 @@ KEYS = {"digits": "DIGITS", "synthetic": "SYNTHETIC", "cub": "CUB", "cars": "CAR
 TEST_KS = {"cub": (1, 2, 4, 8), "cars": (1, 2, 4, 8), "sop": (1, 10, 100, 1000),
            "inshop": (1, 10, 20, 30), "hotels50k": (1, 10, 100)}
 CHAIN_KS = (1, 3, 5)  # Hotels-50K chain recall
+NEIGHBOURS = 100  # nearest gallery indices kept per query at each evaluation (Hotels-50K)
 DATA_DIR_ENV = "HN_DATA_DIR"
 
 
@@ -61,8 +62,15 @@ class Dataset:
   gallery: Split | None = None
   chain_ks: tuple[int, ...] = ()  # the K of the chain recalls (Hotels-50K)
 
-  def evaluate(self, embed: Callable[[Split], np.ndarray]) -> dict[str, float]:
-    """The logged metrics (PROTOCOL section 7) of the embedding function `embed`."""
+  def evaluate(self, embed: Callable[[Split], np.ndarray],
+               save_neighbours: Callable[[np.ndarray], None] | None = None) -> dict[str, float]:
+    """The logged metrics (PROTOCOL section 7) of the embedding function `embed`.
+
+    Recall@K, MAP@R and R-Precision of the test queries (against the gallery where the
+    dataset has one), chain recall for Hotels-50K, and training-set R@1 where the protocol
+    logs it. For a dataset with chains, each query's `NEIGHBOURS` nearest gallery indices are
+    handed to `save_neighbours` (the release kept them on disk for later analysis).
+    """
     metrics = {}
     embedded = {}
 
@@ -72,22 +80,23 @@ class Dataset:
       return embedded[id(split)]
 
     test = embedding(self.test)
-    if self.gallery is None:
-      recalls = evaluation.recall_at_k(test, self.test.labels, self.test_ks)
-    else:
-      gallery = embedding(self.gallery)
-      recalls = evaluation.recall_at_k(test, self.test.labels, self.test_ks, gallery,
-                                       self.gallery.labels)
+    gallery = None if self.gallery is None else embedding(self.gallery)
+    gallery_labels = None if self.gallery is None else self.gallery.labels
+    recalls = evaluation.recall_at_k(test, self.test.labels, self.test_ks, gallery,
+                                     gallery_labels)
     for k, r in recalls.items():
       metrics[f"{self.key}_test_R_{k}"] = r
+    precision = evaluation.map_at_r(test, self.test.labels, gallery, gallery_labels)
+    metrics[f"{self.key}_test_MAP_R"] = precision["MAP_R"]
+    metrics[f"{self.key}_test_RP"] = precision["RP"]
     if self.chain_ks:
-      gallery = embedding(self.gallery)
-      top_k = min(max(self.chain_ks), len(gallery))
-      top = evaluation.top_k_indices(test, gallery, top_k)
-      chains = evaluation.chain_recall(top, self.test.chains, self.gallery.chains,
-                                       [min(k, top_k) for k in self.chain_ks])
-      for k in self.chain_ks:
-        metrics[f"{self.key}_test_chain_R_{k}"] = chains[min(k, top_k)]
+      top = evaluation.top_k_indices(test, gallery, min(NEIGHBOURS, len(gallery)))
+      if save_neighbours is not None:
+        save_neighbours(top)
+      ks = [min(k, top.shape[1]) for k in self.chain_ks]
+      chains = evaluation.chain_recall(top, self.test.chains, self.gallery.chains, ks)
+      for k, kk in zip(self.chain_ks, ks):
+        metrics[f"{self.key}_test_chain_R_{k}"] = chains[kk]
     if self.train_recall:
       train = embedding(self.train)
       metrics[f"{self.key}_train_R_1"] = evaluation.recall_at_k(train, self.train.labels, [1])[1]

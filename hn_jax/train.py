@@ -104,9 +104,22 @@ def embed_split(embed_step, state: train_step.TrainState, split: input_pipeline.
 
 
 def evaluate(embed_step, state: train_step.TrainState, dataset: datasets.Dataset,
-             config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, float]:
-  """The dataset's logged metrics for the model in `state`."""
-  return dataset.evaluate(lambda split: embed_split(embed_step, state, split, config, mesh))
+             config: ml_collections.ConfigDict, mesh: Mesh, workdir: str,
+             epoch: int) -> dict[str, float]:
+  """The dataset's logged metrics for the model in `state`.
+
+  Nearest-neighbour lists, where the dataset has them (Hotels-50K), are saved by process 0
+  as `workdir/neighbours/epoch_<epoch>.npy` (int32, queries x 100, nearest first).
+  """
+
+  def save_neighbours(top: np.ndarray) -> None:
+    if jax.process_index() == 0:
+      folder = os.path.join(workdir, "neighbours")
+      os.makedirs(folder, exist_ok=True)
+      np.save(os.path.join(folder, f"epoch_{epoch}.npy"), top)
+
+  return dataset.evaluate(lambda split: embed_split(embed_step, state, split, config, mesh),
+                          save_neighbours)
 
 
 class TrainingStopped(RuntimeError):
@@ -235,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
-    metrics = evaluate(embed_fn, state, dataset, config, mesh)
+    metrics = evaluate(embed_fn, state, dataset, config, mesh, workdir, 0)
     writer.write_scalars(0, metrics)
     logging.info("epoch 0: %s", json.dumps(metrics))
     _save(checkpoints, 0, state, {"sums": {}, "count": 0})
@@ -280,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("epoch %d: loss %.4f, hn_ratio %.3f", epoch, scalars["loss"],
                    scalars["train/hn_ratio"])
       if epoch % config.eval_every == 0 or epoch == config.num_epochs:
-        metrics = evaluate(embed_fn, state, dataset, config, mesh)
+        metrics = evaluate(embed_fn, state, dataset, config, mesh, workdir, epoch)
         writer.write_scalars(epoch, metrics)
         logging.info("epoch %d: %s", epoch, json.dumps(metrics))
         _save(checkpoints, step, state, log.progress())

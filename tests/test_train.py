@@ -46,6 +46,8 @@ def test_run_logs_the_paper_keys(two_epoch_run):
   steps_per_epoch = 920 // 64
   assert [p[0] for p in scalars["hn_ratio"]] == list(range(1, 2 * steps_per_epoch + 1))
   assert "embedding_mean_sim" in scalars
+  for key in ("DIGITS_test_MAP_R", "DIGITS_test_RP"):
+    assert [p[0] for p in scalars[key]] == [0, 1, 2] and 0 < scalars[key][-1][2] <= 1
   assert scalars["DIGITS_test_R_1"][-1][2] == pytest.approx(metrics["DIGITS_test_R_1"])
   assert 0.0 < metrics["DIGITS_test_R_1"] <= 1.0
   assert (workdir / "config.json").exists()
