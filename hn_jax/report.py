@@ -79,61 +79,61 @@ Scalars = dict[str, list[Point]]
 
 
 class ReportError(Exception):
-    """A user-facing problem (missing directory, no event files, unreadable file)."""
+  """A user-facing problem (missing directory, no event files, unreadable file)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One run (seed): its folder and its merged scalar series."""
+  """One run (seed): its folder and its merged scalar series."""
 
-    name: str
-    path: Path
-    scalars: Scalars
+  name: str
+  path: Path
+  scalars: Scalars
 
 
 # ----------------------------------------------------------------------------- reading
 
 def _make_crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
 
 
 _CRC32C_TABLE = _make_crc32c_table()
 
 
 def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (Castagnoli) of a short byte string."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  """TFRecord's masked CRC-32C (Castagnoli) of a short byte string."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def iter_records(path: PathLike) -> Iterator[bytes]:
-    """Yields the payloads of a TFRecord file; stops quietly at a truncated last record.
+  """Yields the payloads of a TFRecord file; stops quietly at a truncated last record.
 
-    Raises ReportError when a length field fails its CRC (a corrupt, not merely truncated,
-    file). Payload CRCs are not checked (a pure-Python CRC over every byte is too slow).
-    """
-    data = Path(path).read_bytes()
-    pos, end = 0, len(data)
-    while pos + 12 <= end:
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (length_crc,) = struct.unpack_from("<I", data, pos + 8)
-        if _masked_crc32c(header) != length_crc:
-            raise ReportError(f"corrupt event file (bad record header at byte {pos}): {path}")
-        start = pos + 12
-        if start + length + 4 > end:
-            return  # truncated tail: the writer had not finished this record
-        yield data[start:start + length]
-        pos = start + length + 4
+  Raises ReportError when a length field fails its CRC (a corrupt, not merely truncated,
+  file). Payload CRCs are not checked (a pure-Python CRC over every byte is too slow).
+  """
+  data = Path(path).read_bytes()
+  pos, end = 0, len(data)
+  while pos + 12 <= end:
+    header = data[pos:pos + 8]
+    (length,) = struct.unpack("<Q", header)
+    (length_crc,) = struct.unpack_from("<I", data, pos + 8)
+    if _masked_crc32c(header) != length_crc:
+      raise ReportError(f"corrupt event file (bad record header at byte {pos}): {path}")
+    start = pos + 12
+    if start + length + 4 > end:
+      return  # truncated tail: the writer had not finished this record
+    yield data[start:start + length]
+    pos = start + length + 4
 
 
 _TENSOR_DTYPES: dict[int, tuple[str, str]] = {
@@ -152,411 +152,411 @@ _TENSOR_DTYPES: dict[int, tuple[str, str]] = {
 
 
 def _tensor_scalar(tensor: Any) -> float | None:
-    """The value of a single-element numeric TensorProto, else None."""
-    spec = _TENSOR_DTYPES.get(tensor.dtype)
-    if spec is None or any(d.size != 1 for d in tensor.tensor_shape.dim):
-        return None
-    np_dtype, field = spec
-    if tensor.tensor_content:
-        array = np.frombuffer(tensor.tensor_content, dtype=np_dtype)
-        if array.size != 1:
-            return None
-        raw = array[0]
-    else:
-        values = getattr(tensor, field)
-        if len(values) > 1:
-            return None
-        raw = values[0] if values else 0  # an empty proto means zeros
-        if tensor.dtype == types_pb2.DT_HALF:
-            raw = np.array([raw], dtype="<u2").view("<f2")[0]
-    if tensor.dtype == types_pb2.DT_BFLOAT16:
-        raw = np.array([int(raw) << 16], dtype="<u4").view("<f4")[0]
-    return float(raw)
+  """The value of a single-element numeric TensorProto, else None."""
+  spec = _TENSOR_DTYPES.get(tensor.dtype)
+  if spec is None or any(d.size != 1 for d in tensor.tensor_shape.dim):
+    return None
+  np_dtype, field = spec
+  if tensor.tensor_content:
+    array = np.frombuffer(tensor.tensor_content, dtype=np_dtype)
+    if array.size != 1:
+      return None
+    raw = array[0]
+  else:
+    values = getattr(tensor, field)
+    if len(values) > 1:
+      return None
+    raw = values[0] if values else 0  # an empty proto means zeros
+    if tensor.dtype == types_pb2.DT_HALF:
+      raw = np.array([raw], dtype="<u2").view("<f2")[0]
+  if tensor.dtype == types_pb2.DT_BFLOAT16:
+    raw = np.array([int(raw) << 16], dtype="<u4").view("<f4")[0]
+  return float(raw)
 
 
 def scalar_of(value: Any) -> float | None:
-    """The scalar carried by a ``Summary.Value`` (simple_value or tensor), else None."""
-    kind = value.WhichOneof("value")
-    if kind == "simple_value":
-        return float(value.simple_value)
-    if kind == "tensor" and value.metadata.plugin_data.plugin_name in ("", "scalars"):
-        return _tensor_scalar(value.tensor)
-    return None
+  """The scalar carried by a ``Summary.Value`` (simple_value or tensor), else None."""
+  kind = value.WhichOneof("value")
+  if kind == "simple_value":
+    return float(value.simple_value)
+  if kind == "tensor" and value.metadata.plugin_data.plugin_name in ("", "scalars"):
+    return _tensor_scalar(value.tensor)
+  return None
 
 
 def read_event_file(path: PathLike) -> Iterator[tuple[str, int, float, float]]:
-    """Yields (tag, step, wall_time, value) for each scalar in one event file, in order."""
-    parse = event_pb2.Event.FromString
-    try:
-        for record in iter_records(path):
-            event = parse(record)
-            if not event.HasField("summary"):
-                continue
-            for value in event.summary.value:
-                x = scalar_of(value)
-                if x is not None:
-                    yield value.tag, int(event.step), float(event.wall_time), x
-    except OSError as e:
-        raise ReportError(f"cannot read {path}: {e}") from e
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
-        if isinstance(e, ReportError):
-            raise
-        raise ReportError(f"cannot parse event file {path}: {e}") from e
+  """Yields (tag, step, wall_time, value) for each scalar in one event file, in order."""
+  parse = event_pb2.Event.FromString
+  try:
+    for record in iter_records(path):
+      event = parse(record)
+      if not event.HasField("summary"):
+        continue
+      for value in event.summary.value:
+        x = scalar_of(value)
+        if x is not None:
+          yield value.tag, int(event.step), float(event.wall_time), x
+  except OSError as e:
+    raise ReportError(f"cannot read {path}: {e}") from e
+  except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+    if isinstance(e, ReportError):
+      raise
+    raise ReportError(f"cannot parse event file {path}: {e}") from e
 
 
 def _is_event_file(path: Path) -> bool:
-    return path.name.startswith(EVENT_FILE_PREFIX) and path.is_file()
+  return path.name.startswith(EVENT_FILE_PREFIX) and path.is_file()
 
 
 def _event_file_order(path: Path) -> tuple[int, str]:
-    """Creation order of event files: the timestamp in the name, then the name."""
-    stamp = path.name[len(EVENT_FILE_PREFIX):].split(".", 1)[0]
-    return (int(stamp) if stamp.isdigit() else 0, path.name)
+  """Creation order of event files: the timestamp in the name, then the name."""
+  stamp = path.name[len(EVENT_FILE_PREFIX):].split(".", 1)[0]
+  return (int(stamp) if stamp.isdigit() else 0, path.name)
 
 
 def event_files(path: PathLike) -> list[Path]:
-    """The event files at or below ``path`` (a file or a directory), in creation order."""
-    p = Path(path)
-    found = [p] if _is_event_file(p) else [f for f in p.rglob(EVENT_FILE_PREFIX + "*")
-                                           if f.is_file()]
-    return sorted(found, key=_event_file_order)
+  """The event files at or below ``path`` (a file or a directory), in creation order."""
+  p = Path(path)
+  found = [p] if _is_event_file(p) else [f for f in p.rglob(EVENT_FILE_PREFIX + "*")
+                                         if f.is_file()]
+  return sorted(found, key=_event_file_order)
 
 
 def load_scalars(path: PathLike | Sequence[PathLike]) -> Scalars:
-    """Scalars of one run: tag -> [(step, wall_time, value)], one point per step, by step.
+  """Scalars of one run: tag -> [(step, wall_time, value)], one point per step, by step.
 
-    ``path`` is an event file, a directory (every event file below it is merged) or a list
-    of either. At a step written more than once the latest wall time wins; ties go to the
-    later file, then to the later record.
-    """
-    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    files: list[Path] = []
-    for p in paths:
-        files.extend(event_files(p))
-    files = sorted(set(files), key=_event_file_order)
-    best: dict[str, dict[int, tuple[tuple[float, int, int], float]]] = {}
-    for rank, f in enumerate(files):
-        for index, (tag, step, wall, value) in enumerate(read_event_file(f)):
-            key = (wall, rank, index)
-            per_step = best.setdefault(tag, {})
-            old = per_step.get(step)
-            if old is None or key >= old[0]:
-                per_step[step] = (key, value)
-    return {
-        tag: [(step, key[0], value) for step, (key, value) in sorted(per_step.items())]
-        for tag, per_step in sorted(best.items())
-    }
+  ``path`` is an event file, a directory (every event file below it is merged) or a list
+  of either. At a step written more than once the latest wall time wins; ties go to the
+  later file, then to the later record.
+  """
+  paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+  files: list[Path] = []
+  for p in paths:
+    files.extend(event_files(p))
+  files = sorted(set(files), key=_event_file_order)
+  best: dict[str, dict[int, tuple[tuple[float, int, int], float]]] = {}
+  for rank, f in enumerate(files):
+    for index, (tag, step, wall, value) in enumerate(read_event_file(f)):
+      key = (wall, rank, index)
+      per_step = best.setdefault(tag, {})
+      old = per_step.get(step)
+      if old is None or key >= old[0]:
+        per_step[step] = (key, value)
+  return {
+      tag: [(step, key[0], value) for step, (key, value) in sorted(per_step.items())]
+      for tag, per_step in sorted(best.items())
+  }
 
 
 def last_value(series: Sequence[Point] | None) -> float | None:
-    """The value at the last step of a series (None for a missing or empty series)."""
-    return series[-1][2] if series else None
+  """The value at the last step of a series (None for a missing or empty series)."""
+  return series[-1][2] if series else None
 
 
 # ----------------------------------------------------------------------------- grouping
 
 def _run_dir(events_dir: Path) -> Path:
-    while events_dir.name in WRITER_SUBDIRS and events_dir.parent != events_dir:
-        events_dir = events_dir.parent
-    return events_dir
+  while events_dir.name in WRITER_SUBDIRS and events_dir.parent != events_dir:
+    events_dir = events_dir.parent
+  return events_dir
 
 
 def find_runs(directory: PathLike) -> dict[Path, list[Path]]:
-    """Run folder -> its event files, for every run at or below ``directory``.
+  """Run folder -> its event files, for every run at or below ``directory``.
 
-    Raises ReportError when the directory does not exist or holds no event files.
-    """
-    root = Path(directory)
-    if not root.exists():
-        raise ReportError(f"no such directory: {directory}")
-    if not root.is_dir():
-        raise ReportError(f"not a directory: {directory}")
-    runs: dict[Path, list[Path]] = {}
-    for f in event_files(root):
-        runs.setdefault(_run_dir(f.parent.resolve()), []).append(f)
-    if not runs:
-        raise ReportError(f"no {EVENT_FILE_PREFIX}* files below {directory}")
-    return runs
+  Raises ReportError when the directory does not exist or holds no event files.
+  """
+  root = Path(directory)
+  if not root.exists():
+    raise ReportError(f"no such directory: {directory}")
+  if not root.is_dir():
+    raise ReportError(f"not a directory: {directory}")
+  runs: dict[Path, list[Path]] = {}
+  for f in event_files(root):
+    runs.setdefault(_run_dir(f.parent.resolve()), []).append(f)
+  if not runs:
+    raise ReportError(f"no {EVENT_FILE_PREFIX}* files below {directory}")
+  return runs
 
 
 def _unique_names(dirs: Sequence[Path]) -> dict[Path, str]:
-    """Short display names: the basename, with parents prefixed until names are unique."""
-    depth = {d: 1 for d in dirs}
+  """Short display names: the basename, with parents prefixed until names are unique."""
+  depth = {d: 1 for d in dirs}
 
-    def name(d: Path) -> str:
-        parts = d.parts[-depth[d]:]
-        return "/".join(parts)
+  def name(d: Path) -> str:
+    parts = d.parts[-depth[d]:]
+    return "/".join(parts)
 
-    while True:
-        by_name: dict[str, list[Path]] = {}
-        for d in dirs:
-            by_name.setdefault(name(d), []).append(d)
-        clashes = [ds for ds in by_name.values() if len(ds) > 1]
-        grown = False
-        for ds in clashes:
-            for d in ds:
-                if depth[d] < len(d.parts):
-                    depth[d] += 1
-                    grown = True
-        if not clashes or not grown:
-            return {d: name(d) for d in dirs}
+  while True:
+    by_name: dict[str, list[Path]] = {}
+    for d in dirs:
+      by_name.setdefault(name(d), []).append(d)
+    clashes = [ds for ds in by_name.values() if len(ds) > 1]
+    grown = False
+    for ds in clashes:
+      for d in ds:
+        if depth[d] < len(d.parts):
+          depth[d] += 1
+          grown = True
+    if not clashes or not grown:
+      return {d: name(d) for d in dirs}
 
 
 def group_runs(dirs: Sequence[PathLike]) -> dict[str, dict[Path, list[Path]]]:
-    """Group name -> {run folder -> event files}, for the runs below all of ``dirs``."""
-    by_group: dict[Path, dict[Path, list[Path]]] = {}
-    for d in dirs:
-        for run, files in find_runs(d).items():
-            merged = by_group.setdefault(run.parent, {}).setdefault(run, [])
-            merged.extend(f for f in files if f not in merged)
-    names = _unique_names(sorted(by_group))
-    return {
-        names[g]: dict(sorted(by_group[g].items(), key=lambda kv: _natural_key(kv[0].name)))
-        for g in sorted(by_group, key=lambda g: names[g])
-    }
+  """Group name -> {run folder -> event files}, for the runs below all of ``dirs``."""
+  by_group: dict[Path, dict[Path, list[Path]]] = {}
+  for d in dirs:
+    for run, files in find_runs(d).items():
+      merged = by_group.setdefault(run.parent, {}).setdefault(run, [])
+      merged.extend(f for f in files if f not in merged)
+  names = _unique_names(sorted(by_group))
+  return {
+      names[g]: dict(sorted(by_group[g].items(), key=lambda kv: _natural_key(kv[0].name)))
+      for g in sorted(by_group, key=lambda g: names[g])
+  }
 
 
 def _natural_key(name: str) -> tuple[Any, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+  return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def load_groups(
     dirs: Sequence[PathLike], timings: dict[str, float] | None = None
 ) -> dict[str, list[Run]]:
-    """Group name -> its runs with their scalars; per-run read seconds go to ``timings``."""
-    groups: dict[str, list[Run]] = {}
-    for group, runs in group_runs(dirs).items():
-        for run_dir, files in runs.items():
-            t0 = time.perf_counter()
-            scalars = load_scalars(files)
-            if timings is not None:
-                timings[str(run_dir)] = time.perf_counter() - t0
-            groups.setdefault(group, []).append(Run(run_dir.name, run_dir, scalars))
-    return groups
+  """Group name -> its runs with their scalars; per-run read seconds go to ``timings``."""
+  groups: dict[str, list[Run]] = {}
+  for group, runs in group_runs(dirs).items():
+    for run_dir, files in runs.items():
+      t0 = time.perf_counter()
+      scalars = load_scalars(files)
+      if timings is not None:
+        timings[str(run_dir)] = time.perf_counter() - t0
+      groups.setdefault(group, []).append(Run(run_dir.name, run_dir, scalars))
+  return groups
 
 
 # ----------------------------------------------------------------------------- statistics
 
 def recall_metrics(keys: Sequence[str] | set[str]) -> list[str]:
-    """The ``*_test_R_<K>`` keys among ``keys``, sorted by prefix, then K numerically."""
-    found = [(m.group("data"), int(m.group("k")), k)
-             for k in keys if (m := TEST_RECALL_RE.match(k))]
-    return [k for _, _, k in sorted(found)]
+  """The ``*_test_R_<K>`` keys among ``keys``, sorted by prefix, then K numerically."""
+  found = [(m.group("data"), int(m.group("k")), k)
+           for k in keys if (m := TEST_RECALL_RE.match(k))]
+  return [k for _, _, k in sorted(found)]
 
 
 def _final_test_r1(scalars: Mapping[str, Sequence[Point]]) -> float | None:
-    keys = [k for k in recall_metrics(set(scalars)) if k.endswith("_test_R_1")]
-    return last_value(scalars[keys[0]]) if keys else None
+  keys = [k for k in recall_metrics(set(scalars)) if k.endswith("_test_R_1")]
+  return last_value(scalars[keys[0]]) if keys else None
 
 
 def is_collapsed(scalars: Mapping[str, Sequence[Point]]) -> bool:
-    """Whether one run collapsed, by the rule in the module docstring."""
-    loss = last_value(scalars.get(LOSS_KEY))
-    if loss is not None and not math.isfinite(loss):
-        return True
-    sim = last_value(scalars.get(COLLAPSE_SIM_KEY))
-    if sim is not None:
-        return not math.isfinite(sim) or sim > COLLAPSE_SIM_THRESHOLD
-    r1 = _final_test_r1(scalars)
-    return r1 is not None and (not math.isfinite(r1) or r1 < COLLAPSE_RECALL_THRESHOLD)
+  """Whether one run collapsed, by the rule in the module docstring."""
+  loss = last_value(scalars.get(LOSS_KEY))
+  if loss is not None and not math.isfinite(loss):
+    return True
+  sim = last_value(scalars.get(COLLAPSE_SIM_KEY))
+  if sim is not None:
+    return not math.isfinite(sim) or sim > COLLAPSE_SIM_THRESHOLD
+  r1 = _final_test_r1(scalars)
+  return r1 is not None and (not math.isfinite(r1) or r1 < COLLAPSE_RECALL_THRESHOLD)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    x = np.asarray(values, dtype=np.float64)
-    std = float(np.std(x, ddof=1)) if x.size > 1 else 0.0
-    return float(np.mean(x)), std
+  if not values:
+    return None, None
+  x = np.asarray(values, dtype=np.float64)
+  std = float(np.std(x, ddof=1)) if x.size > 1 else 0.0
+  return float(np.mean(x)), std
 
 
 def summarize(groups: Mapping[str, Sequence[Run]]) -> list[dict[str, Any]]:
-    """One row per group x ``*_test_R_<K>`` key, over the group's runs.
+  """One row per group x ``*_test_R_<K>`` key, over the group's runs.
 
-    Each row: group, metric, mean, std (ddof=1; 0.0 for n=1), n (runs averaged), collapse
-    (all runs collapsed: then mean/std/n are over all runs), n_collapsed, n_runs,
-    collapsed_runs (their folder names) and last_steps (the distinct last steps averaged;
-    more than one means the runs did not all reach the same evaluation).
-    """
-    rows = []
-    for group, runs in groups.items():
-        collapsed = [r for r in runs if is_collapsed(r.scalars)]
-        all_collapsed = bool(runs) and len(collapsed) == len(runs)
-        collapsed_ids = {id(r) for r in collapsed}
-        counted = runs if all_collapsed else [r for r in runs if id(r) not in collapsed_ids]
-        keys = recall_metrics({k for r in runs for k in r.scalars})
-        for metric in keys:
-            finals = [r.scalars[metric][-1] for r in counted if r.scalars.get(metric)]
-            mean, std = _mean_std([p[2] for p in finals])
-            rows.append({
-                "group": group,
-                "metric": metric,
-                "mean": mean,
-                "std": std,
-                "n": len(finals),
-                "collapse": all_collapsed,
-                "n_collapsed": len(collapsed),
-                "n_runs": len(runs),
-                "collapsed_runs": [r.name for r in collapsed],
-                "last_steps": sorted({p[0] for p in finals}),
-            })
-    return rows
+  Each row: group, metric, mean, std (ddof=1; 0.0 for n=1), n (runs averaged), collapse
+  (all runs collapsed: then mean/std/n are over all runs), n_collapsed, n_runs,
+  collapsed_runs (their folder names) and last_steps (the distinct last steps averaged;
+  more than one means the runs did not all reach the same evaluation).
+  """
+  rows = []
+  for group, runs in groups.items():
+    collapsed = [r for r in runs if is_collapsed(r.scalars)]
+    all_collapsed = bool(runs) and len(collapsed) == len(runs)
+    collapsed_ids = {id(r) for r in collapsed}
+    counted = runs if all_collapsed else [r for r in runs if id(r) not in collapsed_ids]
+    keys = recall_metrics({k for r in runs for k in r.scalars})
+    for metric in keys:
+      finals = [r.scalars[metric][-1] for r in counted if r.scalars.get(metric)]
+      mean, std = _mean_std([p[2] for p in finals])
+      rows.append({
+          "group": group,
+          "metric": metric,
+          "mean": mean,
+          "std": std,
+          "n": len(finals),
+          "collapse": all_collapsed,
+          "n_collapsed": len(collapsed),
+          "n_runs": len(runs),
+          "collapsed_runs": [r.name for r in collapsed],
+          "last_steps": sorted({p[0] for p in finals}),
+      })
+  return rows
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 5) -> str:
-    """A plain-text table: one line per group, a ``mean +- std`` column per metric, n."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["group"], []).append(row)
-    metrics = recall_metrics({row["metric"] for row in rows})
-    header = ["group", *metrics, "n", "collapsed"]
-    lines = [header]
-    for group, grows in groups.items():
-        by_metric = {row["metric"]: row for row in grows}
-        n = max(row["n"] for row in grows)
-        first = grows[0]
-        cells = [group]
-        for metric in metrics:
-            row = by_metric.get(metric)
-            if row is None or row["mean"] is None:
-                cells.append("-")
-            elif row["collapse"]:
-                cells.append("collapse")
-            else:
-                cell = f"{row['mean']:.{digits}f} +- {row['std']:.{digits}f}"
-                if row["n"] != n:
-                    cell += f" (n={row['n']})"
-                cells.append(cell)
-        cells += [str(n), f"{first['n_collapsed']}/{first['n_runs']}"]
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                      for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-            for line in lines]
-    if any(row["n_collapsed"] for row in rows):
-        text.append("collapsed runs are left out of the mean unless all of a group collapsed "
-                    "(see `python -m hn_jax.report --help`)")
-    return "\n".join(text)
+  """A plain-text table: one line per group, a ``mean +- std`` column per metric, n."""
+  groups: dict[str, list[Mapping[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault(row["group"], []).append(row)
+  metrics = recall_metrics({row["metric"] for row in rows})
+  header = ["group", *metrics, "n", "collapsed"]
+  lines = [header]
+  for group, grows in groups.items():
+    by_metric = {row["metric"]: row for row in grows}
+    n = max(row["n"] for row in grows)
+    first = grows[0]
+    cells = [group]
+    for metric in metrics:
+      row = by_metric.get(metric)
+      if row is None or row["mean"] is None:
+        cells.append("-")
+      elif row["collapse"]:
+        cells.append("collapse")
+      else:
+        cell = f"{row['mean']:.{digits}f} +- {row['std']:.{digits}f}"
+        if row["n"] != n:
+          cell += f" (n={row['n']})"
+        cells.append(cell)
+    cells += [str(n), f"{first['n_collapsed']}/{first['n_runs']}"]
+    lines.append(cells)
+  widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+  text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+          for line in lines]
+  if any(row["n_collapsed"] for row in rows):
+    text.append("collapsed runs are left out of the mean unless all of a group collapsed "
+                "(see `python -m hn_jax.report --help`)")
+  return "\n".join(text)
 
 
 # ----------------------------------------------------------------------------- figure
 
 def _mean_curve(series: Sequence[Sequence[Point]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps, mean and std over runs at each step (each step over the runs that have it)."""
-    acc: dict[int, list[float]] = {}
-    for s in series:
-        for step, _, value in s:
-            acc.setdefault(step, []).append(value)
-    steps = np.array(sorted(acc), dtype=np.int64)
-    mean = np.array([np.mean(acc[s]) for s in steps.tolist()])
-    std = np.array([np.std(acc[s]) for s in steps.tolist()])
-    return steps, mean, std
+  """Steps, mean and std over runs at each step (each step over the runs that have it)."""
+  acc: dict[int, list[float]] = {}
+  for s in series:
+    for step, _, value in s:
+      acc.setdefault(step, []).append(value)
+  steps = np.array(sorted(acc), dtype=np.int64)
+  mean = np.array([np.mean(acc[s]) for s in steps.tolist()])
+  std = np.array([np.std(acc[s]) for s in steps.tolist()])
+  return steps, mean, std
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    """Centered moving average that keeps the length (shorter windows at the edges)."""
-    if window <= 1 or y.size < 3:
-        return y
-    kernel = np.ones(window)
-    finite = np.isfinite(y)
-    total = np.convolve(np.where(finite, y, 0.0), kernel, mode="same")
-    count = np.convolve(finite.astype(float), kernel, mode="same")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return total / count
+  """Centered moving average that keeps the length (shorter windows at the edges)."""
+  if window <= 1 or y.size < 3:
+    return y
+  kernel = np.ones(window)
+  finite = np.isfinite(y)
+  total = np.convolve(np.where(finite, y, 0.0), kernel, mode="same")
+  count = np.convolve(finite.astype(float), kernel, mode="same")
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return total / count
 
 
 def plot(groups: Mapping[str, Sequence[Run]], out_path: PathLike) -> None:
-    """Writes a PNG: hn_ratio over steps and test R@1 over epochs, one line per group."""
-    import matplotlib
+  """Writes a PNG: hn_ratio over steps and test R@1 over epochs, one line per group."""
+  import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-    fig, (ax_hn, ax_r1) = plt.subplots(1, 2, figsize=(13, 5))
-    handles, labels = [], []
-    for i, (group, runs) in enumerate(groups.items()):
-        color = f"C{i % 10}"
-        n_col = sum(is_collapsed(r.scalars) for r in runs)
-        label = f"{group} (n={len(runs)}"
-        label += ", collapse)" if n_col == len(runs) else (
-            f", {n_col} collapsed)" if n_col else ")")
-        line = None
-        hn = [r.scalars[HN_RATIO_KEY] for r in runs if r.scalars.get(HN_RATIO_KEY)]
-        if hn:
-            steps, mean, _ = _mean_curve(hn)
-            line, = ax_hn.plot(steps, _smooth(mean, max(1, steps.size // 100)),
-                               color=color, lw=1.2)
-        r1_keys = [k for k in recall_metrics({k for r in runs for k in r.scalars})
-                   if k.endswith("_test_R_1")]
-        if r1_keys:
-            r1 = [r.scalars[r1_keys[0]] for r in runs if r.scalars.get(r1_keys[0])]
-            steps, mean, std = _mean_curve(r1)
-            line, = ax_r1.plot(steps, mean, color=color, marker="o", ms=3, lw=1.2)
-            ax_r1.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, lw=0)
-        if line is not None:
-            handles.append(line)
-            labels.append(label)
-    ax_hn.set(title="share of hard triplets (hn_ratio; mean over seeds, smoothed)",
-              xlabel="training step", ylabel="hn_ratio")
-    ax_r1.set(title="test R@1 (mean +- std over seeds)", xlabel="epoch", ylabel="R@1")
-    for ax in (ax_hn, ax_r1):
-        ax.grid(alpha=0.3)
-    fig.legend(handles, labels, loc="lower center", ncol=min(2, max(1, len(labels))),
-               fontsize="small", frameon=False)
-    rows = (len(labels) + 1) // 2
-    fig.tight_layout(rect=(0, min(0.45, 0.05 * rows + 0.02), 1, 1))
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+  fig, (ax_hn, ax_r1) = plt.subplots(1, 2, figsize=(13, 5))
+  handles, labels = [], []
+  for i, (group, runs) in enumerate(groups.items()):
+    color = f"C{i % 10}"
+    n_col = sum(is_collapsed(r.scalars) for r in runs)
+    label = f"{group} (n={len(runs)}"
+    label += ", collapse)" if n_col == len(runs) else (
+        f", {n_col} collapsed)" if n_col else ")")
+    line = None
+    hn = [r.scalars[HN_RATIO_KEY] for r in runs if r.scalars.get(HN_RATIO_KEY)]
+    if hn:
+      steps, mean, _ = _mean_curve(hn)
+      line, = ax_hn.plot(steps, _smooth(mean, max(1, steps.size // 100)),
+                         color=color, lw=1.2)
+    r1_keys = [k for k in recall_metrics({k for r in runs for k in r.scalars})
+               if k.endswith("_test_R_1")]
+    if r1_keys:
+      r1 = [r.scalars[r1_keys[0]] for r in runs if r.scalars.get(r1_keys[0])]
+      steps, mean, std = _mean_curve(r1)
+      line, = ax_r1.plot(steps, mean, color=color, marker="o", ms=3, lw=1.2)
+      ax_r1.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+    if line is not None:
+      handles.append(line)
+      labels.append(label)
+  ax_hn.set(title="share of hard triplets (hn_ratio; mean over seeds, smoothed)",
+            xlabel="training step", ylabel="hn_ratio")
+  ax_r1.set(title="test R@1 (mean +- std over seeds)", xlabel="epoch", ylabel="R@1")
+  for ax in (ax_hn, ax_r1):
+    ax.grid(alpha=0.3)
+  fig.legend(handles, labels, loc="lower center", ncol=min(2, max(1, len(labels))),
+             fontsize="small", frameon=False)
+  rows = (len(labels) + 1) // 2
+  fig.tight_layout(rect=(0, min(0.45, 0.05 * rows + 0.02), 1, 1))
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m hn_jax.report",
-        description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__[__doc__.index("Layout."):],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories with event files")
-    parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
-    parser.add_argument("--plot", metavar="FILE.png", help="also write a figure here")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="print each run's read time to stderr")
-    args = parser.parse_args(argv)
-    timings: dict[str, float] = {}
-    try:
-        groups = load_groups(args.dirs, timings)
-    except ReportError as e:
-        print(f"hn_jax.report: error: {e}", file=sys.stderr)
-        return 2
-    if args.verbose:
-        for run, seconds in timings.items():
-            print(f"read {run} in {seconds:.3f} s", file=sys.stderr)
-    rows = summarize(groups)
-    for group, runs in groups.items():
-        if not recall_metrics({k for r in runs for k in r.scalars}):
-            print(f"hn_jax.report: warning: no *_test_R_* scalars in group {group}",
-                  file=sys.stderr)
-    for row in rows:
-        if len(row["last_steps"]) > 1:
-            print(f"hn_jax.report: warning: {row['group']} {row['metric']}: runs end at "
-                  f"different steps {row['last_steps']}", file=sys.stderr)
-    if args.json:
-        safe = [{k: _json_safe(v) for k, v in row.items()} for row in rows]
-        print(json.dumps(safe, indent=1, allow_nan=False))
-    else:
-        print(format_table(rows))
-    if args.plot:
-        plot(groups, args.plot)
-        print(f"hn_jax.report: wrote {args.plot}", file=sys.stderr)
-    return 0
+  """Command line entry point; returns the exit status."""
+  parser = argparse.ArgumentParser(
+      prog="python -m hn_jax.report",
+      description=__doc__.split("\n\n", 1)[0],
+      epilog=__doc__[__doc__.index("Layout."):],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories with event files")
+  parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
+  parser.add_argument("--plot", metavar="FILE.png", help="also write a figure here")
+  parser.add_argument("--verbose", "-v", action="store_true",
+                      help="print each run's read time to stderr")
+  args = parser.parse_args(argv)
+  timings: dict[str, float] = {}
+  try:
+    groups = load_groups(args.dirs, timings)
+  except ReportError as e:
+    print(f"hn_jax.report: error: {e}", file=sys.stderr)
+    return 2
+  if args.verbose:
+    for run, seconds in timings.items():
+      print(f"read {run} in {seconds:.3f} s", file=sys.stderr)
+  rows = summarize(groups)
+  for group, runs in groups.items():
+    if not recall_metrics({k for r in runs for k in r.scalars}):
+      print(f"hn_jax.report: warning: no *_test_R_* scalars in group {group}",
+            file=sys.stderr)
+  for row in rows:
+    if len(row["last_steps"]) > 1:
+      print(f"hn_jax.report: warning: {row['group']} {row['metric']}: runs end at "
+            f"different steps {row['last_steps']}", file=sys.stderr)
+  if args.json:
+    safe = [{k: _json_safe(v) for k, v in row.items()} for row in rows]
+    print(json.dumps(safe, indent=1, allow_nan=False))
+  else:
+    print(format_table(rows))
+  if args.plot:
+    plot(groups, args.plot)
+    print(f"hn_jax.report: wrote {args.plot}", file=sys.stderr)
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())
