@@ -1,0 +1,293 @@
+"""Embeds images with a trained run: a dataset split, or a folder of image files, to `.npz`.
+
+    python -m hn_jax.embed --workdir=RUN --split=test --out=test.npz [--dataset=NAME]
+    python -m hn_jax.embed --workdir=RUN --images=FOLDER --out=folder.npz
+
+The run's `config.json` and latest checkpoint give the model; images go through the eval
+transform of the input pipeline (resize the shorter side, center crop, normalize), in
+batches of `config.eval_batch_size` (the last one padded), sharded over every device by the
+training's embed step. The `.npz` holds:
+
+  embeddings     float32 (N, D), L2-normalized
+  ids            str (N,): the image_id of prepared data, the file path of a folder image,
+                 else the index in the split
+  labels         int64 (N,), -1 for folder images
+  chains         int64 (N,), only for splits with chains (Hotels-50K)
+  embedding_dim  int
+  source         str, e.g. "dataset digits, split test" or "folder /path"
+  kind           "dataset" or "folder"; dataset, split, data_dir: where the images are
+  workdir        the run that embedded them (hn_jax.search uses it to embed queries)
+
+Folder images: .jpg, .jpeg, .png (any case), sorted by path, decoded by PIL to RGB; an
+unreadable one is reported on stderr (one line, naming it) and skipped. Single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+from tqdm import tqdm
+
+from hn_jax import datasets, evaluation, input_pipeline, sharding, train_step
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The config entries that were tuples: JSON turns them into lists.
+_TUPLE_KEYS = ("mean", "std", "lr_drop_epochs")
+
+
+class EmbedError(ValueError):
+  """A problem the command line reports in one line (no traceback)."""
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config.json as a ConfigDict (its tuples restored)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise EmbedError(f"{path}: no such file; is {workdir!r} the workdir of a training run?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for key in _TUPLE_KEYS:
+    if key in config and isinstance(config[key], list):
+      config[key] = tuple(config[key])
+  return config
+
+
+def load_run(workdir: str, mesh=None):
+  """(config, graphdef, state, mesh) of the latest checkpoint of the run in `workdir`.
+
+  `state` is the `train_step.TrainState`, replicated on `mesh` (default: every device).
+  """
+  config = load_config(workdir)
+  mesh = sharding.create_mesh() if mesh is None else mesh
+  model_config = ml_collections.ConfigDict(config.to_dict())
+  model_config.pretrained = ""  # The checkpoint holds the weights.
+  tx = train_step.create_optimizer(model_config, 1)  # The schedule does not shape the state.
+  graphdef, state = train_step.create_train_state(train_step.create_model(model_config), tx)
+  state = sharding.replicate(state, mesh)
+  checkpoints = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  step = checkpoints.latest_step()
+  if step is None:
+    raise EmbedError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = checkpoints.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+  checkpoints.close()
+  return config, graphdef, restored.state, mesh
+
+
+_EMBED_STEPS: dict = {}
+
+
+def _embed_step(graphdef, mesh):
+  key = (id(graphdef), id(mesh))
+  if key not in _EMBED_STEPS:
+    _EMBED_STEPS[key] = (graphdef, mesh, train_step.make_embed_step(graphdef, mesh))
+  return _EMBED_STEPS[key][2]
+
+
+def _embed_batches(batches: Iterable[np.ndarray], num_batches: int, n: int, graphdef, state,
+                   mesh, progress: bool) -> np.ndarray:
+  step = _embed_step(graphdef, mesh)
+  outputs = []
+  for images in tqdm(batches, total=num_batches, desc="embedding", unit="batch",
+                     disable=not progress, file=sys.stderr):
+    images = sharding.global_batch({"images": images}, mesh)["images"]
+    outputs.append(step(state, images))
+  if not outputs:
+    return np.zeros((0, 0), np.float32)
+  embeddings = np.concatenate([sharding.to_host(o) for o in outputs])[:n]
+  return np.asarray(evaluation.l2_normalize(embeddings), np.float32)
+
+
+def embed_split(config: ml_collections.ConfigDict, graphdef, state, mesh,
+                split: input_pipeline.Split, *, progress: bool = True) -> np.ndarray:
+  """L2-normalized float32 embeddings of a dataset split, in its order."""
+  num_batches = -(-len(split) // config.eval_batch_size)
+  batches = (b["images"] for b in input_pipeline.eval_batches(split, config))
+  return _embed_batches(batches, num_batches, len(split), graphdef, state, mesh, progress)
+
+
+def embed_images(config: ml_collections.ConfigDict, graphdef, state, mesh,
+                 images: Sequence[np.ndarray], *, progress: bool = True) -> np.ndarray:
+  """L2-normalized float32 embeddings of uint8 RGB images (H, W, 3), of any sizes.
+
+  Each goes through `input_pipeline.eval_transform`, as a split's images do.
+  """
+  transform = tf.function(lambda image: input_pipeline.eval_transform(image, config),
+                          input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+  size, batch = config.image_size, config.eval_batch_size
+  n = len(images)
+
+  def batches():
+    for start in range(0, n, batch):
+      chunk = np.zeros((batch, size, size, 3), np.float32)
+      for i, image in enumerate(images[start:start + batch]):
+        chunk[i] = transform(tf.constant(np.asarray(image, np.uint8))).numpy()
+      yield chunk
+
+  return _embed_batches(batches(), -(-n // batch), n, graphdef, state, mesh, progress)
+
+
+def warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_image(path: str) -> np.ndarray | None:
+  """The image file at `path` as uint8 RGB (H, W, 3); None (with a warning) if unreadable."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      image.load()
+      return np.asarray(image.convert("RGB"), np.uint8)
+  except FileNotFoundError:
+    warn(f"skipped {path}: no such file")
+  except Exception as e:  # pylint: disable=broad-except
+    warn(f"skipped {path}: cannot read it as an image ({type(e).__name__}: {e})")
+  return None
+
+
+def list_images(folder: str) -> list[str]:
+  """The image files (jpg, jpeg, png, any case) under `folder`, recursively, sorted."""
+  paths = []
+  for root, _, files in os.walk(folder):
+    paths.extend(os.path.join(root, f) for f in files
+                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(paths)
+
+
+def read_images(paths: Sequence[str]) -> tuple[list[str], list[np.ndarray]]:
+  """(paths read, their images): the unreadable ones reported and left out."""
+  kept, images = [], []
+  for path in paths:
+    image = read_image(path)
+    if image is not None:
+      kept.append(path)
+      images.append(image)
+  return kept, images
+
+
+def dataset_config(config: ml_collections.ConfigDict, dataset: str | None,
+                   data_dir: str | None) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict(config.to_dict())
+  if dataset:
+    out.dataset = dataset
+  if data_dir is not None:
+    out.data_dir = data_dir
+  return out
+
+
+# Dataset attribute -> the prepared split that holds it, where the names differ.
+_PREPARED_SPLITS = {("inshop", "test"): "query", ("hotels50k", "gallery"): "train"}
+
+
+def get_split(config: ml_collections.ConfigDict, split: str) -> input_pipeline.Split:
+  """`split` (train, test or gallery) of `config.dataset`."""
+  if split not in ("train", "test", "gallery"):
+    raise EmbedError(f"--split={split!r}: use train, test or gallery")
+  try:
+    dataset = datasets.load(config)
+  except datasets.DataNotPreparedError as e:
+    raise EmbedError(str(e)) from e
+  result = getattr(dataset, split)
+  if result is None:
+    raise EmbedError(f"dataset {config.dataset} has no {split} split (its gallery is the "
+                     "test split)")
+  return result
+
+
+def split_ids(config: ml_collections.ConfigDict, split: str, n: int) -> np.ndarray:
+  """The image_ids of a prepared split (from its metadata), else the indices as strings."""
+  if config.dataset in datasets.PREPARED:
+    try:
+      from hn_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+      builder = tfds_builders.BUILDERS[config.dataset](data_dir=datasets.data_dir(config))
+      name = _PREPARED_SPLITS.get((config.dataset, split), split)
+      ids = builder.info.metadata["splits"][name]["image_ids"]
+      if len(ids) == n:
+        return np.asarray(ids, dtype=str)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return np.asarray([str(i) for i in range(n)], dtype=str)
+
+
+def split_image(split: input_pipeline.Split, index: int) -> np.ndarray:
+  """Image `index` of a split as uint8 RGB (H, W, 3), from memory or its records."""
+  if isinstance(split.images, np.ndarray):
+    return np.asarray(split.images[index], np.uint8)
+  (record,) = split.images.read([int(index)])
+  encoded = tf.io.parse_single_example(record, input_pipeline._RECORD_FEATURES)["image"]  # pylint: disable=protected-access
+  return input_pipeline.decode_image(encoded).numpy()
+
+
+def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
+                  split: str | None = None, images: str | None = None,
+                  data_dir: str | None = None, progress: bool = True) -> dict:
+  """Embeds a dataset split or an image folder with the run in `workdir`; writes `out`."""
+  if (images is None) == (split is None):
+    raise EmbedError("give either --split (with --dataset, default the run's) or --images")
+  if images is not None and not os.path.isdir(images):
+    raise EmbedError(f"--images={images!r}: no such folder")
+  config, graphdef, state, mesh = load_run(workdir)
+  record = {"workdir": os.path.abspath(workdir), "embedding_dim": int(config.embedding_dim)}
+  if images is not None:
+    paths, pixels = read_images(list_images(images))
+    if not paths:
+      raise EmbedError(f"no readable image (jpg, jpeg, png) in {images}")
+    embeddings = embed_images(config, graphdef, state, mesh, pixels, progress=progress)
+    record.update(embeddings=embeddings, ids=np.asarray(paths, dtype=str),
+                  labels=np.full(len(paths), -1, np.int64), kind="folder",
+                  source=f"folder {os.path.abspath(images)}", dataset="", split="",
+                  data_dir="")
+  else:
+    data_config = dataset_config(config, dataset, data_dir)
+    the_split = get_split(data_config, split)
+    embeddings = embed_split(data_config, graphdef, state, mesh, the_split, progress=progress)
+    record.update(embeddings=embeddings, ids=split_ids(data_config, split, len(the_split)),
+                  labels=np.asarray(the_split.labels, np.int64), kind="dataset",
+                  source=f"dataset {data_config.dataset}, split {split}",
+                  dataset=data_config.dataset, split=split,
+                  data_dir=datasets.data_dir(data_config))
+    if the_split.chains is not None:
+      record["chains"] = np.asarray(the_split.chains, np.int64)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "wb") as f:
+    np.savez(f, **record)
+  return record
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m hn_jax.embed", description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="The training run (config.json, checkpoints).")
+  parser.add_argument("--dataset", default=None, help="Dataset name (default: the run's).")
+  parser.add_argument("--split", default=None, help="train, test or gallery.")
+  parser.add_argument("--data_dir", default=None, help="Prepared data (default: the run's).")
+  parser.add_argument("--images", default=None, help="A folder of jpg/jpeg/png images instead.")
+  parser.add_argument("--out", required=True, help="The .npz to write.")
+  parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(argv)
+  tf.config.set_visible_devices([], "GPU")
+  try:
+    record = embed_to_file(args.workdir, args.out, dataset=args.dataset, split=args.split,
+                           images=args.images, data_dir=args.data_dir,
+                           progress=not args.no_progress)
+  except EmbedError as e:
+    sys.exit(f"hn_jax.embed: error: {e}")
+  print(f"{args.out}: {len(record['ids'])} embeddings of dimension {record['embedding_dim']} "
+        f"({record['source']})")
+
+
+if __name__ == "__main__":
+  main()

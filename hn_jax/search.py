@@ -1,0 +1,275 @@
+"""Nearest gallery images of query images, from an index that `hn_jax.embed` wrote.
+
+    python -m hn_jax.search --index=INDEX.npz --query=IMAGE_OR_FOLDER [--query=...] --k=10 \
+        [--sheet=OUT.png] [--workdir=RUN]
+    python -m hn_jax.search --index=INDEX.npz --query_split=test --query_indices=0,50,100 ...
+
+Queries are image files (a folder: its jpg/jpeg/png files, sorted), embedded by the run
+(`--workdir`, default the run recorded in the index); their labels are unknown. Or they are
+images of a dataset split (`--query_split`, of `--query_dataset`, default the index's dataset
+or else the run's, at `--query_indices`, default all): their labels are known. A missing or
+unreadable query image is reported by name and skipped. A split query that the index holds
+is its own nearest neighbour; `--exclude_self` leaves it out.
+
+For each query, its k nearest gallery items (cosine, brute force with
+`evaluation.top_k_indices`) are printed with their similarity, id and label (and chain, for
+Hotels-50K). `--sheet` writes a contact sheet: one row per query, the query image then its k
+nearest, as thumbnails of `--thumb` pixels in a frame of FRAME pixels. A neighbour is framed
+green when its label equals the query's, red when not; the query is framed blue; where the
+query's label is unknown, the neighbours are framed grey.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+FRAME = 4
+COLORS = {"query": (40, 90, 220), "correct": (30, 170, 60), "wrong": (210, 40, 40),
+          "unknown": (150, 150, 150)}
+
+
+class SearchError(ValueError):
+  """A problem the command line reports in one line (no traceback)."""
+
+
+def load_index(path: str) -> dict:
+  """The arrays and strings of an index written by `hn_jax.embed`."""
+  if not os.path.isfile(path):
+    raise SearchError(f"--index={path!r}: no such file")
+  with np.load(path, allow_pickle=False) as data:
+    index = {k: data[k] for k in data.files}
+  for key in ("source", "kind", "dataset", "split", "data_dir", "workdir"):
+    if key in index:
+      index[key] = str(index[key])
+  index["embedding_dim"] = int(index["embedding_dim"])
+  return index
+
+
+def check_dimension(index: dict, config, index_path: str, workdir: str) -> None:
+  if index["embedding_dim"] != int(config.embedding_dim) or \
+      index["embeddings"].shape[1] != int(config.embedding_dim):
+    raise SearchError(
+        f"the index {index_path} holds embeddings of dimension {index['embeddings'].shape[1]} "
+        f"but the run {workdir} embeds in dimension {config.embedding_dim}; embed the gallery "
+        "with the same run (python -m hn_jax.embed)")
+
+
+def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices (Q, k) nearest first, their cosine similarities) of each query."""
+  from hn_jax import evaluation  # pylint: disable=g-import-not-at-top
+  k = min(int(k), len(gallery))
+  top = evaluation.top_k_indices(queries, gallery, k)
+  q = np.asarray(evaluation.l2_normalize(queries))
+  g = np.asarray(evaluation.l2_normalize(gallery))
+  sims = np.einsum("qd,qkd->qk", q, g[top])
+  return top, sims
+
+
+def _without_self(top: np.ndarray, sims: np.ndarray, selves: np.ndarray,
+                  k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's first k entries other than the query's own gallery index (-1: none)."""
+  keep = top != selves[:, None]
+  order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(top, order, 1), np.take_along_axis(sims, order, 1)
+
+
+def _thumbnail(image: np.ndarray, size: int):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  picture = Image.fromarray(np.asarray(image, np.uint8))
+  scale = size / max(picture.size)
+  new = (max(1, round(picture.size[0] * scale)), max(1, round(picture.size[1] * scale)))
+  method = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+  return picture.resize(new, method)
+
+
+def contact_sheet(rows: Sequence[Sequence[tuple[np.ndarray, str]]], thumb: int = 96):
+  """A PIL image: one row per entry of `rows`, each a list of (uint8 image, frame color name).
+
+  Every cell is thumb + 2 FRAME pixels square; the sheet is (longest row) x len(rows) cells.
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  cell = thumb + 2 * FRAME
+  width = max((len(r) for r in rows), default=1) * cell
+  sheet = Image.new("RGB", (width, max(1, len(rows)) * cell), (255, 255, 255))
+  draw = ImageDraw.Draw(sheet)
+  for y, row in enumerate(rows):
+    for x, (image, color) in enumerate(row):
+      left, top = x * cell, y * cell
+      if color:
+        draw.rectangle([left, top, left + cell - 1, top + cell - 1], fill=COLORS[color])
+        draw.rectangle([left + FRAME, top + FRAME, left + FRAME + thumb - 1,
+                        top + FRAME + thumb - 1], fill=(255, 255, 255))
+      picture = _thumbnail(image, thumb)
+      sheet.paste(picture, (left + FRAME + (thumb - picture.size[0]) // 2,
+                            top + FRAME + (thumb - picture.size[1]) // 2))
+  return sheet
+
+
+class Gallery:
+  """Reads the index's images back: from file paths, or through its dataset split."""
+
+  def __init__(self, index: dict, config):
+    self.index = index
+    self._split = None
+    self._config = config
+
+  def image(self, i: int) -> np.ndarray:
+    from hn_jax import embed  # pylint: disable=g-import-not-at-top
+    if self.index["kind"] == "folder":
+      image = embed.read_image(str(self.index["ids"][i]))
+      return np.zeros((8, 8, 3), np.uint8) if image is None else image
+    if self._split is None:
+      data_config = embed.dataset_config(self._config, self.index["dataset"],
+                                         self.index["data_dir"] or None)
+      self._split = embed.get_split(data_config, self.index["split"])
+    return embed.split_image(self._split, i)
+
+
+def _describe(index: dict, i: int) -> str:
+  text = f"id {index['ids'][i]}  label {int(index['labels'][i])}"
+  if "chains" in index:
+    text += f"  chain {int(index['chains'][i])}"
+  return text
+
+
+def _query_paths(queries: Sequence[str]) -> list[str]:
+  from hn_jax import embed  # pylint: disable=g-import-not-at-top
+  paths = []
+  for query in queries:
+    if os.path.isdir(query):
+      paths.extend(embed.list_images(query))
+    elif os.path.exists(query):
+      paths.append(query)
+    else:
+      embed.warn(f"skipped {query}: no such file")
+  return paths
+
+
+def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | None = None,
+           query_dataset: str | None = None, query_indices: Sequence[int] | None = None,
+           k: int = 10, sheet: str | None = None, workdir: str | None = None,
+           thumb: int = 96, exclude_self: bool = False, out=None) -> dict:
+  """Runs a search (see the module doc); prints to `out` (default stdout).
+
+  Returns {"ids", "labels", "top", "sims", "images"} of the queries kept.
+  """
+  from hn_jax import embed  # pylint: disable=g-import-not-at-top
+  out = sys.stdout if out is None else out
+  index = load_index(index_path)
+  workdir = workdir or index.get("workdir")
+  if not workdir:
+    raise SearchError(f"the index {index_path} records no run: give --workdir")
+  try:
+    config = embed.load_config(workdir)
+  except embed.EmbedError as e:
+    raise SearchError(str(e)) from e
+  check_dimension(index, config, index_path, workdir)
+  config, graphdef, state, mesh = embed.load_run(workdir)
+
+  ids, labels, images, selves = [], [], [], []
+  if query_split is not None:
+    name = query_dataset or (index["dataset"] if index["kind"] == "dataset" else None)
+    data_config = embed.dataset_config(config, name, index.get("data_dir") or None)
+    split = embed.get_split(data_config, query_split)
+    chosen = range(len(split)) if query_indices is None else list(query_indices)
+    in_index = (index["kind"] == "dataset" and index["dataset"] == data_config.dataset
+                and index["split"] == query_split)
+    for i in chosen:
+      if not 0 <= i < len(split):
+        embed.warn(f"skipped query index {i}: the {query_split} split has {len(split)} images")
+        continue
+      ids.append(f"{data_config.dataset}:{query_split}:{i}")
+      labels.append(int(split.labels[i]))
+      images.append(embed.split_image(split, i))
+      selves.append(i if in_index else -1)
+  paths, pixels = embed.read_images(_query_paths(queries))
+  ids += paths
+  labels += [None] * len(paths)
+  images += pixels
+  selves += [-1] * len(paths)
+  if not images:
+    raise SearchError("no query image left to search with")
+
+  query_embeddings = embed.embed_images(config, graphdef, state, mesh, images, progress=False)
+  if exclude_self:
+    top, sims = _without_self(*nearest(query_embeddings, index["embeddings"], k + 1),
+                              np.asarray(selves), min(k, len(index["embeddings"]) - 1))
+  else:
+    top, sims = nearest(query_embeddings, index["embeddings"], k)
+  rows = []
+  gallery = Gallery(index, config) if sheet else None
+  for q, (query_id, label) in enumerate(zip(ids, labels)):
+    known = "unknown label" if label is None else f"label {label}"
+    print(f"query {query_id} ({known}):", file=out)
+    row = [(images[q], "query")]
+    for rank, (g, s) in enumerate(zip(top[q], sims[q]), 1):
+      g = int(g)
+      mark = "" if label is None else ("  correct" if int(index["labels"][g]) == label else "")
+      print(f"  {rank:3d}. {s:+.4f}  {_describe(index, g)}{mark}", file=out)
+      if gallery is not None:
+        color = ("unknown" if label is None
+                 else "correct" if int(index["labels"][g]) == label else "wrong")
+        row.append((gallery.image(g), color))
+    rows.append(row)
+  if sheet:
+    os.makedirs(os.path.dirname(os.path.abspath(sheet)), exist_ok=True)
+    contact_sheet(rows, thumb).save(sheet, format="PNG")
+    print(f"wrote {sheet}", file=out)
+  return {"ids": ids, "labels": labels, "top": top, "sims": sims, "images": images,
+          "embeddings": query_embeddings}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m hn_jax.search",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--index", required=True, help="The .npz of hn_jax.embed.")
+  parser.add_argument("--query", action="append", default=[],
+                      help="A query image or a folder of them (repeatable).")
+  parser.add_argument("--query_split", default=None,
+                      help="Queries from this split (train, test, gallery) of a dataset.")
+  parser.add_argument("--query_dataset", default=None,
+                      help="Dataset of --query_split (default: the index's, else the run's).")
+  parser.add_argument("--query_indices", default=None,
+                      help="Comma-separated indices into --query_split (default: all).")
+  parser.add_argument("--k", type=int, default=10, help="Neighbours per query.")
+  parser.add_argument("--sheet", default=None, help="Write a contact sheet PNG here.")
+  parser.add_argument("--thumb", type=int, default=96, help="Thumbnail size in pixels.")
+  parser.add_argument("--exclude_self", action="store_true",
+                      help="Leave a --query_split query out of its own neighbours when the "
+                      "index holds that split.")
+  parser.add_argument("--workdir", default=None,
+                      help="The run that embeds the queries (default: the index's).")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = parse_args(argv)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  from hn_jax import embed  # pylint: disable=g-import-not-at-top
+  if not args.query and args.query_split is None:
+    sys.exit("hn_jax.search: error: give --query (image or folder) or --query_split")
+  if args.k < 1:
+    sys.exit(f"hn_jax.search: error: --k={args.k} must be at least 1")
+  try:
+    indices = (None if args.query_indices is None
+               else [int(i) for i in args.query_indices.split(",") if i.strip()])
+  except ValueError:
+    sys.exit(f"hn_jax.search: error: --query_indices={args.query_indices!r}: give integers "
+             "separated by commas")
+  try:
+    search(args.index, queries=args.query, query_split=args.query_split,
+           query_dataset=args.query_dataset, query_indices=indices, k=args.k,
+           sheet=args.sheet, workdir=args.workdir, thumb=args.thumb,
+           exclude_self=args.exclude_self)
+  except (SearchError, embed.EmbedError) as e:
+    sys.exit(f"hn_jax.search: error: {e}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,107 @@
+"""Embedding (dataset split and image folder) and search with a tiny trained digits run."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import digits
+from hn_jax import datasets, embed, search, train
+
+
+def tiny_config():
+  config = digits.get_config()
+  config.image_size = 16
+  config.embedding_dim = 16
+  config.batch_size = 64
+  config.eval_batch_size = 512
+  config.num_epochs = 1
+  config.eval_every = 1
+  config.lr_drop_epochs = (2,)
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A one-epoch digits run, its test-split index and a folder of 12 test digits as PNG."""
+  root = tmp_path_factory.mktemp("embed_search")
+  workdir = root / "run"
+  workdir.mkdir()
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  index_path = root / "test.npz"
+  embed.embed_to_file(str(workdir), str(index_path), split="test", progress=False)
+  folder = root / "images"
+  folder.mkdir()
+  test = datasets.load(tiny_config()).test
+  chosen = list(range(0, 120, 10))
+  for n, i in enumerate(chosen):
+    Image.fromarray(test.images[i]).save(folder / f"digit_{n:02d}.png")
+  return workdir, index_path, folder, chosen
+
+
+def test_folder_equals_dataset_path(run):
+  workdir, index_path, folder, chosen = run
+  out = folder.parent / "folder.npz"
+  embed.embed_to_file(str(workdir), str(out), images=str(folder), progress=False)
+  folder_index, index = search.load_index(str(out)), search.load_index(str(index_path))
+  assert folder_index["kind"] == "folder" and folder_index["embedding_dim"] == 16
+  assert [p.rsplit("/", 1)[1] for p in folder_index["ids"]] == [
+      f"digit_{n:02d}.png" for n in range(len(chosen))]
+  assert (folder_index["labels"] == -1).all()
+  assert index["embeddings"].shape == (len(datasets.load(tiny_config()).test), 16)
+  assert index["embeddings"].dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(index["embeddings"], axis=1), 1, atol=1e-5)
+  np.testing.assert_allclose(folder_index["embeddings"], index["embeddings"][chosen], atol=1e-5)
+  assert index["dataset"] == "digits" and index["split"] == "test"
+
+
+def test_search_equals_brute_force_and_writes_sheet(run, tmp_path, capsys):
+  workdir, index_path, _, _ = run
+  sheet = tmp_path / "sheet.png"
+  result = search.search(str(index_path), query_split="test", query_indices=[3, 40, 77], k=8,
+                         sheet=str(sheet))
+  gallery = search.load_index(str(index_path))["embeddings"]
+  sims = result["embeddings"] @ gallery.T
+  expected = np.argsort(-sims, axis=1, kind="stable")[:, :8]
+  np.testing.assert_array_equal(result["top"], expected)
+  np.testing.assert_allclose(result["sims"], np.take_along_axis(sims, expected, 1), atol=1e-5)
+  assert result["top"][:, 0].tolist() == [3, 40, 77]  # Each query is in the gallery.
+  without = search.search(str(index_path), query_split="test", query_indices=[3, 40, 77], k=8,
+                          exclude_self=True)
+  masked = sims.copy()
+  masked[np.arange(3), [3, 40, 77]] = -np.inf
+  np.testing.assert_array_equal(without["top"], np.argsort(-masked, axis=1, kind="stable")[:, :8])
+  printed = capsys.readouterr().out
+  assert printed.count("query digits:test:") == 6 and "label" in printed
+  with Image.open(sheet) as picture:
+    assert picture.format == "PNG"
+    cell = 96 + 2 * search.FRAME
+    assert picture.size == (9 * cell, 3 * cell)
+
+
+def test_bad_queries_are_reported_and_skipped(run, tmp_path, capsys):
+  _, index_path, folder, _ = run
+  corrupt = tmp_path / "corrupt.png"
+  corrupt.write_bytes(b"this is not a png" * 10)
+  missing = tmp_path / "missing.png"
+  good = folder / "digit_00.png"
+  result = search.search(str(index_path), queries=[str(corrupt), str(missing), str(good)], k=3)
+  assert result["ids"] == [str(good)]
+  captured = capsys.readouterr()
+  assert f"skipped {corrupt}" in captured.err and f"skipped {missing}" in captured.err
+  assert f"query {good} (unknown label)" in captured.out
+
+
+def test_index_of_another_dimension_is_refused(run, tmp_path):
+  workdir, index_path, folder, _ = run
+  index = search.load_index(str(index_path))
+  index["embeddings"] = np.ones((5, 8), np.float32)
+  index["embedding_dim"] = 8
+  other = tmp_path / "other.npz"
+  np.savez(other, **index)
+  with pytest.raises(SystemExit) as e:
+    search.main([f"--index={other}", f"--query={folder}", f"--workdir={workdir}"])
+  message = str(e.value.code)
+  assert message.startswith("hn_jax.search: error:") and "dimension 8" in message
+  assert "dimension 16" in message and "\n" not in message
