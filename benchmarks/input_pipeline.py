@@ -20,7 +20,6 @@ process (what "per core" means here: a pipeline that keeps N cores busy gets N t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

@@ -54,7 +54,6 @@ from typing import Any, Union
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.proto import summary_pb2
 from tensorboard.compat.proto import types_pb2
 
 EVENT_FILE_PREFIX = "events.out.tfevents."

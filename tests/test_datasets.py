@@ -188,12 +188,14 @@ def test_evaluate_reports_the_protocol_keys(prepared, name):
   metrics = dataset.evaluate(_embed_by_label)
   key = datasets.KEYS[name]
   expected = {f"{key}_test_R_{k}" for k in datasets.TEST_KS[name]}
+  expected |= {f"{key}_test_MAP_R", f"{key}_test_RP"}
   if name in ("cub", "cars", "sop"):
     expected.add(f"{key}_train_R_1")
   if name == "hotels50k":
     expected |= {f"HOTEL_test_chain_R_{k}" for k in (1, 3, 5)}
   assert set(metrics) == expected
   assert metrics[f"{key}_test_R_1"] == 1.0
+  assert metrics[f"{key}_test_MAP_R"] == metrics[f"{key}_test_RP"] == 1.0
   if name == "hotels50k":
     assert metrics["HOTEL_test_chain_R_1"] == 1.0
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from configs import synthetic
 from hn_jax import datasets, evaluation, report, train

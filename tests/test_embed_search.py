@@ -1,6 +1,5 @@
 """Embedding (dataset split and image folder) and search with a tiny trained digits run."""
 
-import io
 
 import numpy as np
 import pytest

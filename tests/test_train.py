@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,16 +61,20 @@ def test_training_learns(two_epoch_run):
   assert last > first + 0.02, (first, last)
 
 
-def _preempt_at(monkeypatch, at_step):
-  monkeypatch.setattr(train.Preemption, "reached", lambda self, step: step == at_step)
-
-
-def test_preempted_mid_epoch_run_resumes_exactly(two_epoch_run, tmp_path, monkeypatch):
+def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path, monkeypatch):
   workdir, uninterrupted = two_epoch_run
-  _preempt_at(monkeypatch, 5)  # mid-epoch 1 (14 steps an epoch)
+  add = train.EpochLog.add
+
+  def add_then_preempt(self, step, metrics):
+    add(self, step, metrics)
+    if step == 5:  # mid-epoch 1 (14 steps an epoch): a real SIGTERM to this process
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train.EpochLog, "add", add_then_preempt)
   before = train.train_and_evaluate(tiny_config(), str(tmp_path))
   epoch0 = report.load_scalars(workdir)["DIGITS_test_R_1"][0]
   assert epoch0[0] == 0 and before["DIGITS_test_R_1"] == pytest.approx(epoch0[2])
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is removed again"
   assert (tmp_path / "checkpoints" / "5").is_dir()
   # A crash while writing the next checkpoint leaves a temporary folder behind: ignored.
   partial = tmp_path / "checkpoints" / "14.orbax-checkpoint-tmp"
