@@ -46,17 +46,28 @@ from hn_jax import sharding as sharding_lib
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # Working memory of one block of similarities (all devices).
 
-# Bytes of working memory per entry of a block, measured (peak RSS on CPU): the float32
-# similarity itself plus what XLA keeps beside it. The top-k metrics keep a masked copy and the
-# top-k working set as well.
+# Bytes of working memory per entry of a block (the float32 similarity plus what XLA keeps
+# beside it), measured as peak RSS on CPU: ~4 for recall; ~10 for the masked pass used for very
+# large classes; ~4.5 for the top-k metrics on CPU, whose accelerator top-k (sort-based for
+# large k) is assumed to hold values and indices twice more.
 _BYTES_PER_ENTRY = 4
-_BYTES_PER_ENTRY_TOPK = 12
+_BYTES_PER_ENTRY_MASKED = 12
+_BYTES_PER_ENTRY_TOPK_CPU = 8
+_BYTES_PER_ENTRY_TOPK = 20
 # Same-label members gathered per query beyond which the member table is not worth it and the
 # best correct similarity is found by a masked pass over the block instead.
 _MEMBER_TABLE_MAX_FRACTION = 0.25
 _MEMBER_TABLE_MIN = 64
 # Counts are float32 sums of 0/1; they are exact while the gallery has fewer than 2**24 items.
 _MAX_GALLERY = 2**24
+# On CPU, blocks of about this many similarities per device (a few times the L3 cache) run
+# fastest; bigger ones spill to memory between the matmul and the count.
+_CPU_BLOCK_ENTRIES = 2**24
+_CPU_MIN_ROWS = 64
+# Rows per device of a block for the fused count on CPU (it keeps no block of similarities).
+_CPU_FUSED_ROWS = 1024
+# Use the fused count (None: on CPU when members are few; tests force True or False).
+_FUSED_COUNT: bool | None = None
 # Blocks dispatched ahead of the host (bounds the host-to-device inputs in flight).
 _IN_FLIGHT = 2
 
@@ -67,10 +78,9 @@ def l2_normalize(x: np.ndarray | jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _normalize_host(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  return x / np.maximum(norms, np.float32(1e-12))
+@jax.jit
+def _normalize(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True)), 1e-12)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -142,57 +152,65 @@ def _dense_labels(qy: np.ndarray, gy: np.ndarray | None):
 
 
 class _Plan:
-  """What every block shares: normalized data on host, the gallery on the mesh, block shape."""
+  """What the blocks share: the queries on the host, the gallery (normalized) on the mesh."""
 
-  def __init__(self, q, qy, g, gy, *, max_bytes, mesh, bytes_per_entry, extra_per_row=0,
-               labels=True):
+  def __init__(self, q, qy, g, gy, *, mesh, labels=True):
     self.mesh = sharding_lib.create_mesh() if mesh is None else mesh
+    self.devices = self.mesh.devices.size
+    self.on_cpu = self.mesh.devices.flat[0].platform == "cpu"
     self.exclude_self = g is None
-    self.q = _normalize_host(q)
-    self.g = self.q if self.exclude_self else _normalize_host(g)
+    # Raw float32 on the host; normalized on the devices (the gallery once, queries per block).
+    self.q = np.asarray(q, np.float32)
+    self.g = self.q if self.exclude_self else np.asarray(g, np.float32)
     self.num_queries, self.num_gallery = len(self.q), len(self.g)
+    self.dim = self.q.shape[1]
     if self.num_gallery >= _MAX_GALLERY:
       raise ValueError(f"galleries of {_MAX_GALLERY} items or more are not supported")
-    self.members_per_query = 0
+    self.members_per_query, self.use_table = 0, False
     if labels:
       self.qy, self.gy, self.count, self.order, self.start = _dense_labels(qy, gy)
+      if len(self.count) >= _MAX_GALLERY:
+        raise ValueError(f"{_MAX_GALLERY} labels or more are not supported")
       max_members = int(self.count[self.qy].max()) if self.num_queries else 0
       self.use_table = max_members <= max(_MEMBER_TABLE_MIN,
                                            _MEMBER_TABLE_MAX_FRACTION * self.num_gallery)
       self.members_per_query = max(1, max_members) if self.use_table else 1
-    devices = self.mesh.devices.size
-    per_row = bytes_per_entry * self.num_gallery + 9 * self.members_per_query + extra_per_row
-    rows = max(1, max_bytes // per_row)
-    rows = max(devices, rows // devices * devices)  # a multiple of the device count
-    needed = -(-max(1, self.num_queries) // devices) * devices
-    self.block = int(min(rows, needed))
     self.row_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
-    self.gallery = self._put(self.g, self.replicated)
+    self.gallery = _normalize(self._put(self.g, self.replicated))
     self.gallery_labels = self._put(self.gy, self.replicated) if labels else None
+
+  def block_rows(self, max_bytes: int, bytes_per_row: int, cpu_rows: int, num_rows: int) -> int:
+    """Rows per block: within `max_bytes`, at most `cpu_rows` per device on CPU (speed), a
+    multiple of the device count, and as few equal blocks as that allows for `num_rows` rows."""
+    rows = max(1, max_bytes // max(1, bytes_per_row))
+    if self.on_cpu:
+      rows = min(rows, self.devices * cpu_rows)
+    rows = max(self.devices, rows // self.devices * self.devices)
+    num_blocks = -(-max(1, num_rows) // rows)
+    return int(-(-max(1, num_rows) // (num_blocks * self.devices)) * self.devices)
 
   @staticmethod
   def _put(x: np.ndarray, sharding) -> jax.Array:
     # Works on every host of a multi-host mesh: each host holds the whole host array.
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  def blocks(self):
-    """(start, number of real rows, device inputs) for each block of queries."""
-    for start in range(0, self.num_queries, self.block):
-      stop = min(start + self.block, self.num_queries)
-      rows = np.arange(start, start + self.block)
-      real = rows < stop
-      rows = np.where(real, rows, stop - 1)  # padded rows repeat the last real one
-      inputs = {"queries": self.q[rows]}
-      self_index = np.where(real, rows, -1).astype(np.int32) if self.exclude_self else (
-          np.full(self.block, -1, np.int32))
-      inputs["self_index"] = self_index
+  def _blocks(self, block: int, rows: np.ndarray):
+    """(number of real rows, device inputs) for each block of the query indices `rows`."""
+    for start in range(0, len(rows), block):
+      chunk = rows[start:start + block]
+      real = len(chunk)
+      chunk = np.concatenate([chunk, np.full(block - real, chunk[-1])])  # pad: repeat the last
+      is_real = np.arange(block) < real
+      inputs = {"queries": self.q[chunk]}
+      inputs["self_index"] = (np.where(is_real, chunk, -1) if self.exclude_self
+                              else np.full(block, -1)).astype(np.int32)
       if self.gallery_labels is not None:
-        labels = np.where(real, self.qy[rows], -1).astype(np.int32)
+        labels = np.where(is_real, self.qy[chunk], -1).astype(np.int32)
         inputs["labels"] = labels
         if self.use_table:
           inputs["members"], inputs["valid"] = self._members(labels)
-      yield start, stop - start, {k: self._put(v, self.row_sharding) for k, v in inputs.items()}
+      yield real, {k: self._put(v, self.row_sharding) for k, v in inputs.items()}
 
   def _members(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gallery indices of each row's label, padded to a fixed width (padding: index 0)."""
@@ -204,10 +222,11 @@ class _Plan:
     members = np.where(valid, self.order[np.minimum(where, len(self.order) - 1)], 0)
     return members.astype(np.int32), valid
 
-  def run(self, fn, **static) -> list[np.ndarray]:
-    """Runs `fn` on every block; returns its outputs, real rows only, concatenated."""
+  def run(self, fn, block: int, rows: np.ndarray | None = None, **static) -> list[np.ndarray]:
+    """`fn` on the queries `rows` (default: all) in blocks; its outputs for those rows."""
+    rows = np.arange(self.num_queries) if rows is None else np.asarray(rows)
     outputs, pending = [], []
-    for _, real, inputs in self.blocks():
+    for real, inputs in self._blocks(block, rows):
       out = fn(inputs, self.gallery, self.gallery_labels, **static)
       pending.append((real, out))
       if len(pending) > _IN_FLIGHT:
@@ -226,6 +245,8 @@ class _Plan:
 
 
 def _similarities(queries, gallery):
+  """Cosine similarities of raw query rows with the normalized gallery."""
+  queries = _normalize(queries)
   # HIGHEST: plain float32 on every backend (no TF32 / bf16 passes on accelerators).
   return jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
 
@@ -268,49 +289,110 @@ def _first_hit_block(inputs, gallery, gallery_labels, *, use_table):
   return (jnp.where(best > -jnp.inf, ahead, num_gallery),)
 
 
+def _rounding_bound(dim: int) -> float:
+  """A bound on |a - b| for two float32 evaluations (any order, FMA or not) of one cosine.
+
+  Each evaluation of q.g, for rows of (about) unit norm, is within gamma_d = d*u / (1 - d*u)
+  of the exact value (u = 2**-24; Higham, Accuracy and Stability of Numerical Algorithms,
+  eq. 3.5), so two evaluations differ by at most 2 gamma_d; with slack for the norms and for
+  rounding the thresholds best -/+ bound themselves.
+  """
+  u = 2.0**-24
+  gamma = dim * u / (1 - dim * u)
+  return 2.02 * gamma + 4 * u
+
+
+@functools.partial(jax.jit, static_argnames=("bound",))
+def _fused_rank_block(inputs, gallery, gallery_labels, *, bound):
+  """Rank of the first correct item, without keeping the block of similarities (CPU).
+
+  The best similarity of the query's own label is computed apart (a small gather-and-dot over
+  its members), so the count of items of other labels below it can be fused into the matmul:
+  XLA:CPU then never writes the block out, which runs ~2x faster than `_first_hit_block`.
+  The two evaluations of a similarity may differ by rounding, by at most `bound`; items of
+  other labels within `bound` of the best would be undecided. One float32 sum per row,
+  below(best - bound) + 2**24 * #within(best -/+ bound), says both: it is exact and below 2**24
+  when nothing is within (the count is then the rank's complement), and >= 2**24 otherwise
+  (the row is then recomputed by `_first_hit_block`).
+  """
+  queries = _normalize(inputs["queries"])
+  labels, self_index = inputs["labels"], inputs["self_index"]
+  members, valid = inputs["members"], inputs["valid"]
+  member_sims = jnp.einsum("bd,bmd->bm", queries, gallery[members],
+                           precision=jax.lax.Precision.HIGHEST)
+  candidate = valid & (members != self_index[:, None])
+  best = jnp.max(jnp.where(candidate, member_sims, -jnp.inf), axis=1)
+  sims = jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+  # 1 for items of another label (labels < 2**24 are exact in float32); arithmetic, not a
+  # compare, so that XLA:CPU fuses it with the matmul and the sum.
+  other = jnp.sign(jnp.abs(labels.astype(jnp.float32)[:, None]
+                           - gallery_labels.astype(jnp.float32)[None, :]))
+  below_low = jnp.sign(jnp.maximum((best - bound)[:, None] - sims, 0.0))
+  below_high = jnp.sign(jnp.maximum((best + bound)[:, None] - sims, 0.0))
+  code = jnp.sum(other * (below_low + 2.0**24 * (below_high - below_low)), axis=1)
+  return code, best > -jnp.inf
+
+
+def _count_not_equal(sims, value):
+  """#{j : sims[i, j] != value[i]} per row, as one fused arithmetic reduction."""
+  return jnp.sum(jnp.sign(jnp.abs(sims - value[:, None])), axis=1).astype(jnp.int32)
+
+
+def _topk_bytes_per_entry(plan: _Plan) -> int:
+  return _BYTES_PER_ENTRY_TOPK_CPU if plan.on_cpu else _BYTES_PER_ENTRY_TOPK
+
+
+def _top_k(sims, k):
+  # The barrier keeps XLA from fusing consumers into the top-k, which would turn it into a
+  # full sort of every row (measured: 100x slower on CPU).
+  return jax.lax.optimization_barrier(jax.lax.top_k(sims, k))
+
+
 @functools.partial(jax.jit, static_argnames=("use_table", "k"))
 def _map_at_r_block(inputs, gallery, gallery_labels, *, use_table, k):
+  """Per row: whether each of the first k ranked places is correct (ties against), and R."""
   sims = _similarities(inputs["queries"], gallery)
   labels, self_index = inputs["labels"], inputs["self_index"]
   num_gallery = sims.shape[1]
-  columns = jnp.arange(num_gallery, dtype=jnp.int32)
-  sims = jnp.where(columns[None, :] == self_index[:, None], -jnp.inf, sims)
   if use_table:
     members, valid = inputs["members"], inputs["valid"]
     candidate = valid & (members != self_index[:, None])
     member_sims = jnp.take_along_axis(sims, members, axis=1)
   else:
+    columns = jnp.arange(num_gallery, dtype=jnp.int32)
     candidate = ((labels[:, None] == gallery_labels[None, :])
                  & (columns[None, :] != self_index[:, None]))
     member_sims = sims
   r = jnp.sum(candidate, axis=1)  # R: items of the query's label other than itself
-  values, index = jax.lax.top_k(sims, k)
-  correct = gallery_labels[index] == labels[:, None]
-  # Within the top k, equal values: wrong before correct (ties count against the query).
-  _, correct = jax.lax.sort((-values, correct.astype(jnp.int32)), dimension=1, num_keys=2)
+  # One more than k when the query itself is in the gallery: it is dropped from the list.
+  extra = min(1, num_gallery - k)
+  values, index = _top_k(sims, k + extra)
+  is_self = index == self_index[:, None]
+  values = jnp.where(is_self, -jnp.inf, values)
+  correct = (gallery_labels[index] == labels[:, None]) & ~is_self
+  # Equal values: wrong before correct (ties count against the query); the query itself last.
+  negated, correct = jax.lax.sort((-values, correct.astype(jnp.int32)), dimension=1, num_keys=2)
+  values, correct = -negated[:, :k], correct[:, :k] == 1
   last = values[:, -1]
-  # Items tied with the k-th value may lie beyond the top k: all of that tie group is ordered
-  # wrong first, so count it over the whole row.
+  # Items tied with the k-th value may lie beyond the top k: that whole tie group is ordered
+  # wrong first, so count it over the whole row (the query itself left out).
   num_greater = jnp.sum(values > last[:, None], axis=1)
-  tied = num_gallery - _count_less(sims, last) - _count_less(-sims, -last)
+  self_sim = jnp.take_along_axis(sims, jnp.maximum(self_index, 0)[:, None], axis=1)[:, 0]
+  self_tied = (self_index >= 0) & (self_sim == last)
+  tied = num_gallery - _count_not_equal(sims, last) - self_tied.astype(jnp.int32)
   tied_correct = jnp.sum(candidate & (member_sims == last[:, None]), axis=1)
   tied_wrong = tied - tied_correct
   position = jnp.arange(k)
-  hit = jnp.where(position[None, :] < num_greater[:, None], correct == 1,
+  hit = jnp.where(position[None, :] < num_greater[:, None], correct,
                   position[None, :] - num_greater[:, None] >= tied_wrong[:, None])
   hit = hit & (position[None, :] < r[:, None])
-  hits_so_far = jnp.cumsum(hit, axis=1)
-  precision = hits_so_far / (position[None, :] + 1.0)
-  denominator = jnp.maximum(r, 1).astype(jnp.float32)
-  average_precision = jnp.sum(jnp.where(hit, precision, 0.0), axis=1) / denominator
-  r_precision = hits_so_far[:, -1] / denominator
-  return average_precision, r_precision, r
+  return hit, r  # AP@R and R-Precision follow on the host, in float64
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _top_k_block(inputs, gallery, gallery_labels, *, k):
   del gallery_labels
-  return (jax.lax.top_k(_similarities(inputs["queries"], gallery), k)[1],)
+  return (_top_k(_similarities(inputs["queries"], gallery), k)[1],)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -329,12 +411,51 @@ def first_hit_ranks(queries: np.ndarray, query_labels: np.ndarray,
   devices of `mesh`, default: all devices), except that a block has at least one row per device.
   """
   q, qy, g, gy = _check_inputs(queries, query_labels, gallery, gallery_labels)
+  max_bytes = _check_budget(max_bytes)
   if len(q) == 0:
     return np.zeros((0,), np.int64)
-  plan = _Plan(q, qy, g, gy, max_bytes=_check_budget(max_bytes), mesh=mesh,
-               bytes_per_entry=_BYTES_PER_ENTRY)
-  (ranks,) = plan.run(_first_hit_block, use_table=plan.use_table)
+  plan = _Plan(q, qy, g, gy, mesh=mesh)
+  return _ranks(plan, max_bytes)
+
+
+def _use_fused(plan: _Plan) -> bool:
+  if _FUSED_COUNT is not None:
+    return _FUSED_COUNT and plan.use_table
+  # On CPU only (on accelerators the matmul is not fused with its consumers anyway), and only
+  # while gathering each query's members is cheap next to the matmul.
+  return plan.on_cpu and plan.use_table and 16 * plan.members_per_query <= plan.num_gallery
+
+
+def _ranks(plan: _Plan, max_bytes: int, rows: np.ndarray | None = None) -> np.ndarray:
+  """First-hit ranks (int64) of the queries `rows` (default: all)."""
+  rows = np.arange(plan.num_queries) if rows is None else rows
+  if not _use_fused(plan):
+    return _exact_ranks(plan, max_bytes, rows)
+  members = plan.members_per_query
+  block = plan.block_rows(max_bytes, 4 * members * (plan.dim + 4) + 64, _CPU_FUSED_ROWS,
+                          len(rows))
+  code, has_member = plan.run(_fused_rank_block, block, rows, bound=_rounding_bound(plan.dim))
+  code = code.astype(np.int64)
+  other_label = plan.num_gallery - plan.count[plan.qy[rows]]
+  ranks = np.where(has_member, other_label - code, plan.num_gallery)
+  undecided = has_member & (code >= 2**24)
+  if undecided.any():
+    ranks[undecided] = _exact_ranks(plan, max_bytes, rows[undecided])
+  return ranks
+
+
+def _exact_ranks(plan: _Plan, max_bytes: int, rows: np.ndarray) -> np.ndarray:
+  """First-hit ranks from the whole block of similarities (one matmul per block)."""
+  per_entry = _BYTES_PER_ENTRY if plan.use_table else _BYTES_PER_ENTRY_MASKED
+  block = plan.block_rows(max_bytes, per_entry * plan.num_gallery + 9 * plan.members_per_query,
+                          _cpu_rows(plan), len(rows))
+  (ranks,) = plan.run(_first_hit_block, block, rows, use_table=plan.use_table)
   return ranks.astype(np.int64)
+
+
+def _cpu_rows(plan: _Plan) -> int:
+  """Rows per device of a block of similarities on CPU (measured fastest around 2**24)."""
+  return max(_CPU_MIN_ROWS, _CPU_BLOCK_ENTRIES // plan.num_gallery)
 
 
 def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int],
@@ -386,12 +507,19 @@ def map_at_r(embeddings: np.ndarray, labels: np.ndarray, gallery: np.ndarray | N
   k = int((count[query_labels] - (1 if g is None else 0)).max())
   if k < 1:
     return nan
-  plan = _Plan(q, qy, g, gy, max_bytes=budget, mesh=mesh, bytes_per_entry=_BYTES_PER_ENTRY_TOPK,
-               extra_per_row=24 * k)
-  ap, rp, r = plan.run(_map_at_r_block, use_table=plan.use_table, k=k)
+  plan = _Plan(q, qy, g, gy, mesh=mesh)
+  per_entry = max(_topk_bytes_per_entry(plan),
+                  _BYTES_PER_ENTRY if plan.use_table else _BYTES_PER_ENTRY_MASKED)
+  block = plan.block_rows(budget, per_entry * plan.num_gallery + 24 * k
+                          + 9 * plan.members_per_query, _cpu_rows(plan), plan.num_queries)
+  hit, r = plan.run(_map_at_r_block, block, use_table=plan.use_table, k=k)
   keep = r >= 1
-  return {"MAP_R": float(np.mean(ap[keep], dtype=np.float64)),
-          "RP": float(np.mean(rp[keep], dtype=np.float64))}
+  hit, r = hit[keep], r[keep].astype(np.float64)
+  hits_so_far = np.cumsum(hit, axis=1)
+  precision = hits_so_far / np.arange(1, k + 1)
+  average_precision = np.sum(np.where(hit, precision, 0.0), axis=1) / r
+  r_precision = hits_so_far[:, -1] / r
+  return {"MAP_R": float(np.mean(average_precision)), "RP": float(np.mean(r_precision))}
 
 
 def top_k_indices(queries: np.ndarray, gallery: np.ndarray, k: int = 100, *,
@@ -408,9 +536,11 @@ def top_k_indices(queries: np.ndarray, gallery: np.ndarray, k: int = 100, *,
     raise ValueError(f"k must be between 1 and the gallery size {len(g)}, got {k}")
   if len(q) == 0:
     return np.zeros((0, int(k)), np.int32)
-  plan = _Plan(q, None, g, None, max_bytes=_check_budget(max_bytes), mesh=mesh,
-               bytes_per_entry=_BYTES_PER_ENTRY_TOPK, extra_per_row=8 * int(k), labels=False)
-  (indices,) = plan.run(_top_k_block, k=int(k))
+  plan = _Plan(q, None, g, None, mesh=mesh, labels=False)
+  block = plan.block_rows(_check_budget(max_bytes),
+                          _topk_bytes_per_entry(plan) * plan.num_gallery + 8 * int(k),
+                          _cpu_rows(plan), plan.num_queries)
+  (indices,) = plan.run(_top_k_block, block, k=int(k))
   return indices.astype(np.int32)
 
 

@@ -130,8 +130,15 @@ def _min_gap_to_best(q, qy, g=None, gy=None):
 KS = (1, 2, 3, 5, 10, 100, 1000)
 
 
+@pytest.fixture(params=["fused", "block"])
+def count_path(request, monkeypatch):
+  """Both ways of counting ranks: fused with the matmul (CPU default) or over a block."""
+  monkeypatch.setattr(evaluation, "_FUSED_COUNT", request.param == "fused")
+  return request.param
+
+
 @pytest.mark.parametrize("max_bytes", [evaluation.DEFAULT_MAX_BYTES, 10_000])
-def test_recall_self_matches_bruteforce(max_bytes):
+def test_recall_self_matches_bruteforce(max_bytes, count_path):
   x, y = _continuous(0, 301)
   assert _min_gap_to_best(x, y) > 1e-6  # no near-ties: float32 must agree with float64
   np.testing.assert_array_equal(
@@ -141,14 +148,36 @@ def test_recall_self_matches_bruteforce(max_bytes):
 
 def test_tiny_budget_makes_many_blocks_with_a_padded_last_one():
   x, y = _continuous(0, 301)
-  q, qy, _, _ = evaluation._check_inputs(x, y, None, None)
-  plan = evaluation._Plan(q, qy, None, None, max_bytes=10_000, mesh=None,
-                          bytes_per_entry=evaluation._BYTES_PER_ENTRY)
-  assert plan.block < 301 // 10 and 301 % plan.block != 0
-  assert plan.block % len(jax.devices()) == 0
+  plan = evaluation._Plan(x, y, None, None, mesh=None)
+  bytes_per_row = 4 * 301
+  block = plan.block_rows(10_000, bytes_per_row, 10**6, 301)
+  assert block < 301 // 10 and 301 % block != 0
+  assert block % len(jax.devices()) == 0
+  # Blocks are as equal as the budget allows: here 301 rows in 2 blocks of 152 (or 8 x 151).
+  assert plan.block_rows(10**9, bytes_per_row, 160, 301) * len(jax.devices()) >= 301 / 2
+  assert plan.block_rows(10**9, bytes_per_row, 160, 301) < 160 * len(jax.devices())
 
 
-def test_recall_query_gallery_matches_bruteforce():
+def test_fused_count_hands_undecided_rows_to_the_block_count(monkeypatch):
+  monkeypatch.setattr(evaluation, "_FUSED_COUNT", True)
+  recomputed = []
+  exact = evaluation._exact_ranks
+
+  def spy(plan, max_bytes, rows):
+    recomputed.append(len(rows))
+    return exact(plan, max_bytes, rows)
+
+  monkeypatch.setattr(evaluation, "_exact_ranks", spy)
+  x, y = _continuous(0, 301)
+  np.testing.assert_array_equal(evaluation.first_hit_ranks(x, y), _ref_ranks(x, y))
+  assert sum(recomputed) < 10  # continuous data: (almost) every row decided by the fused count
+  recomputed.clear()
+  x, y = _lattice(2, 240, 4)  # exact ties everywhere: many rows undecided
+  np.testing.assert_array_equal(evaluation.first_hit_ranks(x, y), _ref_ranks(x, y))
+  assert 20 < sum(recomputed) < 240
+
+
+def test_recall_query_gallery_matches_bruteforce(count_path):
   x, y = _continuous(1, 420)
   q, qy, g, gy = x[:120], y[:120], x[120:], y[120:]
   qy = qy.copy()
@@ -163,12 +192,14 @@ def test_recall_query_gallery_matches_bruteforce():
   assert np.all(evaluation.first_hit_ranks(q, qy, g, gy)[:10] == len(g))
 
 
-@pytest.mark.parametrize("member_table", [True, False])
-def test_exact_ties_everywhere_match_the_tie_rule(monkeypatch, member_table):
+@pytest.mark.parametrize("member_table,dim", [(True, 5), (False, 5), (True, 4)])
+def test_exact_ties_everywhere_match_the_tie_rule(monkeypatch, count_path, member_table, dim):
   if not member_table:  # the masked pass used for very large classes
     monkeypatch.setattr(evaluation, "_MEMBER_TABLE_MIN", 0)
     monkeypatch.setattr(evaluation, "_MEMBER_TABLE_MAX_FRACTION", 0.0)
-  x, y = _lattice(2, 240)
+  # dim 5: 240 distinct points; dim 4: only 24, so most items have exact duplicates (of other
+  # labels too), and a query is often not among its own nearest (duplicates of lower index).
+  x, y = _lattice(2, 240, dim)
   # The tie rule decides many first hits here (with ties for the query, ranks would differ).
   sims = _sims(x, x)
   np.fill_diagonal(sims, -np.inf)
@@ -185,7 +216,7 @@ def test_exact_ties_everywhere_match_the_tie_rule(monkeypatch, member_table):
   assert evaluation.map_at_r(q, qy, g, gy) == pytest.approx(_ref_map_at_r(q, qy, g, gy), abs=1e-6)
 
 
-def test_tie_rule_on_duplicates():
+def test_tie_rule_on_duplicates(count_path):
   e = np.eye(4, dtype=np.float32)
   # Query 0 (label 0): its own-label item 1 and a wrong-label item 2 are both exact copies of
   # it, so they tie at similarity 1; the wrong one is ranked ahead (ties count against it).
@@ -201,9 +232,34 @@ def test_tie_rule_on_duplicates():
   # Against a gallery: the same rule.
   ranks = evaluation.first_hit_ranks(e[:1], [0], np.stack([e[0], e[0]]), [0, 1])
   assert ranks.tolist() == [1]
+  # The R-th place ties with the query's own similarity (1): three copies of label 0 and one
+  # of label 1. For each label-0 query (R = 2) the ranking is: the label-1 copy, then the two
+  # other label-0 copies -> AP@R = (1/2) / 2, RP = 1/2; labels 1 and 3 have R = 0 (left out).
+  embeddings = np.stack([e[0], e[0], e[0], e[0], e[1]])
+  labels = np.array([0, 0, 0, 1, 3])
+  assert evaluation.map_at_r(embeddings, labels) == {"MAP_R": 0.25, "RP": 0.5}
+  assert evaluation.first_hit_ranks(embeddings, labels).tolist() == [1, 1, 1, 5, 5]
 
 
-def test_collapsed_embedding_scores_zero():
+def test_exact_duplicates_of_continuous_embeddings(count_path):
+  """Copies of Gaussian embeddings under another label tie exactly with their originals.
+
+  The fused count computes the best correct similarity apart from the matmul, so its rounding
+  differs; the tie rule must hold anyway (with no rounding bound, ~10% of ranks here differ).
+  """
+  rng = np.random.default_rng(11)
+  x, y = _continuous(12, 400, dim=48)
+  copies = rng.choice(400, 60, replace=False)
+  x = np.concatenate([x, x[copies]])
+  y = np.concatenate([y, y[copies] + 1000])
+  order = rng.permutation(len(x))
+  x, y = x[order], y[order]
+  np.testing.assert_array_equal(evaluation.first_hit_ranks(x, y), _ref_ranks(x, y))
+  q, qy, g, gy = x[:100], y[:100], x[100:], y[100:]
+  np.testing.assert_array_equal(evaluation.first_hit_ranks(q, qy, g, gy), _ref_ranks(q, qy, g, gy))
+
+
+def test_collapsed_embedding_scores_zero(count_path):
   x = np.ones((40, 16), np.float32)  # everything ties (exactly: entries 1/4 after normalizing)
   y = np.repeat(np.arange(8), 5)
   assert evaluation.recall_at_k(x, y, [1, 10, 35]) == {1: 0.0, 10: 0.0, 35: 0.0}
@@ -309,7 +365,7 @@ def _all_metrics(mesh, x, y):
   }
 
 
-def test_one_device_and_all_devices_agree():
+def test_one_device_and_all_devices_agree(count_path):
   x, y = _lattice(8, 250)
   one = _all_metrics(sharding.create_mesh(jax.devices()[:1]), x, y)
   every = _all_metrics(None, x, y)  # default: a mesh over all devices
