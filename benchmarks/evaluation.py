@@ -26,9 +26,9 @@ Methods, each in its own subprocess (so that peak memory is per method):
               its neighbour lists with NumPy. All of it is timed.
   numpy-gemm  a floor: q @ g.T with NumPy's BLAS in blocks of at most 2**26 entries, results
               discarded (no counting, no search).
-  xla-gemm    the matmul alone as XLA:CPU runs it when its result is kept in memory (blocks of
-              ~2**24 similarities, as ours uses for MAP@R, top-k and undecided rows), results
-              discarded. Ours beats it on CPU because its count is fused into the matmul.
+  xla-gemm    a floor for ours: the same jitted float32 matmul in the same blocks (on CPU
+              ~2**24 similarities), results discarded; ours minus this is the cost of the
+              count, the gather of the best correct similarity and the per-block host work.
 Time: wall seconds of the call. Peak memory: ru_maxrss of the subprocess at the end minus
 ru_maxrss just before the timed calls (after imports and generating the embeddings, which are
 generated in chunks so that generation leaves no higher mark): the resident high-water mark the

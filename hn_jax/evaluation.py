@@ -24,12 +24,23 @@ Public API:
   top_k_indices(queries, gallery, k=100, *, max_bytes, mesh)
   chain_recall(top_indices, query_chains, gallery_chains, ks=(1, 3, 5))
 
-Implementation notes (CPU speed, measured on XLA:CPU 0.10 with its YNNPACK fusions): a compare
-followed by a reduction (`sum(s >= t)`) runs an order of magnitude slower than a fused
-arithmetic reduction, so "s < t" is counted as `sum(sign(max(t - s, 0)))`, which XLA fuses
-into one pass over the block. The best similarity of the query's own label is gathered from the
-block at the indices of its label's members (a small table built per block on the host), so the
-only full pass over the block after the matmul is that one count.
+Implementation notes. Per block, one float32 matmul (precision HIGHEST: no TF32/bf16 passes
+on accelerators) writes the block of similarities; the best similarity of the query's own label
+is gathered from it at the indices of its label's members (a small table built per block on the
+host; a masked pass when a class is very large), and one more pass counts the items below it.
+Every comparison uses the same float32 values, so the tie rule holds exactly even for rounded
+similarities (e.g. exact duplicates of an embedding under another label). On XLA:CPU (0.10,
+YNNPACK fusions) a compare followed by a reduction (`sum(s >= t)`) runs ~10x slower than an
+arithmetic one, so "s < t" is counted as `sum(sign(max(t - s, 0)))`, which XLA fuses into one
+multi-threaded pass; and blocks of ~2**24 similarities per device ran fastest (measured), so
+on CPU blocks are capped there whatever the budget. (`sign` of a difference below the smallest
+normal float32 may flush to 0: similarities within ~1e-38 of each other, i.e. both below ~1e-30,
+may count as equal.) Results do not depend on the mesh except through float32 rounding: the
+matmul's rounding may depend on the per-device block shape, so near-ties at the 1e-7 level can
+differ between device counts; with exactly representable similarities they are identical.
+Measured and dropped: fusing the count into
+the matmul (best similarity computed apart, rounding differences resolved by a bound): no
+faster on XLA:CPU in practice, and more complex.
 """
 
 from __future__ import annotations
@@ -64,10 +75,6 @@ _MAX_GALLERY = 2**24
 # fastest; bigger ones spill to memory between the matmul and the count.
 _CPU_BLOCK_ENTRIES = 2**24
 _CPU_MIN_ROWS = 64
-# Rows per device of a block for the fused count on CPU (it keeps no block of similarities).
-_CPU_FUSED_ROWS = 1024
-# Use the fused count (None: on CPU when members are few; tests force True or False).
-_FUSED_COUNT: bool | None = None
 # Blocks dispatched ahead of the host (bounds the host-to-device inputs in flight).
 _IN_FLIGHT = 2
 
@@ -289,50 +296,6 @@ def _first_hit_block(inputs, gallery, gallery_labels, *, use_table):
   return (jnp.where(best > -jnp.inf, ahead, num_gallery),)
 
 
-def _rounding_bound(dim: int) -> float:
-  """A bound on |a - b| for two float32 evaluations (any order, FMA or not) of one cosine.
-
-  Each evaluation of q.g, for rows of (about) unit norm, is within gamma_d = d*u / (1 - d*u)
-  of the exact value (u = 2**-24; Higham, Accuracy and Stability of Numerical Algorithms,
-  eq. 3.5), so two evaluations differ by at most 2 gamma_d; with slack for the norms and for
-  rounding the thresholds best -/+ bound themselves.
-  """
-  u = 2.0**-24
-  gamma = dim * u / (1 - dim * u)
-  return 2.02 * gamma + 4 * u
-
-
-@functools.partial(jax.jit, static_argnames=("bound",))
-def _fused_rank_block(inputs, gallery, gallery_labels, *, bound):
-  """Rank of the first correct item, without keeping the block of similarities (CPU).
-
-  The best similarity of the query's own label is computed apart (a small gather-and-dot over
-  its members), so the count of items of other labels below it can be fused into the matmul:
-  XLA:CPU then never writes the block out, which runs ~2x faster than `_first_hit_block`.
-  The two evaluations of a similarity may differ by rounding, by at most `bound`; items of
-  other labels within `bound` of the best would be undecided. One float32 sum per row,
-  below(best - bound) + 2**24 * #within(best -/+ bound), says both: it is exact and below 2**24
-  when nothing is within (the count is then the rank's complement), and >= 2**24 otherwise
-  (the row is then recomputed by `_first_hit_block`).
-  """
-  queries = _normalize(inputs["queries"])
-  labels, self_index = inputs["labels"], inputs["self_index"]
-  members, valid = inputs["members"], inputs["valid"]
-  member_sims = jnp.einsum("bd,bmd->bm", queries, gallery[members],
-                           precision=jax.lax.Precision.HIGHEST)
-  candidate = valid & (members != self_index[:, None])
-  best = jnp.max(jnp.where(candidate, member_sims, -jnp.inf), axis=1)
-  sims = jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
-  # 1 for items of another label (labels < 2**24 are exact in float32); arithmetic, not a
-  # compare, so that XLA:CPU fuses it with the matmul and the sum.
-  other = jnp.sign(jnp.abs(labels.astype(jnp.float32)[:, None]
-                           - gallery_labels.astype(jnp.float32)[None, :]))
-  below_low = jnp.sign(jnp.maximum((best - bound)[:, None] - sims, 0.0))
-  below_high = jnp.sign(jnp.maximum((best + bound)[:, None] - sims, 0.0))
-  code = jnp.sum(other * (below_low + 2.0**24 * (below_high - below_low)), axis=1)
-  return code, best > -jnp.inf
-
-
 def _count_not_equal(sims, value):
   """#{j : sims[i, j] != value[i]} per row, as one fused arithmetic reduction."""
   return jnp.sum(jnp.sign(jnp.abs(sims - value[:, None])), axis=1).astype(jnp.int32)
@@ -418,34 +381,9 @@ def first_hit_ranks(queries: np.ndarray, query_labels: np.ndarray,
   return _ranks(plan, max_bytes)
 
 
-def _use_fused(plan: _Plan) -> bool:
-  if _FUSED_COUNT is not None:
-    return _FUSED_COUNT and plan.use_table
-  # On CPU only (on accelerators the matmul is not fused with its consumers anyway), and only
-  # while gathering each query's members is cheap next to the matmul.
-  return plan.on_cpu and plan.use_table and 16 * plan.members_per_query <= plan.num_gallery
-
-
 def _ranks(plan: _Plan, max_bytes: int, rows: np.ndarray | None = None) -> np.ndarray:
-  """First-hit ranks (int64) of the queries `rows` (default: all)."""
+  """First-hit ranks (int64) of the queries `rows` (default: all), one block at a time."""
   rows = np.arange(plan.num_queries) if rows is None else rows
-  if not _use_fused(plan):
-    return _exact_ranks(plan, max_bytes, rows)
-  members = plan.members_per_query
-  block = plan.block_rows(max_bytes, 4 * members * (plan.dim + 4) + 64, _CPU_FUSED_ROWS,
-                          len(rows))
-  code, has_member = plan.run(_fused_rank_block, block, rows, bound=_rounding_bound(plan.dim))
-  code = code.astype(np.int64)
-  other_label = plan.num_gallery - plan.count[plan.qy[rows]]
-  ranks = np.where(has_member, other_label - code, plan.num_gallery)
-  undecided = has_member & (code >= 2**24)
-  if undecided.any():
-    ranks[undecided] = _exact_ranks(plan, max_bytes, rows[undecided])
-  return ranks
-
-
-def _exact_ranks(plan: _Plan, max_bytes: int, rows: np.ndarray) -> np.ndarray:
-  """First-hit ranks from the whole block of similarities (one matmul per block)."""
   per_entry = _BYTES_PER_ENTRY if plan.use_table else _BYTES_PER_ENTRY_MASKED
   block = plan.block_rows(max_bytes, per_entry * plan.num_gallery + 9 * plan.members_per_query,
                           _cpu_rows(plan), len(rows))
