@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation and bookkeeping.
   config.eval_every = 10  # Evaluate (and checkpoint) every this many epochs, and at epoch 0.
   config.eval_batch_size = 256  # Global batch size when embedding for evaluation.
+  # Bytes of similarities in flight while ranking (over all devices); bounds evaluation memory.
+  config.eval_max_bytes = 2 * 1024**3
   config.max_consecutive_skips = 10  # Stop after this many non-finite steps in a row.
   config.checkpoints_to_keep = 2  # Orbax keeps this many of the latest checkpoints.
   return config

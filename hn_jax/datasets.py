@@ -27,6 +27,8 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from jax.sharding import Mesh
+
 from hn_jax import evaluation
 from hn_jax.input_pipeline import RecordSource, Split
 
@@ -63,13 +65,16 @@ class Dataset:
   chain_ks: tuple[int, ...] = ()  # the K of the chain recalls (Hotels-50K)
 
   def evaluate(self, embed: Callable[[Split], np.ndarray],
-               save_neighbours: Callable[[np.ndarray], None] | None = None) -> dict[str, float]:
+               save_neighbours: Callable[[np.ndarray], None] | None = None, *,
+               max_bytes: int = evaluation.DEFAULT_MAX_BYTES,
+               mesh: Mesh | None = None) -> dict[str, float]:
     """The logged metrics (PROTOCOL section 7) of the embedding function `embed`.
 
     Recall@K, MAP@R and R-Precision of the test queries (against the gallery where the
     dataset has one), chain recall for Hotels-50K, and training-set R@1 where the protocol
     logs it. For a dataset with chains, each query's `NEIGHBOURS` nearest gallery indices are
     handed to `save_neighbours` (the release kept them on disk for later analysis).
+    `max_bytes` and `mesh` bound and place the ranking (see `evaluation.recall_at_k`).
     """
     metrics = {}
     embedded = {}
@@ -82,15 +87,16 @@ class Dataset:
     test = embedding(self.test)
     gallery = None if self.gallery is None else embedding(self.gallery)
     gallery_labels = None if self.gallery is None else self.gallery.labels
+    budget = {"max_bytes": max_bytes, "mesh": mesh}
     recalls = evaluation.recall_at_k(test, self.test.labels, self.test_ks, gallery,
-                                     gallery_labels)
+                                     gallery_labels, **budget)
     for k, r in recalls.items():
       metrics[f"{self.key}_test_R_{k}"] = r
-    precision = evaluation.map_at_r(test, self.test.labels, gallery, gallery_labels)
+    precision = evaluation.map_at_r(test, self.test.labels, gallery, gallery_labels, **budget)
     metrics[f"{self.key}_test_MAP_R"] = precision["MAP_R"]
     metrics[f"{self.key}_test_RP"] = precision["RP"]
     if self.chain_ks:
-      top = evaluation.top_k_indices(test, gallery, min(NEIGHBOURS, len(gallery)))
+      top = evaluation.top_k_indices(test, gallery, min(NEIGHBOURS, len(gallery)), **budget)
       if save_neighbours is not None:
         save_neighbours(top)
       ks = [min(k, top.shape[1]) for k in self.chain_ks]
@@ -99,7 +105,8 @@ class Dataset:
         metrics[f"{self.key}_test_chain_R_{k}"] = chains[kk]
     if self.train_recall:
       train = embedding(self.train)
-      metrics[f"{self.key}_train_R_1"] = evaluation.recall_at_k(train, self.train.labels, [1])[1]
+      metrics[f"{self.key}_train_R_1"] = evaluation.recall_at_k(train, self.train.labels, [1],
+                                                                **budget)[1]
     return metrics
 
 

@@ -24,28 +24,34 @@ Public API:
   top_k_indices(queries, gallery, k=100, *, max_bytes, mesh)
   chain_recall(top_indices, query_chains, gallery_chains, ks=(1, 3, 5))
 
-Implementation notes. Per block, one float32 matmul (precision HIGHEST: no TF32/bf16 passes
-on accelerators) writes the block of similarities; the best similarity of the query's own label
-is gathered from it at the indices of its label's members (a small table built per block on the
-host; a masked pass when a class is very large), and one more pass counts the items below it.
-Every comparison uses the same float32 values, so the tie rule holds exactly even for rounded
-similarities (e.g. exact duplicates of an embedding under another label). On XLA:CPU (0.10,
-YNNPACK fusions) a compare followed by a reduction (`sum(s >= t)`) runs ~10x slower than an
-arithmetic one, so "s < t" is counted as `sum(sign(max(t - s, 0)))`, which XLA fuses into one
-multi-threaded pass; and blocks of ~2**24 similarities per device ran fastest (measured), so
-on CPU blocks are capped there whatever the budget. (`sign` of a difference below the smallest
-normal float32 may flush to 0: similarities within ~1e-38 of each other, i.e. both below ~1e-30,
-may count as equal.) Results do not depend on the mesh except through float32 rounding: the
-matmul's rounding may depend on the per-device block shape, so near-ties at the 1e-7 level can
-differ between device counts; with exactly representable similarities they are identical.
-Measured and dropped: fusing the count into
-the matmul (best similarity computed apart, rounding differences resolved by a bound): no
-faster on XLA:CPU in practice, and more complex.
+Implementation notes. A block of similarities is one float32 matmul (precision HIGHEST: no
+TF32/bf16 passes on accelerators). The best similarity of the query's own label is gathered
+from that block at the indices of its label's members (a small table built per block on the
+host; a masked pass when a class is very large), and one more pass counts the items below it,
+so every comparison uses the same float32 values and the tie rule holds exactly even for
+rounded similarities. Gallery items that are bitwise copies of an earlier one get their
+similarity columns copied from it: BLAS kernels may round one dot product differently at two
+column positions (OpenBLAS does, measured), which would break ties between duplicates at random.
+Results depend on the block shape, hence on the mesh, only through float32 rounding (near-ties
+at the 1e-8 level); with exactly representable similarities they are identical.
+
+On a CPU mesh the first-hit ranks (recall) are computed by NumPy on the host instead of the
+jitted kernels, because that is faster (measured, 2-core AVX2 VM: NumPy's OpenBLAS matmul ~1.3x
+XLA:CPU's; XLA:CPU's row reductions over blocks too large for the cache ~5x slower than a
+NumPy compare and `count_nonzero` row by row): each process takes its share of the queries
+(the simulated devices of one host share its cores anyway), BLAS writes a block of a few hundred
+rows while a thread per core ranks the previous block a few rows at a time (in cache), and the
+ranks are gathered across processes. The other metrics (MAP@R, top-k) are top-k bound and use
+the jitted kernels everywhere. Measured and dropped: fusing the count into the matmul (the best
+similarity computed apart, rounding differences resolved by an error bound): no faster on
+XLA:CPU, and more complex.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -71,10 +77,18 @@ _MEMBER_TABLE_MAX_FRACTION = 0.25
 _MEMBER_TABLE_MIN = 64
 # Counts are float32 sums of 0/1; they are exact while the gallery has fewer than 2**24 items.
 _MAX_GALLERY = 2**24
-# On CPU, blocks of about this many similarities per device (a few times the L3 cache) run
-# fastest; bigger ones spill to memory between the matmul and the count.
-_CPU_BLOCK_ENTRIES = 2**24
+# On CPU, blocks of about this many similarities per device (32 MiB, the dev VM's L3) ran
+# fastest (measured on 2 cores: bigger blocks spill between the matmul and the count, and
+# XLA:CPU's row reductions slow down on them; too few rows starve the matmul).
+_CPU_BLOCK_ENTRIES = 2**23
 _CPU_MIN_ROWS = 64
+# On a CPU mesh, first-hit ranks are computed by NumPy on the host (see the module docstring):
+# two buffers of at most this many similarities and rows (the BLAS matmul is fastest with a
+# few hundred rows or more), compared against the best correct similarity this many at a time.
+_HOST_PATH_ON_CPU = True
+_HOST_BLOCK_ENTRIES = 2**27
+_HOST_MAX_ROWS = 768
+_HOST_SLICE_ENTRIES = 2**21
 # Blocks dispatched ahead of the host (bounds the host-to-device inputs in flight).
 _IN_FLIGHT = 2
 
@@ -88,6 +102,11 @@ def l2_normalize(x: np.ndarray | jax.Array) -> jax.Array:
 @jax.jit
 def _normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True)), 1e-12)
+
+
+def _normalize_host(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), np.float32(1e-12))[:, None]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -182,10 +201,31 @@ class _Plan:
       self.use_table = max_members <= max(_MEMBER_TABLE_MIN,
                                            _MEMBER_TABLE_MAX_FRACTION * self.num_gallery)
       self.members_per_query = max(1, max_members) if self.use_table else 1
+    self.labels = labels
     self.row_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
-    self.gallery = _normalize(self._put(self.g, self.replicated))
-    self.gallery_labels = self._put(self.gy, self.replicated) if labels else None
+
+  @functools.cached_property
+  def duplicates(self) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery items identical to an earlier one, and that earlier one (see `_duplicates`)."""
+    return _duplicates(self.g)
+
+  @functools.cached_property
+  def gallery(self) -> dict[str, jax.Array]:
+    """The normalized gallery and its duplicates, replicated on the mesh."""
+    duplicates, originals = self.duplicates
+    return {"vectors": _normalize(self._put(self.g, self.replicated)),
+            "duplicates": self._put(duplicates, self.replicated),
+            "originals": self._put(originals, self.replicated)}
+
+  @functools.cached_property
+  def gallery_labels(self) -> jax.Array | None:
+    return self._put(self.gy, self.replicated) if self.labels else None
+
+  @functools.cached_property
+  def host_gallery(self) -> np.ndarray:
+    """The normalized gallery in host memory (float32)."""
+    return _normalize_host(self.g)
 
   def block_rows(self, max_bytes: int, bytes_per_row: int, cpu_rows: int, num_rows: int) -> int:
     """Rows per block: within `max_bytes`, at most `cpu_rows` per device on CPU (speed), a
@@ -212,7 +252,7 @@ class _Plan:
       inputs = {"queries": self.q[chunk]}
       inputs["self_index"] = (np.where(is_real, chunk, -1) if self.exclude_self
                               else np.full(block, -1)).astype(np.int32)
-      if self.gallery_labels is not None:
+      if self.labels:
         labels = np.where(is_real, self.qy[chunk], -1).astype(np.int32)
         inputs["labels"] = labels
         if self.use_table:
@@ -248,6 +288,28 @@ class _Plan:
     return tuple(sharding_lib.to_host(o)[:real] for o in out)
 
 
+def _duplicates(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(duplicates, originals), int32: the rows of `x` bitwise equal to an earlier row, and the
+  first such row. Their similarity columns are copied from the original's, so that identical
+  embeddings tie exactly whatever the matmul kernel (BLAS kernels may round the same dot
+  product differently at different column positions)."""
+  bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+  weights = np.random.default_rng(0).integers(1, 2**62, size=bits.shape[1], dtype=np.uint64)
+  hashes = np.concatenate([
+      np.sum(bits[i:i + 8192].astype(np.uint64) * weights, axis=1, dtype=np.uint64)
+      for i in range(0, len(bits), 8192)]) if len(bits) else np.zeros(0, np.uint64)
+  order = np.argsort(hashes, kind="stable")
+  sorted_hashes = hashes[order]
+  first = np.ones(len(order), bool)
+  first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+  run_start = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
+  candidates = ~first
+  duplicates, originals = order[candidates], run_start[candidates]
+  # A 64-bit hash collision between different rows is not a duplicate.
+  same = np.all(bits[duplicates] == bits[originals], axis=1)
+  return duplicates[same].astype(np.int32), originals[same].astype(np.int32)
+
+
 # ----------------------------------------------------------------------------- block kernels
 
 
@@ -255,13 +317,15 @@ def _similarities(queries, gallery):
   """Cosine similarities of raw query rows with the normalized gallery."""
   queries = _normalize(queries)
   # HIGHEST: plain float32 on every backend (no TF32 / bf16 passes on accelerators).
-  return jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+  sims = jnp.matmul(queries, gallery["vectors"].T, precision=jax.lax.Precision.HIGHEST)
+  if gallery["duplicates"].shape[0]:
+    sims = sims.at[:, gallery["duplicates"]].set(sims[:, gallery["originals"]])
+  return sims
 
 
 def _count_less(sims, threshold):
-  """#{j : sims[i, j] < threshold[i]} per row, as one fused arithmetic reduction."""
-  below = jnp.sign(jnp.maximum(threshold[:, None] - sims, 0.0))
-  return jnp.sum(below, axis=1).astype(jnp.int32)
+  """#{j : sims[i, j] < threshold[i]} per row (a float32 sum: exact below 2**24 items)."""
+  return jnp.sum((sims < threshold[:, None]).astype(jnp.float32), axis=1).astype(jnp.int32)
 
 
 def _best_correct(sims, inputs, gallery_labels, use_table):
@@ -297,8 +361,8 @@ def _first_hit_block(inputs, gallery, gallery_labels, *, use_table):
 
 
 def _count_not_equal(sims, value):
-  """#{j : sims[i, j] != value[i]} per row, as one fused arithmetic reduction."""
-  return jnp.sum(jnp.sign(jnp.abs(sims - value[:, None])), axis=1).astype(jnp.int32)
+  """#{j : sims[i, j] != value[i]} per row (a float32 sum: exact below 2**24 items)."""
+  return jnp.sum((sims != value[:, None]).astype(jnp.float32), axis=1).astype(jnp.int32)
 
 
 def _topk_bytes_per_entry(plan: _Plan) -> int:
@@ -384,6 +448,8 @@ def first_hit_ranks(queries: np.ndarray, query_labels: np.ndarray,
 def _ranks(plan: _Plan, max_bytes: int, rows: np.ndarray | None = None) -> np.ndarray:
   """First-hit ranks (int64) of the queries `rows` (default: all), one block at a time."""
   rows = np.arange(plan.num_queries) if rows is None else rows
+  if plan.on_cpu and _HOST_PATH_ON_CPU:
+    return _host_ranks(plan, max_bytes, rows)
   per_entry = _BYTES_PER_ENTRY if plan.use_table else _BYTES_PER_ENTRY_MASKED
   block = plan.block_rows(max_bytes, per_entry * plan.num_gallery + 9 * plan.members_per_query,
                           _cpu_rows(plan), len(rows))
@@ -392,8 +458,86 @@ def _ranks(plan: _Plan, max_bytes: int, rows: np.ndarray | None = None) -> np.nd
 
 
 def _cpu_rows(plan: _Plan) -> int:
-  """Rows per device of a block of similarities on CPU (measured fastest around 2**24)."""
+  """Rows per device of a block of similarities on CPU (measured fastest around 2**23)."""
   return max(_CPU_MIN_ROWS, _CPU_BLOCK_ENTRIES // plan.num_gallery)
+
+
+# ----------------------------------------------------------------------------- the CPU path
+
+
+def _host_ranks(plan: _Plan, max_bytes: int, rows: np.ndarray) -> np.ndarray:
+  """`_ranks` on a CPU mesh: each process ranks its share of `rows` with NumPy, in blocks."""
+  mine = rows[sharding_lib.process_rows(len(rows))]
+  gallery, num_gallery = plan.host_gallery, plan.num_gallery
+  duplicates, originals = plan.duplicates
+  bytes_per_row = 2 * 4 * num_gallery + 9 * plan.members_per_query  # two buffers
+  block = max(1, min(max_bytes // bytes_per_row, _HOST_BLOCK_ENTRIES // num_gallery,
+                     _HOST_MAX_ROWS))
+  num_blocks = max(1, -(-len(mine) // block))
+  block = max(1, -(-len(mine) // num_blocks))  # the fewest blocks, of equal size
+  # Two buffers: the threads rank one block while BLAS computes the next.
+  buffers = [np.empty((min(block, len(mine)), num_gallery), np.float32) for _ in range(2)]
+  ranks = np.empty(len(mine), np.int64)
+  workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  workers = max(1, workers or 1)
+
+  def collect(start, jobs):
+    parts = [job.result() for job in jobs]
+    ranks[start:start + sum(len(p) for p in parts)] = np.concatenate(parts)
+
+  pending = None
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for number, start in enumerate(range(0, len(mine), block)):
+      chunk = mine[start:start + block]
+      sims = buffers[number % 2][:len(chunk)]
+      np.matmul(_normalize_host(plan.q[chunk]), gallery.T, out=sims)
+      if len(duplicates):
+        sims[:, duplicates] = sims[:, originals]
+      if pending is not None:
+        collect(*pending)
+      labels = plan.qy[chunk]
+      self_index = chunk if plan.exclude_self else np.full(len(chunk), -1)
+      members, valid = plan._members(labels) if plan.use_table else (None, None)
+      slices = [s for s in np.array_split(np.arange(len(chunk)), workers) if len(s)]
+      pending = (start, [
+          pool.submit(_host_first_hit, sims[s[0]:s[-1] + 1], labels[s], self_index[s],
+                      None if members is None else members[s],
+                      None if valid is None else valid[s], plan.gy)
+          for s in slices])
+    if pending is not None:
+      collect(*pending)
+  return sharding_lib.gather_process_rows(ranks, len(rows))
+
+
+def _host_first_hit(sims: np.ndarray, labels: np.ndarray, self_index: np.ndarray,
+                    members: np.ndarray | None, valid: np.ndarray | None,
+                    gallery_labels: np.ndarray) -> np.ndarray:
+  """First-hit ranks of rows of similarities: `_first_hit_block`'s rule, a few rows at a time
+  (so that the comparisons stay in cache)."""
+  num_rows, num_gallery = sims.shape
+  step = max(1, _HOST_SLICE_ENTRIES // num_gallery)
+  below = np.empty((step, num_gallery), bool)
+  ranks = np.empty(num_rows, np.int64)
+  for a in range(0, num_rows, step):
+    b = min(a + step, num_rows)
+    s, rows = sims[a:b], np.arange(b - a)
+    if members is not None:
+      member_sims = np.take_along_axis(s, members[a:b], axis=1)
+      candidate = valid[a:b] & (members[a:b] != self_index[a:b, None])
+      best = np.where(candidate, member_sims, -np.inf).max(axis=1)
+      correct_ahead = np.count_nonzero(valid[a:b] & (member_sims >= best[:, None]), axis=1)
+    else:
+      same = labels[a:b, None] == gallery_labels[None, :]
+      candidate = np.where(same, s, -np.inf)
+      is_self = self_index[a:b] >= 0
+      candidate[rows[is_self], self_index[a:b][is_self]] = -np.inf
+      best = candidate.max(axis=1)
+      correct_ahead = np.count_nonzero(same & (s >= best[:, None]), axis=1)
+    np.less(s, best[:, None], out=below[:b - a])
+    # Row by row: count_nonzero of a 1-D bool array is ~7x faster than with `axis`.
+    count_less = np.array([np.count_nonzero(row) for row in below[:b - a]], np.int64)
+    ranks[a:b] = np.where(best > -np.inf, num_gallery - count_less - correct_ahead, num_gallery)
+  return ranks
 
 
 def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int],

@@ -54,3 +54,22 @@ def to_host(x: jax.Array) -> np.ndarray:
 def local_value(tree: Any) -> Any:
   """A pytree of replicated arrays as NumPy values, read from this process's first copy."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def process_rows(num_rows: int) -> np.ndarray:
+  """This process's contiguous share of `num_rows` rows of host-side work (indices)."""
+  return np.array_split(np.arange(num_rows), jax.process_count())[jax.process_index()]
+
+
+def gather_process_rows(local: np.ndarray, num_rows: int) -> np.ndarray:
+  """Every process's `process_rows` share of a host result, in order, on every process."""
+  count = jax.process_count()
+  if count == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = [len(part) for part in np.array_split(np.arange(num_rows), count)]
+  local = np.asarray(local)
+  padded = np.zeros((max(sizes),) + local.shape[1:], local.dtype)
+  padded[:len(local)] = local
+  stacked = np.asarray(multihost_utils.process_allgather(padded))  # (processes, max size, ...)
+  return np.concatenate([stacked[p, :size] for p, size in enumerate(sizes)])

@@ -52,7 +52,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
        f"config.sampler={config.sampler!r} is not a sampler; use one of "
        f"{', '.join(input_pipeline.SAMPLERS)}")
   for name in ("embedding_dim", "batch_size", "eval_batch_size", "images_per_class", "repeat",
-               "eval_every", "image_size"):
+               "eval_every", "image_size", "eval_max_bytes"):
     value = config[name]
     need(isinstance(value, int) and value >= 1,
          f"config.{name}={value!r} must be a positive integer")
@@ -119,7 +119,7 @@ def evaluate(embed_step, state: train_step.TrainState, dataset: datasets.Dataset
       np.save(os.path.join(folder, f"epoch_{epoch}.npy"), top)
 
   return dataset.evaluate(lambda split: embed_split(embed_step, state, split, config, mesh),
-                          save_neighbours)
+                          save_neighbours, max_bytes=config.eval_max_bytes, mesh=mesh)
 
 
 class TrainingStopped(RuntimeError):

@@ -27,6 +27,10 @@ def test_self_retrieval_keys_and_values():
   assert metrics["CUB_test_MAP_R"] == pytest.approx(expected["MAP_R"])
   assert metrics["CUB_train_R_1"] == evaluation.recall_at_k(embeddings[id(train)],
                                                             train.labels, [1])[1]
+  # The memory budget reaches every metric: a tiny one changes nothing but the block count.
+  assert dataset.evaluate(lambda split: embeddings[id(split)], max_bytes=1000) == metrics
+  with pytest.raises(ValueError, match="max_bytes must be positive"):
+    dataset.evaluate(lambda split: embeddings[id(split)], max_bytes=0)
 
 
 def test_hotels_chain_recall_and_saved_neighbours():

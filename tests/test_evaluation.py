@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -130,8 +131,15 @@ def _min_gap_to_best(q, qy, g=None, gy=None):
 KS = (1, 2, 3, 5, 10, 100, 1000)
 
 
+@pytest.fixture(params=["host", "device"])
+def rank_path(request, monkeypatch):
+  """First-hit ranks on CPU through NumPy on the host (the default), or the jitted kernels."""
+  monkeypatch.setattr(evaluation, "_HOST_PATH_ON_CPU", request.param == "host")
+  return request.param
+
+
 @pytest.mark.parametrize("max_bytes", [evaluation.DEFAULT_MAX_BYTES, 10_000])
-def test_recall_self_matches_bruteforce(max_bytes):
+def test_recall_self_matches_bruteforce(max_bytes, rank_path):
   x, y = _continuous(0, 301)
   assert _min_gap_to_best(x, y) > 1e-6  # no near-ties: float32 must agree with float64
   np.testing.assert_array_equal(
@@ -151,7 +159,7 @@ def test_tiny_budget_makes_many_blocks_with_a_padded_last_one():
   assert plan.block_rows(10**9, bytes_per_row, 160, 301) < 160 * len(jax.devices())
 
 
-def test_recall_query_gallery_matches_bruteforce():
+def test_recall_query_gallery_matches_bruteforce(rank_path):
   x, y = _continuous(1, 420)
   q, qy, g, gy = x[:120], y[:120], x[120:], y[120:]
   qy = qy.copy()
@@ -167,7 +175,7 @@ def test_recall_query_gallery_matches_bruteforce():
 
 
 @pytest.mark.parametrize("member_table,dim", [(True, 5), (False, 5), (True, 4)])
-def test_exact_ties_everywhere_match_the_tie_rule(monkeypatch, member_table, dim):
+def test_exact_ties_everywhere_match_the_tie_rule(monkeypatch, member_table, dim, rank_path):
   if not member_table:  # the masked pass used for very large classes
     monkeypatch.setattr(evaluation, "_MEMBER_TABLE_MIN", 0)
     monkeypatch.setattr(evaluation, "_MEMBER_TABLE_MAX_FRACTION", 0.0)
@@ -190,7 +198,7 @@ def test_exact_ties_everywhere_match_the_tie_rule(monkeypatch, member_table, dim
   assert evaluation.map_at_r(q, qy, g, gy) == pytest.approx(_ref_map_at_r(q, qy, g, gy), abs=1e-6)
 
 
-def test_tie_rule_on_duplicates():
+def test_tie_rule_on_duplicates(rank_path):
   e = np.eye(4, dtype=np.float32)
   # Query 0 (label 0): its own-label item 1 and a wrong-label item 2 are both exact copies of
   # it, so they tie at similarity 1; the wrong one is ranked ahead (ties count against it).
@@ -215,7 +223,7 @@ def test_tie_rule_on_duplicates():
   assert evaluation.first_hit_ranks(embeddings, labels).tolist() == [1, 1, 1, 5, 5]
 
 
-def test_exact_duplicates_of_continuous_embeddings():
+def test_exact_duplicates_of_continuous_embeddings(rank_path):
   """Copies of Gaussian embeddings under another label tie exactly with their originals.
 
   Unlike lattice data, these similarities are rounded, so the tie rule holds only if every
@@ -234,7 +242,7 @@ def test_exact_duplicates_of_continuous_embeddings():
   np.testing.assert_array_equal(evaluation.first_hit_ranks(q, qy, g, gy), _ref_ranks(q, qy, g, gy))
 
 
-def test_collapsed_embedding_scores_zero():
+def test_collapsed_embedding_scores_zero(rank_path):
   x = np.ones((40, 16), np.float32)  # everything ties (exactly: entries 1/4 after normalizing)
   y = np.repeat(np.arange(8), 5)
   assert evaluation.recall_at_k(x, y, [1, 10, 35]) == {1: 0.0, 10: 0.0, 35: 0.0}
@@ -340,7 +348,7 @@ def _all_metrics(mesh, x, y):
   }
 
 
-def test_one_device_and_all_devices_agree():
+def test_one_device_and_all_devices_agree(rank_path):
   x, y = _lattice(8, 250)
   one = _all_metrics(sharding.create_mesh(jax.devices()[:1]), x, y)
   every = _all_metrics(None, x, y)  # default: a mesh over all devices
@@ -354,8 +362,9 @@ def test_eight_simulated_devices_in_a_subprocess():
       import jax, numpy as np
       sys.path.insert(0, sys.argv[1])
       from tests.test_evaluation import _all_metrics, _lattice
-      from hn_jax import sharding
+      from hn_jax import evaluation, sharding
       assert len(jax.devices()) == 8, jax.devices()
+      evaluation._HOST_PATH_ON_CPU = False  # the jitted kernels, sharded over the mesh
       x, y = _lattice(8, 250)
       one = _all_metrics(sharding.create_mesh(jax.devices()[:1]), x, y)
       eight = _all_metrics(sharding.create_mesh(), x, y)
@@ -372,6 +381,46 @@ def test_eight_simulated_devices_in_a_subprocess():
   assert result["equal"]
   x, y = _lattice(8, 250)
   assert result["ranks"] == _ref_ranks(x, y).tolist()
+
+
+def test_duplicates_are_found_exactly():
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((500, 12)).astype(np.float32)
+  x[rng.choice(500, 150)] = x[rng.choice(500, 150)]  # copies, some of copies
+  x[10] = -0.0 * x[10]  # signed zeros differ bitwise from +0.0: not duplicates of each other
+  x[11] = 0.0
+  x[12] = x[13] + np.float32(1e-7) * x[13]  # one ulp-ish apart: not a duplicate
+  duplicates, originals = evaluation._duplicates(x)
+  _, first, inverse = np.unique(x.view(np.uint32), axis=0, return_index=True,
+                                return_inverse=True)
+  want_duplicates = np.setdiff1d(np.arange(500), first)
+  np.testing.assert_array_equal(np.sort(duplicates), want_duplicates)
+  np.testing.assert_array_equal(originals[np.argsort(duplicates)],
+                                first[inverse.reshape(-1)][want_duplicates])
+  assert np.all(originals < duplicates)
+  assert evaluation._duplicates(np.zeros((0, 3), np.float32))[0].shape == (0,)
+
+
+def test_duplicate_columns_tie_whatever_the_matmul(monkeypatch, rank_path):
+  """Copies keep the tie rule even where the matmul rounds one dot product two ways."""
+  real_matmul = jnp.matmul if rank_path == "device" else np.matmul
+  module = jnp if rank_path == "device" else np
+
+  def skewed_matmul(a, b, **kwargs):  # a kernel whose rounding depends on the column
+    out = real_matmul(a, b, **{k: v for k, v in kwargs.items() if k != "out"})
+    out = out * (1 + module.arange(out.shape[1]) * 1e-7).astype(out.dtype)
+    if "out" in kwargs:
+      kwargs["out"][...] = out
+      return kwargs["out"]
+    return out
+
+  monkeypatch.setattr(module, "matmul", skewed_matmul)
+  x, y = _continuous(3, 200, dim=24)
+  x = np.concatenate([x, x[:50]])
+  y = np.concatenate([y, y[:50] + 1000])  # each copy under another label: always ahead
+  ranks = evaluation.first_hit_ranks(x, y)
+  want = _ref_ranks(x, y)
+  np.testing.assert_array_equal(ranks, want)
 
 
 # ----------------------------------------------------------------------------- bad input

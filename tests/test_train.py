@@ -144,6 +144,7 @@ BAD_CONFIGS = [
     ({"batch_size": 36}, "config.batch_size=36 is not divisible by the 8 devices"),
     ({"eval_batch_size": 100}, "config.eval_batch_size=100 is not divisible by the 8 devices"),
     ({"embedding_dim": 0}, "config.embedding_dim=0 must be a positive integer"),
+    ({"eval_max_bytes": 0}, "config.eval_max_bytes=0 must be a positive integer"),
     ({"learning_rate": -0.1}, "config.learning_rate=-0.1 must be positive"),
     ({"lr_drop_epochs": (0,)}, "config.lr_drop_epochs=(0,) must be positive epoch numbers"),
     ({"momentum": 1.0}, "config.momentum=1.0 must be in [0, 1)"),

@@ -1,0 +1,44 @@
+"""The evaluation benchmark script runs and agrees with itself (its faiss rows need faiss)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from hn_jax import evaluation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(name="bench")
+def fixture_bench(monkeypatch):
+  monkeypatch.setattr(evaluation, "_HOST_PATH_ON_CPU", evaluation._HOST_PATH_ON_CPU)
+  spec = importlib.util.spec_from_file_location("bench_eval", REPO / "benchmarks/evaluation.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quick_cases_agree_across_methods(bench):
+  for case in bench.QUICK_CASES:
+    results = [bench.worker(case, method, bench.QUICK_CASES, device_loop=False)
+               for method in ("ours", "ours-jit", "numpy-gemm")]
+    ours, jit, gemm = results
+    assert ours["recall"] == jit["recall"]
+    assert set(ours["recall"]) == set(bench.QUICK_CASES[case]["ks"])
+    assert 0.05 < ours["recall"][1] < 0.95  # the data is neither trivial nor hopeless
+    assert gemm["steady_s"] > 0
+    q, qy, g, gy = bench._data(bench.QUICK_CASES[case])
+    neighbours = evaluation.top_k_indices(q, q if g is None else g, k=101)
+    assert bench._recall_from_neighbours(
+        neighbours, qy, qy if g is None else gy, [1, 10], g is None) == {
+            1: ours["recall"][1], 10: ours["recall"][10]}
+    table = bench.table(results)
+    assert table.count(f"| {case} |") == 3
+
+
+def test_unknown_method_is_an_error(bench):
+  with pytest.raises(ValueError, match="unknown method"):
+    bench.worker("1000x8000x64", "nope", bench.QUICK_CASES, device_loop=False)
