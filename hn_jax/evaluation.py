@@ -293,21 +293,22 @@ def _duplicates(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   first such row. Their similarity columns are copied from the original's, so that identical
   embeddings tie exactly whatever the matmul kernel (BLAS kernels may round the same dot
   product differently at different column positions)."""
+  none = np.zeros(0, np.int32), np.zeros(0, np.int32)
   bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
-  weights = np.random.default_rng(0).integers(1, 2**62, size=bits.shape[1], dtype=np.uint64)
-  hashes = np.concatenate([
-      np.sum(bits[i:i + 8192].astype(np.uint64) * weights, axis=1, dtype=np.uint64)
-      for i in range(0, len(bits), 8192)]) if len(bits) else np.zeros(0, np.uint64)
-  order = np.argsort(hashes, kind="stable")
-  sorted_hashes = hashes[order]
-  first = np.ones(len(order), bool)
-  first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
-  run_start = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
-  candidates = ~first
-  duplicates, originals = order[candidates], run_start[candidates]
-  # A 64-bit hash collision between different rows is not a duplicate.
-  same = np.all(bits[duplicates] == bits[originals], axis=1)
-  return duplicates[same].astype(np.int32), originals[same].astype(np.int32)
+  if len(bits) < 2:
+    return none
+  # Equal rows have equal hashes of their first columns; only rows sharing one are compared.
+  hashes = np.zeros(len(bits), np.uint64)
+  for column in range(min(16, bits.shape[1])):
+    hashes = hashes * np.uint64(0x100000001B3) + bits[:, column]
+  _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+  candidates = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+  if not len(candidates):
+    return none
+  _, first, group = np.unique(bits[candidates], axis=0, return_index=True, return_inverse=True)
+  originals = candidates[first[group.reshape(-1)]]
+  is_copy = originals != candidates
+  return candidates[is_copy].astype(np.int32), originals[is_copy].astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- block kernels

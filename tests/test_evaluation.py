@@ -399,6 +399,13 @@ def test_duplicates_are_found_exactly():
                                 first[inverse.reshape(-1)][want_duplicates])
   assert np.all(originals < duplicates)
   assert evaluation._duplicates(np.zeros((0, 3), np.float32))[0].shape == (0,)
+  # Rows that agree on their first columns (the hashed ones) but not after: not duplicates,
+  # except the exact copies among them.
+  y = np.ones((300, 40), np.float32)
+  y[:, -1] = np.arange(300) % 100
+  duplicates, originals = evaluation._duplicates(y)
+  np.testing.assert_array_equal(np.sort(duplicates), np.arange(100, 300))
+  np.testing.assert_array_equal(originals[np.argsort(duplicates)], np.arange(100, 300) % 100)
 
 
 def test_duplicate_columns_tie_whatever_the_matmul(monkeypatch, rank_path):
