@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,26 @@ def test_quick_cases_agree_across_methods(bench):
 def test_unknown_method_is_an_error(bench):
   with pytest.raises(ValueError, match="unknown method"):
     bench.worker("1000x8000x64", "nope", bench.QUICK_CASES, device_loop=False)
+
+
+def test_runs_without_tensorflow_tfds_or_clu():
+  """The GPU machine has none of them: the benchmark and hn_jax.evaluation must not need them."""
+  script = textwrap.dedent("""
+      import importlib.abc, importlib.util, sys
+      class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+          if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu"):
+            raise ImportError("blocked: " + name)
+      sys.meta_path.insert(0, Block())
+      spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+      bench = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(bench)
+      result = bench.worker("1000x8000x64", "ours", bench.QUICK_CASES, device_loop=True)
+      print(result["recall"][1] > 0, result["device_s"] > 0)
+  """)
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  out = subprocess.run([sys.executable, "-c", script, str(REPO / "benchmarks/evaluation.py")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**env, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-2:] == ["True", "True"]

@@ -73,10 +73,11 @@ def test_same_losses_and_recalls_on_every_topology(topologies, other):
     assert abs(run[key][-1][2] - base[key][-1][2]) <= 1e-5, key
 
 
-@pytest.mark.parametrize("script", ["local_multiprocess.sh", "slurm_gpu.sbatch", "tpu_pod.sh",
-                                    "sweep.sh"])
+@pytest.mark.parametrize("script", ["launch/local_multiprocess.sh", "launch/slurm_gpu.sbatch",
+                                    "launch/tpu_pod.sh", "launch/sweep.sh",
+                                    "benchmarks/device_check.sh"])
 def test_launch_scripts_parse_and_pass_shellcheck(script):
-  path = REPO / "launch" / script
+  path = REPO / script
   subprocess.run(["bash", "-n", str(path)], check=True)
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed")
