@@ -1,11 +1,11 @@
 """Exact retrieval metrics by cosine similarity, in sharded blocks of bounded memory.
 
-Every metric here is exact (float32 similarities, no approximate search) and never holds more
-than one block of similarities: the gallery stays on the devices (replicated), the queries go
-through in blocks of a fixed shape (the last one padded, so one compilation serves them all)
-whose rows are split over the `data` axis of a mesh over all devices of all hosts
-(`hn_jax.sharding`). `max_bytes` bounds the working memory of one block, summed over all
-devices (default `DEFAULT_MAX_BYTES`, 2 GiB).
+Every metric here is exact (float32 similarities, no approximate search) and never holds the
+whole similarity matrix: the gallery stays on the devices (replicated), the queries go through
+in blocks of a fixed shape (the last one padded, so one compilation serves them all) whose
+rows are split over the `data` axis of a mesh over all devices of all hosts
+(`hn_jax.sharding`). `max_bytes` bounds the similarities in flight, summed over all devices
+(default `DEFAULT_MAX_BYTES`, 2 GiB): one block on the devices, or two on the CPU host path.
 
 Recall@K needs no sort. For each query we count the gallery items of *another* label that are
 at least as similar as its most similar item of its own label; the query is a hit at K exactly
