@@ -177,6 +177,15 @@ def _dense_labels(qy: np.ndarray, gy: np.ndarray | None):
   return query_labels, gallery_labels, count, order, start
 
 
+def _balanced_block(num_rows: int, max_rows: int, multiple: int = 1) -> int:
+  """Rows per block for `num_rows` rows: a multiple of `multiple`, at most `max_rows` (but at
+  least `multiple`), in as few blocks as that allows, of equal size."""
+  num_rows = max(1, num_rows)
+  max_rows = max(multiple, max_rows // multiple * multiple)
+  num_blocks = -(-num_rows // max_rows)
+  return int(-(-num_rows // (num_blocks * multiple)) * multiple)
+
+
 class _Plan:
   """What the blocks share: the queries on the host, the gallery (normalized) on the mesh."""
 
@@ -233,9 +242,7 @@ class _Plan:
     rows = max(1, max_bytes // max(1, bytes_per_row))
     if self.on_cpu:
       rows = min(rows, self.devices * cpu_rows)
-    rows = max(self.devices, rows // self.devices * self.devices)
-    num_blocks = -(-max(1, num_rows) // rows)
-    return int(-(-max(1, num_rows) // (num_blocks * self.devices)) * self.devices)
+    return _balanced_block(num_rows, rows, self.devices)
 
   @staticmethod
   def _put(x: np.ndarray, sharding) -> jax.Array:
@@ -329,36 +336,40 @@ def _count_less(sims, threshold):
   return jnp.sum((sims < threshold[:, None]).astype(jnp.float32), axis=1).astype(jnp.int32)
 
 
-def _best_correct(sims, inputs, gallery_labels, use_table):
+def _best_correct(sims, inputs, gallery_labels, use_table, xp=jnp):
   """Per row: best similarity of the row's label (self excluded), and #members at or above it.
 
   Returns (best, members_at_or_above): the second counts every gallery item of the row's label
   with similarity >= best, the query itself included (it is a gallery item in self-retrieval).
+  `xp` is the array module: jax.numpy in the jitted kernels, NumPy on the CPU host path.
   """
   self_index = inputs["self_index"]
   if use_table:
     members, valid = inputs["members"], inputs["valid"]
-    member_sims = jnp.take_along_axis(sims, members, axis=1)
+    member_sims = xp.take_along_axis(sims, members, axis=1)
     candidate = valid & (members != self_index[:, None])
-    best = jnp.max(jnp.where(candidate, member_sims, -jnp.inf), axis=1)
-    at_or_above = jnp.sum(valid & (member_sims >= best[:, None]), axis=1)
-    return best, at_or_above.astype(jnp.int32)
+    best = xp.max(xp.where(candidate, member_sims, -xp.inf), axis=1)
+    at_or_above = xp.sum(valid & (member_sims >= best[:, None]), axis=1)
+    return best, at_or_above.astype(xp.int32)
   same = inputs["labels"][:, None] == gallery_labels[None, :]
-  columns = jnp.arange(sims.shape[1], dtype=jnp.int32)
+  columns = xp.arange(sims.shape[1], dtype=xp.int32)
   not_self = columns[None, :] != self_index[:, None]
-  best = jnp.max(jnp.where(same & not_self, sims, -jnp.inf), axis=1)
-  at_or_above = jnp.sum(same & (sims >= best[:, None]), axis=1)
-  return best, at_or_above.astype(jnp.int32)
+  best = xp.max(xp.where(same & not_self, sims, -xp.inf), axis=1)
+  at_or_above = xp.sum(same & (sims >= best[:, None]), axis=1)
+  return best, at_or_above.astype(xp.int32)
+
+
+def _first_hit(best, correct_ahead, count_less, num_gallery, xp=jnp):
+  """Rank of the first correct item: the items at or above `best` that are neither of the
+  query's label nor the query itself; the gallery size when its label has no other item."""
+  return xp.where(best > -xp.inf, num_gallery - count_less - correct_ahead, num_gallery)
 
 
 @functools.partial(jax.jit, static_argnames=("use_table",))
 def _first_hit_block(inputs, gallery, gallery_labels, *, use_table):
   sims = _similarities(inputs["queries"], gallery)
   best, correct_ahead = _best_correct(sims, inputs, gallery_labels, use_table)
-  num_gallery = sims.shape[1]
-  # Items at or above `best` that are not of the query's label (nor the query itself).
-  ahead = num_gallery - _count_less(sims, best) - correct_ahead
-  return (jnp.where(best > -jnp.inf, ahead, num_gallery),)
+  return (_first_hit(best, correct_ahead, _count_less(sims, best), sims.shape[1]),)
 
 
 def _count_not_equal(sims, value):
@@ -472,10 +483,8 @@ def _host_ranks(plan: _Plan, max_bytes: int, rows: np.ndarray) -> np.ndarray:
   gallery, num_gallery = plan.host_gallery, plan.num_gallery
   duplicates, originals = plan.duplicates
   bytes_per_row = 2 * 4 * num_gallery + 9 * plan.members_per_query  # two buffers
-  block = max(1, min(max_bytes // bytes_per_row, _HOST_BLOCK_ENTRIES // num_gallery,
-                     _HOST_MAX_ROWS))
-  num_blocks = max(1, -(-len(mine) // block))
-  block = max(1, -(-len(mine) // num_blocks))  # the fewest blocks, of equal size
+  block = _balanced_block(len(mine), min(max_bytes // bytes_per_row,
+                                         _HOST_BLOCK_ENTRIES // num_gallery, _HOST_MAX_ROWS))
   # Two buffers: the threads rank one block while BLAS computes the next.
   buffers = [np.empty((min(block, len(mine)), num_gallery), np.float32) for _ in range(2)]
   ranks = np.empty(len(mine), np.int64)
@@ -497,47 +506,38 @@ def _host_ranks(plan: _Plan, max_bytes: int, rows: np.ndarray) -> np.ndarray:
       if pending is not None:
         collect(*pending)
       labels = plan.qy[chunk]
-      self_index = chunk if plan.exclude_self else np.full(len(chunk), -1)
-      members, valid = plan._members(labels) if plan.use_table else (None, None)
+      inputs = {"labels": labels,
+                "self_index": chunk if plan.exclude_self else np.full(len(chunk), -1)}
+      if plan.use_table:
+        inputs["members"], inputs["valid"] = plan._members(labels)
       slices = [s for s in np.array_split(np.arange(len(chunk)), workers) if len(s)]
       pending = (start, [
-          pool.submit(_host_first_hit, sims[s[0]:s[-1] + 1], labels[s], self_index[s],
-                      None if members is None else members[s],
-                      None if valid is None else valid[s], plan.gy)
+          pool.submit(_host_first_hit, sims[s[0]:s[-1] + 1],
+                      {k: v[s[0]:s[-1] + 1] for k, v in inputs.items()}, plan.gy,
+                      plan.use_table)
           for s in slices])
     if pending is not None:
       collect(*pending)
   return sharding_lib.gather_process_rows(ranks, len(rows))
 
 
-def _host_first_hit(sims: np.ndarray, labels: np.ndarray, self_index: np.ndarray,
-                    members: np.ndarray | None, valid: np.ndarray | None,
-                    gallery_labels: np.ndarray) -> np.ndarray:
-  """First-hit ranks of rows of similarities: `_first_hit_block`'s rule, a few rows at a time
-  (so that the comparisons stay in cache)."""
+def _host_first_hit(sims: np.ndarray, inputs: dict[str, np.ndarray],
+                    gallery_labels: np.ndarray, use_table: bool) -> np.ndarray:
+  """First-hit ranks of rows of similarities, by `_first_hit_block`'s rule in NumPy, a few rows
+  at a time (so that the comparisons stay in cache)."""
   num_rows, num_gallery = sims.shape
   step = max(1, _HOST_SLICE_ENTRIES // num_gallery)
   below = np.empty((step, num_gallery), bool)
   ranks = np.empty(num_rows, np.int64)
   for a in range(0, num_rows, step):
     b = min(a + step, num_rows)
-    s, rows = sims[a:b], np.arange(b - a)
-    if members is not None:
-      member_sims = np.take_along_axis(s, members[a:b], axis=1)
-      candidate = valid[a:b] & (members[a:b] != self_index[a:b, None])
-      best = np.where(candidate, member_sims, -np.inf).max(axis=1)
-      correct_ahead = np.count_nonzero(valid[a:b] & (member_sims >= best[:, None]), axis=1)
-    else:
-      same = labels[a:b, None] == gallery_labels[None, :]
-      candidate = np.where(same, s, -np.inf)
-      is_self = self_index[a:b] >= 0
-      candidate[rows[is_self], self_index[a:b][is_self]] = -np.inf
-      best = candidate.max(axis=1)
-      correct_ahead = np.count_nonzero(same & (s >= best[:, None]), axis=1)
+    s = sims[a:b]
+    best, correct_ahead = _best_correct(s, {k: v[a:b] for k, v in inputs.items()},
+                                        gallery_labels, use_table, xp=np)
     np.less(s, best[:, None], out=below[:b - a])
     # Row by row: count_nonzero of a 1-D bool array is ~7x faster than with `axis`.
     count_less = np.array([np.count_nonzero(row) for row in below[:b - a]], np.int64)
-    ranks[a:b] = np.where(best > -np.inf, num_gallery - count_less - correct_ahead, num_gallery)
+    ranks[a:b] = _first_hit(best, correct_ahead, count_less, num_gallery, xp=np)
   return ranks
 
 
