@@ -236,8 +236,8 @@ def triplet_loss_torch(embeddings, labels, *, method: str = "sct", lam: float = 
 
 
 # ---------------------------------------------------------------------------------------------
-# A torch ResNet in torchvision's layout (torchvision/models/resnet.py, v1.5), for --tiny and
-# for hosts without torchvision. `small` mirrors hn_jax.models' small (BasicBlock x 1 per
+# A torch ResNet in torchvision's layout (torchvision/models/resnet.py, v1.5), for --tiny, for
+# hosts without torchvision, and as the reference network of tests/test_pretrained.py. `small` mirrors hn_jax.models' small (BasicBlock x 1 per
 # stage, base width 16).
 
 
@@ -335,10 +335,14 @@ def build_torch_resnet(name: str, embedding_dim: int, impl: str = "auto"):
       layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
       return nn.Sequential(*layers)
 
-    def forward(self, x):
+    def features(self, x):
+      """avgpool + flatten output: the input of `fc`."""
       x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
       x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-      return self.fc(torch.flatten(self.avgpool(x), 1))
+      return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x):
+      return self.fc(self.features(x))
 
   specs = {"resnet50": (Bottleneck, (3, 4, 6, 3), 64), "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
            "small": (BasicBlock, (1, 1, 1, 1), 16)}
