@@ -1,26 +1,47 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM pod slice: create it, install, run on every worker, tear down.
+# Train on a Cloud TPU VM pod slice: create it, install, run on every worker, delete it.
 #
-# Usage: launch/tpu_pod.sh create|install|run|delete|all -- ARGS...
-#   e.g. NAME=hn-pod ZONE=us-central2-b TYPE=v4-32 BUCKET=gs://my-bucket \
+# Usage: launch/tpu_pod.sh create|install|run|stop|delete|all [-- ARGS...]
+#   e.g. NAME=hn-pod TYPE=v4-32 BUCKET=gs://my-bucket DATASETS=hn_sop \
 #        launch/tpu_pod.sh all -- --config=configs/sop.py
-# Data is read from $BUCKET/data (prepared with `python -m hn_jax.prepare ... --data_dir=`)
-# and the workdir is $BUCKET/runs/$NAME, so every worker sees both. jax.distributed needs
-# no flags on a TPU pod: each worker finds the others by itself. Spot/preemptible slices
-# send SIGTERM before reclaiming: the run checkpoints and `run` again resumes it.
+# ARGS reach hn_jax.main on every worker as typed, after --distributed=yes --workdir=$WORKDIR.
+#   create   a slice (refused if NAME exists)        install  code, Python, venv (and gcsfuse)
+#   run      stage the data, train on every worker   stop     SIGTERM the run: it checkpoints
+#   delete   the slice and its disks                 all      create, install, run, delete;
+#            the slice is deleted however `all` ends (failure, Ctrl-C) unless create failed
+#            before any slice existed.
+# Settings, from the environment:
+#   BUCKET         gs://bucket[/prefix] with data/ (prepared datasets) and runs/ (required)
+#   NAME ZONE TYPE VERSION  the slice (hn-jax, us-central2-b, v4-32, tpu-ubuntu2204-base)
+#   SPOT           non-empty: a spot slice (cheaper; may be preempted)
+#   WORKDIR        the run's workdir (default $BUCKET/runs/$NAME; Orbax and TensorBoard write gs://)
+#   DATASETS       folders of $BUCKET/data to read, e.g. "hn_sop" (default all; none: digits)
+#   DATA_MODE      copy (default): `run` syncs them to each worker's disk, ~/hn_data;
+#                  mount: gcsfuse mounts $BUCKET/data read-only at ~/hn_data (no disk needed)
+#   REPO_URL       git URL the workers clone; empty: ship this checkout's files (not ignored ones)
+#   WORKER_PYTHON  the workers' Python (default python3.11, installed by `install` with apt)
+# The trainer reads ArrayRecord through POSIX paths only: it gets HN_DATA_DIR=~/hn_data.
 set -euo pipefail
 
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="${NAME:-hn-jax}"
 ZONE="${ZONE:-us-central2-b}"
 TYPE="${TYPE:-v4-32}"
 VERSION="${VERSION:-tpu-ubuntu2204-base}"
-BUCKET="${BUCKET:?set BUCKET=gs://your-bucket}"
-REPO_URL="${REPO_URL:-}"  # where workers clone hn_jax from; empty: copy this checkout
-SPOT="${SPOT:-}"          # non-empty: request a spot slice
+SPOT="${SPOT:-}"
+REPO_URL="${REPO_URL:-}"
+DATASETS="${DATASETS:-all}"
+DATA_MODE="${DATA_MODE:-copy}"
+WORKER_PYTHON="${WORKER_PYTHON:-python3.11}"
 
 usage() {
-  sed -n '2,12{s/^# \{0,1\}//;p}' "$0" >&2
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2
   exit 2
+}
+
+die() {
+  echo "tpu_pod.sh: $*" >&2
+  exit 1
 }
 
 [[ $# -ge 1 ]] || usage
@@ -29,9 +50,40 @@ shift
 if [[ $# -gt 0 && "$1" == "--" ]]; then
   shift
 fi
+case "$action" in
+  create|install|run|stop|delete|all) ;;
+  -h|--help) usage ;;
+  *) echo "tpu_pod.sh: unknown action '$action'" >&2; usage ;;
+esac
 
+BUCKET="${BUCKET:-}"
+[[ "$BUCKET" == gs://?* ]] || die "set BUCKET=gs://your-bucket (the bucket holding data/ and runs/)"
+BUCKET="${BUCKET%/}"
+WORKDIR="${WORKDIR:-$BUCKET/runs/$NAME}"
+[[ "$DATA_MODE" == copy || "$DATA_MODE" == mount ]] || die "DATA_MODE must be copy or mount, not '$DATA_MODE'"
+for arg in "$@"; do
+  case "$arg" in
+    --workdir|--workdir=*) die "give the workdir as WORKDIR=..., not $arg (the launcher sets --workdir)" ;;
+    --config.data_dir|--config.data_dir=*)
+      die "$arg: the launcher gives the trainer a local copy or mount of \$BUCKET/data (HN_DATA_DIR); drop it" ;;
+  esac
+done
+
+# Shell assignments `name=value; ...` with every value quoted for the workers' shell.
+assign() {
+  while [[ $# -ge 2 ]]; do
+    printf '%s=%q; ' "$1" "$2"
+    shift 2
+  done
+}
+
+# Runs a bash command line on every worker of the slice at once (each from its home folder).
 on_all_workers() {
   gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --worker=all --command="$1"
+}
+
+exists() {
+  gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" >/dev/null 2>&1
 }
 
 create() {
@@ -40,41 +92,133 @@ create() {
     extra+=(--spot)
   fi
   gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
-    --version="$VERSION" "${extra[@]}"
+    --version="$VERSION" ${extra[@]+"${extra[@]}"}
 }
+
+# Python and its venv, the packages of requirements.txt with JAX's TPU build (torch left out:
+# it only reads .pth files; convert them to .npz first), gcsfuse for DATA_MODE=mount.
+read -r -d '' INSTALL_SCRIPT <<'EOF' || true
+set -e
+packages="$python $python-venv"
+setup="export DEBIAN_FRONTEND=noninteractive"
+if [ "$mode" = mount ]; then
+  setup="$setup; echo 'deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -c -s)' main' > /etc/apt/sources.list.d/gcsfuse.list"
+  setup="$setup; curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg > /usr/share/keyrings/cloud.google.asc"
+  packages="$packages gcsfuse"
+fi
+sudo bash -c "$setup; apt-get update -qq && apt-get install -y -qq $packages"
+cd hn_jax
+"$python" -m venv .venv
+. .venv/bin/activate
+grep -v '^torch==' requirements.txt > .venv/requirements-tpu.txt
+jax_version=$(sed -n 's/^jax==//p' requirements.txt)
+pip install -q -r .venv/requirements-tpu.txt "jax[tpu]==$jax_version" \
+  -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+EOF
 
 install() {
   if [[ -n "$REPO_URL" ]]; then
-    on_all_workers "git clone --depth 1 '$REPO_URL' hn_jax || (cd hn_jax && git pull)"
+    # shellcheck disable=SC2016  # expanded on the workers
+    on_all_workers "$(assign url "$REPO_URL")"'if [ -d hn_jax/.git ]; then git -C hn_jax pull --ff-only; else git clone --depth 1 "$url" hn_jax; fi'
   else
-    gcloud compute tpus tpu-vm scp --recurse --zone="$ZONE" --worker=all . "$NAME":hn_jax
+    git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 || die "$ROOT is not a git checkout: set REPO_URL"
+    local tmp
+    tmp="$(mktemp -d)"
+    # The files git would commit (tracked and untracked, not ignored) that exist.
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
+      | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
+      | tar -czf "$tmp/hn_jax.tar.gz" --null -T -)
+    gcloud compute tpus tpu-vm scp --zone="$ZONE" --worker=all "$tmp/hn_jax.tar.gz" "$NAME":hn_jax.tar.gz
+    rm -rf "$tmp"
+    on_all_workers 'mkdir -p hn_jax && tar -xzf hn_jax.tar.gz -C hn_jax && rm hn_jax.tar.gz'
   fi
-  on_all_workers "cd hn_jax && python3 -m venv .venv && . .venv/bin/activate && \
-pip install -q -r requirements.txt && pip install -q 'jax[tpu]==$(grep '^jax==' requirements.txt | cut -d= -f3)' \
--f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+  on_all_workers "$(assign python "$WORKER_PYTHON" mode "$DATA_MODE")$INSTALL_SCRIPT"
 }
 
+# On each worker: refuse while a previous run still lives, make the data local, then train.
+read -r -d '' RUN_SCRIPT <<'EOF' || true
+set -e
+cd hn_jax
+if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then
+  echo "$(hostname): a run is still going (pid $(cat run.pid)): launch/tpu_pod.sh stop" >&2
+  exit 1
+fi
+. .venv/bin/activate
+data="$HOME/hn_data"
+mkdir -p "$data"
+if [ "$mode" = mount ]; then
+  mountpoint -q "$data" || gcsfuse --implicit-dirs -o ro --only-dir "$only_dir" "$bucket_name" "$data"
+elif [ "$datasets" = all ]; then
+  gcloud storage rsync --recursive "$bucket/data" "$data"
+elif [ "$datasets" != none ]; then
+  for d in $datasets; do
+    gcloud storage rsync --recursive "$bucket/data/$d" "$data/$d"
+  done
+fi
+echo $$ > run.pid
+export HN_DATA_DIR="$data"
+exec python -m hn_jax.main --distributed=yes --workdir="$workdir"
+EOF
+
 run() {
-  local args
-  args=$(printf '%q ' "$@")
-  on_all_workers "cd hn_jax && . .venv/bin/activate && HN_DATA_DIR='$BUCKET/data' \
-python -m hn_jax.main --distributed=yes --workdir='$BUCKET/runs/$NAME' $args"
+  local bucket_path="${BUCKET#gs://}"
+  local bucket_name="${bucket_path%%/*}"
+  local prefix=""
+  if [[ "$bucket_path" == */* ]]; then
+    prefix="${bucket_path#*/}/"
+  fi
+  local args=""
+  if [[ $# -gt 0 ]]; then
+    args=" $(printf '%q ' "$@")"
+  fi
+  on_all_workers "$(assign bucket "$BUCKET" bucket_name "$bucket_name" only_dir "${prefix}data" \
+    mode "$DATA_MODE" datasets "$DATASETS" workdir "$WORKDIR")$RUN_SCRIPT$args"
+}
+
+stop() {
+  # shellcheck disable=SC2016  # expanded on the workers
+  on_all_workers 'if [ -f hn_jax/run.pid ]; then kill -TERM "$(cat hn_jax/run.pid)" 2>/dev/null || true; fi'
 }
 
 delete() {
   gcloud compute tpus tpu-vm delete "$NAME" --zone="$ZONE" --quiet
 }
 
+# `all`'s exit: delete the slice it created, whatever happened, and keep the first failure.
+# shellcheck disable=SC2317  # invoked by the trap
+finish() {
+  local status=$?
+  trap - EXIT INT TERM
+  echo "tpu_pod.sh: deleting slice $NAME" >&2
+  if ! delete; then
+    echo "tpu_pod.sh: could not delete slice $NAME, which is billed until deleted:" \
+      "gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE" >&2
+    [[ $status -ne 0 ]] || status=1
+  fi
+  exit "$status"
+}
+
 case "$action" in
   create) create ;;
   install) install ;;
   run) run "$@" ;;
+  stop) stop ;;
   delete) delete ;;
   all)
-    create
-    trap delete EXIT
+    if exists; then
+      die "slice $NAME already exists in $ZONE: use run on it, or delete it first"
+    fi
+    if ! create; then
+      # A failed create may still leave a slice (e.g. one that failed while starting).
+      if exists; then
+        trap finish EXIT
+      fi
+      die "could not create slice $NAME"
+    fi
+    trap finish EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     install
     run "$@"
     ;;
-  *) usage ;;
 esac
