@@ -11,7 +11,8 @@ $FAKE_FAIL_WORKER when that is set, fails with status 1 and does nothing else.
   default 2); `delete` moves it to $FAKE_ROOT/deleted/. `tpu-vm ssh --worker=all --command=C`
   runs `bash -c C` in every worker's home (HOME set to it) at once, as separate processes.
   With $FAKE_CREATE_PARTIAL, a failing `create` leaves the slice behind.
-- `srun CMD...` runs CMD $SLURM_NTASKS times at once, with SLURM_PROCID set.
+- `srun CMD...` runs CMD $SLURM_NTASKS times at once, with SLURM_PROCID set; `scancel
+  --signal=TERM JOB` sends SIGTERM to those tasks; `scontrol` records.
 - `sudo` records and runs nothing. `python -m venv DIR` makes a venv whose `python` and `pip` are
   these stand-ins; `pip` records; `python -m hn_jax.main` records its argv and exits 0, or with
   $FAKE_HANG waits for SIGTERM (recorded as tool `terminated`) as a run that checkpoints would.
@@ -27,7 +28,8 @@ import subprocess
 import sys
 import time
 
-TOOLS = ("gcloud", "gcsfuse", "srun", "sudo", "python", "python3", "python3.11", "pip")
+TOOLS = ("gcloud", "gcsfuse", "srun", "scancel", "scontrol", "sudo", "python", "python3",
+         "python3.11", "pip")
 
 
 def install(bin_dir: str) -> None:
@@ -39,7 +41,7 @@ def install(bin_dir: str) -> None:
 
 def _wrapper(path: str, tool: str) -> None:
   with open(path, "w") as f:
-    f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))}'
+    f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S {shlex.quote(os.path.abspath(__file__))}'
             f' {tool} "$@"\n')
   os.chmod(path, 0o755)
 
@@ -101,9 +103,12 @@ def worker_homes(name: str) -> list[str]:
   return homes(name)
 
 
-def run_all(commands: list[tuple[list[str], str | None, dict]]) -> int:
+def run_all(commands: list[tuple[list[str], str | None, dict]], pid_file: str | None = None) -> int:
   """Starts every (argv, cwd, env) at once; the first non-zero status, else 0."""
   procs = [subprocess.Popen(argv, cwd=cwd, env=env) for argv, cwd, env in commands]
+  if pid_file:
+    with open(pid_file, "a") as f:
+      f.writelines(f"{p.pid}\n" for p in procs)
   statuses = [p.wait() for p in procs]
   return next((s for s in statuses if s != 0), 0)
 
@@ -189,7 +194,18 @@ def srun(argv: list[str]) -> int:
     command.pop(0)
   tasks = int(os.environ.get("SLURM_NTASKS", 1))
   return run_all([(command, None, dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID="0",
-                                       FAKE_WORKER=str(i))) for i in range(tasks)])
+                                       FAKE_WORKER=str(i))) for i in range(tasks)],
+                 pid_file=os.path.join(os.environ["FAKE_ROOT"], "slurm_tasks"))
+
+
+def scancel(argv: list[str]) -> int:
+  """`scancel --signal=TERM JOB`: SIGTERM to every task srun started."""
+  if argv[0] != "--signal=TERM" or len(argv) != 2:
+    fail(f"the fake scancel does not do {argv}", 2)
+  with open(os.path.join(os.environ["FAKE_ROOT"], "slurm_tasks")) as f:
+    for pid in f.read().split():
+      os.kill(int(pid), signal.SIGTERM)
+  return 0
 
 
 def python(argv: list[str]) -> int:
@@ -221,8 +237,8 @@ def main() -> None:
     if tool == "gcloud" and argv[3:4] == ["create"] and os.environ.get("FAKE_CREATE_PARTIAL"):
       gcloud(argv)
     fail(f"{tool} fails on demand")
-  handlers = dict(gcloud=gcloud, gcsfuse=gcsfuse, srun=srun, python=python,
-                  sudo=lambda argv: 0, pip=lambda argv: 0)
+  handlers = dict(gcloud=gcloud, gcsfuse=gcsfuse, srun=srun, scancel=scancel, python=python,
+                  sudo=lambda argv: 0, pip=lambda argv: 0, scontrol=lambda argv: 0)
   sys.exit(handlers[tool](argv))
 
 

@@ -218,6 +218,20 @@ def test_slurm_passes_arguments_through(cluster):
   assert [t["argv"] for t in cluster.trainers()] == [
       ["-m", "hn_jax.main", "--distributed=yes", *ARGS]] * 2
   assert {t["cwd"] for t in cluster.trainers()} == {str(REPO)}
+  assert cluster.calls("scontrol") == []  # a finished run is not requeued
   status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, FAKE_FAIL="hn_jax.main",
                             FAKE_FAIL_WORKER="1", **env)
   assert status != 0
+
+
+def test_slurm_time_limit_checkpoints_and_requeues(cluster):
+  env = dict(SLURM_NTASKS="2", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO), FAKE_HANG="1")
+  proc = cluster.start("launch/slurm_gpu.sbatch", *ARGS, **env)
+  cluster.wait_for(lambda: len(cluster.trainers()) == 2)
+  os.kill(proc.pid, signal.SIGUSR1)  # SLURM's --signal=B:USR1@300
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 0, out
+  assert [c["argv"] for c in cluster.calls("scancel")] == [["--signal=TERM", "7"]]
+  assert len(cluster.calls("terminated")) == 2  # every task checkpointed and exited
+  assert [c["argv"] for c in cluster.calls("scontrol")] == [["requeue", "7"]]
+  assert cluster.calls()[-1]["tool"] == "scontrol"
