@@ -35,8 +35,8 @@ DATA_MODE="${DATA_MODE:-copy}"
 WORKER_PYTHON="${WORKER_PYTHON:-python3.11}"
 
 usage() {
-  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" >&2
-  exit 2
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+  exit "${1:-2}"
 }
 
 die() {
@@ -44,7 +44,7 @@ die() {
   exit 1
 }
 
-[[ $# -ge 1 ]] || usage
+[[ $# -ge 1 ]] || usage >&2
 action="$1"
 shift
 if [[ $# -gt 0 && "$1" == "--" ]]; then
@@ -52,8 +52,8 @@ if [[ $# -gt 0 && "$1" == "--" ]]; then
 fi
 case "$action" in
   create|install|run|stop|delete|all) ;;
-  -h|--help) usage ;;
-  *) echo "tpu_pod.sh: unknown action '$action'" >&2; usage ;;
+  -h|--help) usage 0 ;;
+  *) echo "tpu_pod.sh: unknown action '$action'" >&2; usage >&2 ;;
 esac
 
 BUCKET="${BUCKET:-}"

@@ -192,9 +192,13 @@ def test_pod_refuses_paths_it_owns(cluster, arg, message):
   assert status == 1 and message in out and cluster.calls() == []
 
 
-def test_pod_needs_a_bucket(cluster):
+def test_pod_needs_a_bucket_and_explains_itself(cluster):
   status, out = cluster.run("launch/tpu_pod.sh", "all", BUCKET="/local/data")
   assert status == 1 and "BUCKET=gs://" in out and cluster.calls() == []
+  status, out = cluster.run("launch/tpu_pod.sh", "--help", BUCKET="")
+  assert status == 0 and "DATA_MODE" in out and "set -euo" not in out
+  status, out = cluster.run("launch/tpu_pod.sh", "launch")
+  assert status == 2 and "unknown action 'launch'" in out and cluster.calls() == []
 
 
 def test_local_multiprocess_passes_arguments_through(cluster):
