@@ -117,9 +117,10 @@ pip install -q -r .venv/requirements-tpu.txt "jax[tpu]==$jax_version" \
 EOF
 
 install() {
+  local fetch
   if [[ -n "$REPO_URL" ]]; then
     # shellcheck disable=SC2016  # expanded on the workers
-    on_all_workers "$(assign url "$REPO_URL")"'if [ -d hn_jax/.git ]; then git -C hn_jax pull --ff-only; else git clone --depth 1 "$url" hn_jax; fi'
+    fetch="$(assign url "$REPO_URL")"'if [ -d hn_jax/.git ]; then git -C hn_jax pull --ff-only; else git clone --depth 1 "$url" hn_jax; fi'
   else
     git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 || die "$ROOT is not a git checkout: set REPO_URL"
     local tmp
@@ -130,9 +131,11 @@ install() {
       | tar -czf "$tmp/hn_jax.tar.gz" --null -T -)
     gcloud compute tpus tpu-vm scp --zone="$ZONE" --worker=all "$tmp/hn_jax.tar.gz" "$NAME":hn_jax.tar.gz
     rm -rf "$tmp"
-    on_all_workers 'mkdir -p hn_jax && tar -xzf hn_jax.tar.gz -C hn_jax && rm hn_jax.tar.gz'
+    fetch='mkdir -p hn_jax && tar -xzf hn_jax.tar.gz -C hn_jax && rm hn_jax.tar.gz'
   fi
-  on_all_workers "$(assign python "$WORKER_PYTHON" mode "$DATA_MODE")$INSTALL_SCRIPT"
+  on_all_workers "set -e
+$fetch
+$(assign python "$WORKER_PYTHON" mode "$DATA_MODE")$INSTALL_SCRIPT"
 }
 
 # On each worker: refuse while a previous run still lives, make the data local, then train.

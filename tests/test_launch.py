@@ -86,8 +86,8 @@ def cluster(tmp_path):
 def test_pod_all_creates_installs_runs_and_deletes(cluster):
   status, out = cluster.run("launch/tpu_pod.sh", "all", "--", *ARGS, TYPE="v4-16")
   assert status == 0, out
-  # describe (is the name free?), create, ship the code, unpack, install, run, delete.
-  assert cluster.tpu_verbs() == ["describe", "create", "scp", "ssh", "ssh", "ssh", "delete"]
+  # describe (is the name free?), create, ship the code, unpack and install, run, delete.
+  assert cluster.tpu_verbs() == ["describe", "create", "scp", "ssh", "ssh", "delete"]
   create = cluster.calls("gcloud")[1]["argv"]
   assert "--accelerator-type=v4-16" in create and "--zone=z1" in create and "--spot" not in create
   kinds = [c["tool"] if c["argv"][:2] != ["-m", "hn_jax.main"] else "train"
@@ -168,8 +168,11 @@ def test_pod_run_refuses_while_a_run_lives_and_stop_ends_it(cluster):
 
 
 def test_pod_mount_mode_reads_the_bucket_through_gcsfuse(cluster):
+  # The workers clone the code from REPO_URL here, instead of receiving this checkout's files.
   for step in ("create", "install"):
-    assert cluster.run("launch/tpu_pod.sh", step, DATA_MODE="mount")[0] == 0
+    status, out = cluster.run("launch/tpu_pod.sh", step, DATA_MODE="mount", REPO_URL=f"file://{REPO}")
+    assert status == 0, out
+  assert "scp" not in cluster.tpu_verbs()
   assert "gcsfuse" in cluster.calls("sudo")[0]["argv"][-1]
   status, out = cluster.run("launch/tpu_pod.sh", "run", "--", *ARGS, DATA_MODE="mount")
   assert status == 0, out
@@ -182,6 +185,7 @@ def test_pod_mount_mode_reads_the_bucket_through_gcsfuse(cluster):
     assert trainer["data_dir"] == str(home / "hn_data")
     assert (home / "hn_data" / RECORDS).is_file()
     assert trainer["argv"][4:] == ARGS
+    assert (home / "hn_jax" / ".git").is_dir() and (home / "hn_jax" / "hn_jax" / "main.py").is_file()
   assert cluster.slice_exists()  # only `all` deletes it
 
 
