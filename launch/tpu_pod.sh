@@ -14,6 +14,8 @@
 #   BUCKET         gs://bucket[/prefix] with data/ (prepared datasets) and runs/ (required)
 #   NAME ZONE TYPE VERSION  the slice (hn-jax, us-central2-b, v4-32, tpu-ubuntu2204-base)
 #   SPOT           non-empty: a spot slice (cheaper; may be preempted)
+#   SERVICE_ACCOUNT  the workers' identity (default: the project's Compute Engine default one);
+#                  it needs to read $BUCKET/data and write the workdir
 #   WORKDIR        the run's workdir (default $BUCKET/runs/$NAME; Orbax and TensorBoard write gs://)
 #   DATASETS       folders of $BUCKET/data to read, e.g. "hn_sop" (default all; none: digits)
 #   DATA_MODE      copy (default): `run` syncs them to each worker's disk, ~/hn_data;
@@ -29,6 +31,7 @@ ZONE="${ZONE:-us-central2-b}"
 TYPE="${TYPE:-v4-32}"
 VERSION="${VERSION:-tpu-ubuntu2204-base}"
 SPOT="${SPOT:-}"
+SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-}"
 REPO_URL="${REPO_URL:-}"
 DATASETS="${DATASETS:-all}"
 DATA_MODE="${DATA_MODE:-copy}"
@@ -91,8 +94,13 @@ create() {
   if [[ -n "$SPOT" ]]; then
     extra+=(--spot)
   fi
+  if [[ -n "$SERVICE_ACCOUNT" ]]; then
+    extra+=(--service-account="$SERVICE_ACCOUNT")
+  fi
+  # The workers reach the bucket as the slice's service account, with this scope.
   gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$TYPE" \
-    --version="$VERSION" ${extra[@]+"${extra[@]}"}
+    --version="$VERSION" --scopes=https://www.googleapis.com/auth/cloud-platform \
+    ${extra[@]+"${extra[@]}"}
 }
 
 # Python and its venv, the packages of requirements.txt with JAX's TPU build (torch left out:
@@ -142,11 +150,10 @@ $(assign python "$WORKER_PYTHON" mode "$DATA_MODE")$INSTALL_SCRIPT"
 read -r -d '' RUN_SCRIPT <<'EOF' || true
 set -e
 cd hn_jax
-if [ -f run.pid ] && kill -0 "$(cat run.pid)" 2>/dev/null; then
+if [ -f run.pid ] && grep -qs hn_jax.main "/proc/$(cat run.pid)/cmdline"; then
   echo "$(hostname): a run is still going (pid $(cat run.pid)): launch/tpu_pod.sh stop" >&2
   exit 1
 fi
-. .venv/bin/activate
 data="$HOME/hn_data"
 mkdir -p "$data"
 if [ "$mode" = mount ]; then
@@ -158,6 +165,7 @@ elif [ "$datasets" != none ]; then
     gcloud storage rsync --recursive "$bucket/data/$d" "$data/$d"
   done
 fi
+. .venv/bin/activate
 echo $$ > run.pid
 export HN_DATA_DIR="$data"
 exec python -m hn_jax.main --distributed=yes --workdir="$workdir"
@@ -180,7 +188,7 @@ run() {
 
 stop() {
   # shellcheck disable=SC2016  # expanded on the workers
-  on_all_workers 'if [ -f hn_jax/run.pid ]; then kill -TERM "$(cat hn_jax/run.pid)" 2>/dev/null || true; fi'
+  on_all_workers 'pid=$(cat hn_jax/run.pid 2>/dev/null) && grep -qs hn_jax.main "/proc/$pid/cmdline" && kill -TERM "$pid" || true'
 }
 
 delete() {

@@ -90,6 +90,7 @@ def test_pod_all_creates_installs_runs_and_deletes(cluster):
   assert cluster.tpu_verbs() == ["describe", "create", "scp", "ssh", "ssh", "delete"]
   create = cluster.calls("gcloud")[1]["argv"]
   assert "--accelerator-type=v4-16" in create and "--zone=z1" in create and "--spot" not in create
+  assert "--scopes=https://www.googleapis.com/auth/cloud-platform" in create
   kinds = [c["tool"] if c["argv"][:2] != ["-m", "hn_jax.main"] else "train"
            for c in cluster.calls() if c["tool"] in ("pip", "python", "sudo")]
   assert kinds.index("train") > max(i for i, k in enumerate(kinds) if k in ("pip", "sudo"))
