@@ -195,16 +195,19 @@ delete() {
   gcloud compute tpus tpu-vm delete "$NAME" --zone="$ZONE" --quiet
 }
 
-# `all`'s exit: delete the slice it created, whatever happened, and keep the first failure.
+# `all`'s exit, however it comes (failure, Ctrl-C, success): delete the slice if one exists
+# (`all` made sure none did before it started) and keep the first failure's status.
 # shellcheck disable=SC2317  # invoked by the trap
 finish() {
   local status=$?
   trap - EXIT INT TERM
-  echo "tpu_pod.sh: deleting slice $NAME" >&2
-  if ! delete; then
-    echo "tpu_pod.sh: could not delete slice $NAME, which is billed until deleted:" \
-      "gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE" >&2
-    [[ $status -ne 0 ]] || status=1
+  if exists; then
+    echo "tpu_pod.sh: deleting slice $NAME" >&2
+    if ! delete; then
+      echo "tpu_pod.sh: could not delete slice $NAME, which is billed until deleted:" \
+        "gcloud compute tpus tpu-vm delete $NAME --zone=$ZONE" >&2
+      [[ $status -ne 0 ]] || status=1
+    fi
   fi
   exit "$status"
 }
@@ -219,16 +222,12 @@ case "$action" in
     if exists; then
       die "slice $NAME already exists in $ZONE: use run on it, or delete it first"
     fi
-    if ! create; then
-      # A failed create may still leave a slice (e.g. one that failed while starting).
-      if exists; then
-        trap finish EXIT
-      fi
-      die "could not create slice $NAME"
-    fi
     trap finish EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
+    # A failed create may still leave a slice (e.g. one that failed while starting): finish
+    # deletes it.
+    create || die "could not create slice $NAME"
     install
     run "$@"
     ;;

@@ -4,7 +4,9 @@
 and `pip` into `bin_dir`; each runs this file with the tool's name. Every call is appended to
 $FAKE_LOG as a JSON line (tool, argv, cwd, worker, HN_DATA_DIR, pid). A call whose
 `tool arg...` (shell-quoted, joined) matches the regular expression $FAKE_FAIL, on worker
-$FAKE_FAIL_WORKER when that is set, fails with status 1 and does nothing else.
+$FAKE_FAIL_WORKER when that is set, fails with status 1 and does nothing else; one that matches
+$FAKE_HANG does its work, then waits for SIGTERM (recorded as tool `terminated`, status 0) or
+SIGINT.
 
 - gs://BUCKET/PATH is the folder $FAKE_ROOT/gcs/BUCKET/PATH (`gcloud storage rsync`, `gcsfuse`).
 - A slice NAME is $FAKE_ROOT/tpus/NAME, with one home folder per worker ($FAKE_WORKERS,
@@ -14,8 +16,7 @@ $FAKE_FAIL_WORKER when that is set, fails with status 1 and does nothing else.
 - `srun CMD...` runs CMD $SLURM_NTASKS times at once, with SLURM_PROCID set; `scancel
   --signal=TERM JOB` sends SIGTERM to those tasks; `scontrol` records.
 - `sudo` records and runs nothing. `python -m venv DIR` makes a venv whose `python` and `pip` are
-  these stand-ins; `pip` records; `python -m hn_jax.main` records its argv and exits 0, or with
-  $FAKE_HANG waits for SIGTERM (recorded as tool `terminated`) as a run that checkpoints would.
+  these stand-ins; `pip` records; `python -m hn_jax.main` records its argv and exits 0.
 """
 
 import json
@@ -41,8 +42,8 @@ def install(bin_dir: str) -> None:
 
 def _wrapper(path: str, tool: str) -> None:
   with open(path, "w") as f:
-    f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S {shlex.quote(os.path.abspath(__file__))}'
-            f' {tool} "$@"\n')
+    fakes = shlex.quote(os.path.abspath(__file__))
+    f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S {fakes} {tool} "$@"\n')
   os.chmod(path, 0o755)
 
 
@@ -56,8 +57,8 @@ def record(tool: str, argv: list[str], **extra) -> None:
     os.close(fd)
 
 
-def should_fail(tool: str, argv: list[str]) -> bool:
-  pattern = os.environ.get("FAKE_FAIL")
+def matches(variable: str, tool: str, argv: list[str]) -> bool:
+  pattern = os.environ.get(variable)
   worker = os.environ.get("FAKE_FAIL_WORKER")
   if not pattern or (worker is not None and worker != os.environ.get("FAKE_WORKER")):
     return False
@@ -218,13 +219,6 @@ def python(argv: list[str]) -> int:
       f.write(f"export VIRTUAL_ENV={shlex.quote(os.path.dirname(bin_dir))}\n"
               'export PATH="$VIRTUAL_ENV/bin:$PATH"\n')
     return 0
-  if argv[:2] == ["-m", "hn_jax.main"] and os.environ.get("FAKE_HANG"):
-    def stop(signum, frame):
-      record("terminated", [])
-      sys.exit(0)
-    signal.signal(signal.SIGTERM, stop)
-    while True:
-      time.sleep(0.05)
   if argv[:2] in (["-m", "hn_jax.main"], ["-m", "pip"]):
     return 0
   fail(f"the fake python does not run {argv}", 2)
@@ -233,13 +227,27 @@ def python(argv: list[str]) -> int:
 def main() -> None:
   tool, argv = sys.argv[1], sys.argv[2:]
   record(tool, argv)
-  if should_fail(tool, argv):
+  if matches("FAKE_FAIL", tool, argv):
     if tool == "gcloud" and argv[3:4] == ["create"] and os.environ.get("FAKE_CREATE_PARTIAL"):
       gcloud(argv)
     fail(f"{tool} fails on demand")
   handlers = dict(gcloud=gcloud, gcsfuse=gcsfuse, srun=srun, scancel=scancel, python=python,
                   sudo=lambda argv: 0, pip=lambda argv: 0, scontrol=lambda argv: 0)
-  sys.exit(handlers[tool](argv))
+  status = handlers[tool](argv)
+  if status == 0 and matches("FAKE_HANG", tool, argv):
+    hang()
+  sys.exit(status)
+
+
+def hang() -> None:
+  """Waits for a signal: SIGTERM is recorded (tool `terminated`) and ends the call cleanly, as
+  a run that checkpoints does; SIGINT ends it as Ctrl-C would."""
+  def stop(signum, frame):
+    record("terminated", [])
+    sys.exit(0)
+  signal.signal(signal.SIGTERM, stop)
+  while True:
+    time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class Cluster:
     return [c for c in calls if tool is None or c["tool"] == tool]
 
   def tpu_verbs(self) -> list[str]:
-    return [c["argv"][3] for c in self.calls("gcloud") if c["argv"][:3] == ["compute", "tpus", "tpu-vm"]]
+    return [c["argv"][3] for c in self.calls("gcloud")
+            if c["argv"][:3] == ["compute", "tpus", "tpu-vm"]]
 
   def trainers(self) -> list[dict]:
     runs = [c for c in self.calls("python") if c["argv"][:2] == ["-m", "hn_jax.main"]]
@@ -86,8 +87,8 @@ def cluster(tmp_path):
 def test_pod_all_creates_installs_runs_and_deletes(cluster):
   status, out = cluster.run("launch/tpu_pod.sh", "all", "--", *ARGS, TYPE="v4-16")
   assert status == 0, out
-  # describe (is the name free?), create, ship the code, unpack and install, run, delete.
-  assert cluster.tpu_verbs() == ["describe", "create", "scp", "ssh", "ssh", "delete"]
+  # Is the name free? create, ship the code, unpack and install, run; is there a slice? delete.
+  assert cluster.tpu_verbs() == ["describe", "create", "scp", "ssh", "ssh", "describe", "delete"]
   create = cluster.calls("gcloud")[1]["argv"]
   assert "--accelerator-type=v4-16" in create and "--zone=z1" in create and "--spot" not in create
   assert "--scopes=https://www.googleapis.com/auth/cloud-platform" in create
@@ -117,10 +118,10 @@ def test_pod_all_creates_installs_runs_and_deletes(cluster):
 
 
 @pytest.mark.parametrize("step,fail", [
-    ("ship", {"FAKE_FAIL": "tpu-vm scp"}),
+    ("ship", {"FAKE_FAIL": "^gcloud compute tpus tpu-vm scp"}),
     ("install", {"FAKE_FAIL": "^pip install"}),
-    ("stage", {"FAKE_FAIL": "storage rsync", "FAKE_FAIL_WORKER": "1"}),
-    ("train", {"FAKE_FAIL": "-m hn_jax.main", "FAKE_FAIL_WORKER": "1"}),
+    ("stage", {"FAKE_FAIL": "^gcloud storage rsync", "FAKE_FAIL_WORKER": "1"}),
+    ("train", {"FAKE_FAIL": "^python -m hn_jax.main", "FAKE_FAIL_WORKER": "1"}),
 ])
 def test_pod_all_deletes_the_slice_when_a_step_fails(cluster, step, fail):
   status, out = cluster.run("launch/tpu_pod.sh", "all", "--", *ARGS, **fail)
@@ -133,7 +134,9 @@ def test_pod_all_deletes_the_slice_when_a_step_fails(cluster, step, fail):
 
 @pytest.mark.parametrize("partial", [False, True])
 def test_pod_all_deletes_only_a_slice_that_a_failed_create_left(cluster, partial):
-  env = dict(FAKE_FAIL="tpu-vm create", **({"FAKE_CREATE_PARTIAL": "1"} if partial else {}))
+  env = dict(FAKE_FAIL="^gcloud compute tpus tpu-vm create")
+  if partial:
+    env["FAKE_CREATE_PARTIAL"] = "1"
   status, out = cluster.run("launch/tpu_pod.sh", "all", "--", *ARGS, **env)
   assert status != 0 and "could not create" in out
   expected = ["describe", "create", "describe"] + (["delete"] if partial else [])
@@ -147,9 +150,16 @@ def test_pod_all_leaves_an_existing_slice_alone(cluster):
   assert cluster.tpu_verbs() == ["create", "describe"] and cluster.slice_exists()
 
 
-def test_pod_all_interrupted_deletes_the_slice(cluster):
-  proc = cluster.start("launch/tpu_pod.sh", "all", "--", *ARGS, FAKE_HANG="1")
-  cluster.wait_for(lambda: len(cluster.trainers()) == 2)
+@pytest.mark.parametrize("during", ["create", "train"])
+def test_pod_all_interrupted_deletes_the_slice(cluster, during):
+  if during == "create":  # the slice exists, gcloud still waits for it to be ready
+    proc = cluster.start("launch/tpu_pod.sh", "all", "--", *ARGS,
+                         FAKE_HANG="^gcloud compute tpus tpu-vm create")
+    cluster.wait_for(cluster.slice_exists)
+  else:
+    proc = cluster.start("launch/tpu_pod.sh", "all", "--", *ARGS,
+                         FAKE_HANG="^python -m hn_jax.main")
+    cluster.wait_for(lambda: len(cluster.trainers()) == 2)
   os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
   out, _ = proc.communicate(timeout=30)
   assert proc.returncode == 130, out
@@ -157,7 +167,7 @@ def test_pod_all_interrupted_deletes_the_slice(cluster):
 
 
 def test_pod_run_refuses_while_a_run_lives_and_stop_ends_it(cluster):
-  proc = cluster.start("launch/tpu_pod.sh", "all", "--", *ARGS, FAKE_HANG="1")
+  proc = cluster.start("launch/tpu_pod.sh", "all", "--", *ARGS, FAKE_HANG="^python -m hn_jax.main")
   cluster.wait_for(lambda: len(cluster.trainers()) == 2)
   status, out = cluster.run("launch/tpu_pod.sh", "run", "--", *ARGS)
   assert status != 0 and out.count("a run is still going") == 2
@@ -171,7 +181,8 @@ def test_pod_run_refuses_while_a_run_lives_and_stop_ends_it(cluster):
 def test_pod_mount_mode_reads_the_bucket_through_gcsfuse(cluster):
   # The workers clone the code from REPO_URL here, instead of receiving this checkout's files.
   for step in ("create", "install"):
-    status, out = cluster.run("launch/tpu_pod.sh", step, DATA_MODE="mount", REPO_URL=f"file://{REPO}")
+    status, out = cluster.run("launch/tpu_pod.sh", step, DATA_MODE="mount",
+                              REPO_URL=f"file://{REPO}")
     assert status == 0, out
   assert "scp" not in cluster.tpu_verbs()
   assert "gcsfuse" in cluster.calls("sudo")[0]["argv"][-1]
@@ -186,7 +197,8 @@ def test_pod_mount_mode_reads_the_bucket_through_gcsfuse(cluster):
     assert trainer["data_dir"] == str(home / "hn_data")
     assert (home / "hn_data" / RECORDS).is_file()
     assert trainer["argv"][4:] == ARGS
-    assert (home / "hn_jax" / ".git").is_dir() and (home / "hn_jax" / "hn_jax" / "main.py").is_file()
+    assert (home / "hn_jax" / ".git").is_dir()
+    assert (home / "hn_jax" / "hn_jax" / "main.py").is_file()
   assert cluster.slice_exists()  # only `all` deletes it
 
 
@@ -228,13 +240,14 @@ def test_slurm_passes_arguments_through(cluster):
       ["-m", "hn_jax.main", "--distributed=yes", *ARGS]] * 2
   assert {t["cwd"] for t in cluster.trainers()} == {str(REPO)}
   assert cluster.calls("scontrol") == []  # a finished run is not requeued
-  status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, FAKE_FAIL="hn_jax.main",
+  status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, FAKE_FAIL="^python -m hn_jax.main",
                             FAKE_FAIL_WORKER="1", **env)
   assert status != 0
 
 
 def test_slurm_time_limit_checkpoints_and_requeues(cluster):
-  env = dict(SLURM_NTASKS="2", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO), FAKE_HANG="1")
+  env = dict(SLURM_NTASKS="2", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO),
+             FAKE_HANG="^python -m hn_jax.main")
   proc = cluster.start("launch/slurm_gpu.sbatch", *ARGS, **env)
   cluster.wait_for(lambda: len(cluster.trainers()) == 2)
   os.kill(proc.pid, signal.SIGUSR1)  # SLURM's --signal=B:USR1@300
