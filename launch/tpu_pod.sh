@@ -63,12 +63,14 @@ BUCKET="${BUCKET:-}"
 [[ "$BUCKET" == gs://?* ]] || die "set BUCKET=gs://your-bucket (the bucket holding data/ and runs/)"
 BUCKET="${BUCKET%/}"
 WORKDIR="${WORKDIR:-$BUCKET/runs/$NAME}"
-[[ "$DATA_MODE" == copy || "$DATA_MODE" == mount ]] || die "DATA_MODE must be copy or mount, not '$DATA_MODE'"
+[[ "$DATA_MODE" == copy || "$DATA_MODE" == mount ]] \
+  || die "DATA_MODE must be copy or mount, not '$DATA_MODE'"
 for arg in "$@"; do
   case "$arg" in
-    --workdir|--workdir=*) die "give the workdir as WORKDIR=..., not $arg (the launcher sets --workdir)" ;;
+    --workdir|--workdir=*)
+      die "give the workdir as WORKDIR=..., not $arg (the launcher sets --workdir)" ;;
     --config.data_dir|--config.data_dir=*)
-      die "$arg: the launcher gives the trainer a local copy or mount of \$BUCKET/data (HN_DATA_DIR); drop it" ;;
+      die "$arg: the trainer reads a local copy or mount of \$BUCKET/data (HN_DATA_DIR); drop it" ;;
   esac
 done
 
@@ -110,11 +112,14 @@ set -e
 packages="$python $python-venv"
 setup="export DEBIAN_FRONTEND=noninteractive"
 if [ "$mode" = mount ]; then
-  setup="$setup; echo 'deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -c -s)' main' > /etc/apt/sources.list.d/gcsfuse.list"
-  setup="$setup; curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg > /usr/share/keyrings/cloud.google.asc"
+  repo=https://packages.cloud.google.com/apt
+  key=/usr/share/keyrings/cloud.google.asc
+  setup="$setup && curl -fsSL $repo/doc/apt-key.gpg > $key"
+  setup="$setup && echo \"deb [signed-by=$key] $repo gcsfuse-\$(lsb_release -c -s) main\""
+  setup="$setup > /etc/apt/sources.list.d/gcsfuse.list"
   packages="$packages gcsfuse"
 fi
-sudo bash -c "$setup; apt-get update -qq && apt-get install -y -qq $packages"
+sudo bash -c "$setup && apt-get update -qq && apt-get install -y -qq $packages"
 cd hn_jax
 "$python" -m venv .venv
 . .venv/bin/activate
@@ -128,16 +133,19 @@ install() {
   local fetch
   if [[ -n "$REPO_URL" ]]; then
     # shellcheck disable=SC2016  # expanded on the workers
-    fetch="$(assign url "$REPO_URL")"'if [ -d hn_jax/.git ]; then git -C hn_jax pull --ff-only; else git clone --depth 1 "$url" hn_jax; fi'
+    fetch="$(assign url "$REPO_URL")"'if [ -d hn_jax/.git ]; then git -C hn_jax pull --ff-only;
+      else git clone --depth 1 "$url" hn_jax; fi'
   else
-    git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 || die "$ROOT is not a git checkout: set REPO_URL"
+    git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1 \
+      || die "$ROOT is not a git checkout: set REPO_URL"
     local tmp
     tmp="$(mktemp -d)"
     # The files git would commit (tracked and untracked, not ignored) that exist.
     (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
       | while IFS= read -r -d '' f; do [[ -e "$f" ]] && printf '%s\0' "$f"; done \
       | tar -czf "$tmp/hn_jax.tar.gz" --null -T -)
-    gcloud compute tpus tpu-vm scp --zone="$ZONE" --worker=all "$tmp/hn_jax.tar.gz" "$NAME":hn_jax.tar.gz
+    gcloud compute tpus tpu-vm scp --zone="$ZONE" --worker=all "$tmp/hn_jax.tar.gz" \
+      "$NAME":hn_jax.tar.gz
     rm -rf "$tmp"
     fetch='mkdir -p hn_jax && tar -xzf hn_jax.tar.gz -C hn_jax && rm hn_jax.tar.gz'
   fi
@@ -157,7 +165,8 @@ fi
 data="$HOME/hn_data"
 mkdir -p "$data"
 if [ "$mode" = mount ]; then
-  mountpoint -q "$data" || gcsfuse --implicit-dirs -o ro --only-dir "$only_dir" "$bucket_name" "$data"
+  mountpoint -q "$data" \
+    || gcsfuse --implicit-dirs -o ro --only-dir "$only_dir" "$bucket_name" "$data"
 elif [ "$datasets" = all ]; then
   gcloud storage rsync --recursive "$bucket/data" "$data"
 elif [ "$datasets" != none ]; then
@@ -188,7 +197,8 @@ run() {
 
 stop() {
   # shellcheck disable=SC2016  # expanded on the workers
-  on_all_workers 'pid=$(cat hn_jax/run.pid 2>/dev/null) && grep -qs hn_jax.main "/proc/$pid/cmdline" && kill -TERM "$pid" || true'
+  on_all_workers 'pid=$(cat hn_jax/run.pid 2>/dev/null) \
+    && grep -qs hn_jax.main "/proc/$pid/cmdline" && kill -TERM "$pid" || true'
 }
 
 delete() {

@@ -249,7 +249,9 @@ def test_slurm_time_limit_checkpoints_and_requeues(cluster):
   env = dict(SLURM_NTASKS="2", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO),
              FAKE_HANG="^python -m hn_jax.main")
   proc = cluster.start("launch/slurm_gpu.sbatch", *ARGS, **env)
-  cluster.wait_for(lambda: len(cluster.trainers()) == 2)
+  tasks = cluster.root / "slurm_tasks"  # the pids that the fake scancel signals
+  cluster.wait_for(lambda: len(cluster.trainers()) == 2 and tasks.exists()
+                   and len(tasks.read_text().split()) == 2)
   os.kill(proc.pid, signal.SIGUSR1)  # SLURM's --signal=B:USR1@300
   out, _ = proc.communicate(timeout=30)
   assert proc.returncode == 0, out
