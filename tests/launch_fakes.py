@@ -19,15 +19,10 @@ SIGINT.
   these stand-ins; `pip` records; `python -m hn_jax.main` records its argv and exits 0.
 """
 
+# Only what every call needs is imported here: a test starts some hundred of these processes.
 import json
 import os
-import re
-import shlex
-import shutil
-import signal
-import subprocess
 import sys
-import time
 
 TOOLS = ("gcloud", "gcsfuse", "srun", "scancel", "scontrol", "sudo", "python", "python3",
          "python3.11", "pip")
@@ -41,6 +36,7 @@ def install(bin_dir: str) -> None:
 
 
 def _wrapper(path: str, tool: str) -> None:
+  import shlex  # pylint: disable=g-import-not-at-top
   with open(path, "w") as f:
     fakes = shlex.quote(os.path.abspath(__file__))
     f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S {fakes} {tool} "$@"\n')
@@ -62,6 +58,7 @@ def matches(variable: str, tool: str, argv: list[str]) -> bool:
   worker = os.environ.get("FAKE_FAIL_WORKER")
   if not pattern or (worker is not None and worker != os.environ.get("FAKE_WORKER")):
     return False
+  import re, shlex  # pylint: disable=g-import-not-at-top,multiple-imports
   return re.search(pattern, shlex.join([tool, *argv])) is not None
 
 
@@ -80,6 +77,15 @@ def split_options(args: list[str]) -> tuple[dict, list[str]]:
     else:
       positional.append(arg)
   return options, positional
+
+
+def copy(source: str, dest: str) -> None:
+  """A file, or a folder's content, into `dest` (merged with what is there)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(source):
+    shutil.copytree(source, dest, dirs_exist_ok=True)
+  else:
+    shutil.copy(source, dest)
 
 
 def gcs_path(url: str) -> str:
@@ -106,6 +112,7 @@ def worker_homes(name: str) -> list[str]:
 
 def run_all(commands: list[tuple[list[str], str | None, dict]], pid_file: str | None = None) -> int:
   """Starts every (argv, cwd, env) at once; the first non-zero status, else 0."""
+  import subprocess  # pylint: disable=g-import-not-at-top
   procs = [subprocess.Popen(argv, cwd=cwd, env=env) for argv, cwd, env in commands]
   if pid_file:
     with open(pid_file, "a") as f:
@@ -136,7 +143,8 @@ def tpu_vm(verb: str, args: list[str]) -> int:
     worker_homes(positional[0])
     deleted = os.path.join(os.environ["FAKE_ROOT"], "deleted")
     os.makedirs(deleted, exist_ok=True)
-    os.rename(slice_dir(positional[0]), os.path.join(deleted, f"{positional[0]}.{time.time_ns()}"))
+    os.rename(slice_dir(positional[0]),
+              os.path.join(deleted, f"{positional[0]}.{len(os.listdir(deleted))}"))
     return 0
   if options.get("worker") != "all":
     fail("expected --worker=all", 2)
@@ -144,10 +152,7 @@ def tpu_vm(verb: str, args: list[str]) -> int:
     source, target = positional
     name, _, dest = target.partition(":")
     for home in worker_homes(name):
-      if os.path.isdir(source):
-        shutil.copytree(source, os.path.join(home, dest), dirs_exist_ok=True)
-      else:
-        shutil.copy(source, os.path.join(home, dest))
+      copy(source, os.path.join(home, dest))
     return 0
   if verb == "ssh":
     command = options["command"]
@@ -165,7 +170,7 @@ def gcloud(argv: list[str]) -> int:
       fail("rsync without --recursive copies no folder", 2)
     if not os.path.isdir(gcs_path(source)):
       fail(f"{source} matched no objects")
-    shutil.copytree(gcs_path(source), dest, dirs_exist_ok=True)
+    copy(gcs_path(source), dest)
     return 0
   fail(f"unknown gcloud command {argv}", 2)
 
@@ -184,8 +189,7 @@ def gcsfuse(argv: list[str]) -> int:
   bucket, mount_point = positional
   if not os.path.isdir(mount_point):
     fail(f"mount point {mount_point} is not a folder")
-  shutil.copytree(gcs_path(f"gs://{bucket}/{options.get('only-dir', '')}"), mount_point,
-                  dirs_exist_ok=True)
+  copy(gcs_path(f"gs://{bucket}/{options.get('only-dir', '')}"), mount_point)
   return 0
 
 
@@ -205,7 +209,7 @@ def scancel(argv: list[str]) -> int:
     fail(f"the fake scancel does not do {argv}", 2)
   with open(os.path.join(os.environ["FAKE_ROOT"], "slurm_tasks")) as f:
     for pid in f.read().split():
-      os.kill(int(pid), signal.SIGTERM)
+      os.kill(int(pid), 15)  # SIGTERM
   return 0
 
 
@@ -216,7 +220,7 @@ def python(argv: list[str]) -> int:
     _wrapper(os.path.join(bin_dir, "python"), "python")
     _wrapper(os.path.join(bin_dir, "pip"), "pip")
     with open(os.path.join(bin_dir, "activate"), "w") as f:
-      f.write(f"export VIRTUAL_ENV={shlex.quote(os.path.dirname(bin_dir))}\n"
+      f.write(f"export VIRTUAL_ENV='{os.path.dirname(bin_dir)}'\n"
               'export PATH="$VIRTUAL_ENV/bin:$PATH"\n')
     return 0
   if argv[:2] in (["-m", "hn_jax.main"], ["-m", "pip"]):
@@ -242,6 +246,7 @@ def main() -> None:
 def hang() -> None:
   """Waits for a signal: SIGTERM is recorded (tool `terminated`) and ends the call cleanly, as
   a run that checkpoints does; SIGINT ends it as Ctrl-C would."""
+  import signal, time  # pylint: disable=g-import-not-at-top,multiple-imports
   def stop(signum, frame):
     record("terminated", [])
     sys.exit(0)
