@@ -231,14 +231,16 @@ def test_local_multiprocess_passes_arguments_through(cluster):
 
 
 def test_slurm_passes_arguments_through(cluster):
-  env = dict(SLURM_NTASKS="2", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO))
+  env = dict(SLURM_NTASKS="2", SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(REPO),
+             HN_DATA_DIR="/shared/prepared")
   status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, **env)
   assert status == 0, out
   assert cluster.calls("srun")[0]["argv"] == ["--kill-on-bad-exit=1", "python", "-m", "hn_jax.main",
                                               "--distributed=yes", *ARGS]
   assert [t["argv"] for t in cluster.trainers()] == [
       ["-m", "hn_jax.main", "--distributed=yes", *ARGS]] * 2
-  assert {t["cwd"] for t in cluster.trainers()} == {str(REPO)}
+  places = {(t["cwd"], t["data_dir"]) for t in cluster.trainers()}
+  assert places == {(str(REPO), "/shared/prepared")}
   assert cluster.calls("scontrol") == []  # a finished run is not requeued
   status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, FAKE_FAIL="^python -m hn_jax.main",
                             FAKE_FAIL_WORKER="1", **env)
