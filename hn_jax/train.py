@@ -8,7 +8,6 @@ on the same workdir resumes from its latest checkpoint and continues exactly.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -24,7 +23,8 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hn_jax import datasets, input_pipeline, losses, models, sharding, train_step
+from hn_jax import (datasets, input_pipeline, losses, models, run_config, sharding,
+                    train_step)
 
 
 class ConfigError(ValueError):
@@ -204,6 +204,87 @@ class EpochLog:
     return {"sums": self.sums, "count": self.count}
 
 
+def _create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard event files in `workdir`, written by process 0 only; no console echo."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _short(metrics: dict[str, float]) -> str:
+  """`R_1 0.9018, R_2 0.9509, ..., train_R_1 0.9489`: the keys without `DATA_test_`."""
+  return ", ".join(f"{key.split('_', 1)[-1].removeprefix('test_')} {value:.4f}"
+                   for key, value in metrics.items())
+
+
+class Progress:
+  """The console's account of a run: rate and ETA, a line per epoch and per evaluation
+  (and every `every_s` seconds inside a long epoch), and a closing summary."""
+
+  def __init__(self, total_steps: int, steps_per_epoch: int, num_epochs: int,
+               every_s: float = 60.0):
+    self.total_steps, self.steps_per_epoch, self.num_epochs = (total_steps, steps_per_epoch,
+                                                               num_epochs)
+    self.every_s = every_s
+    self._began = time.monotonic()
+    self._first_step = self._t_first = self._last_line = None
+    self._eval_s = 0.0
+
+  def _rate(self, step: int) -> float | None:
+    """Steps per second since the first step of this process finished (compilation aside)."""
+    if self._first_step is None or step <= self._first_step:
+      return None
+    return (step - self._first_step) / max(1e-9, time.monotonic() - self._t_first - self._eval_s)
+
+  def _pace(self, step: int) -> str:
+    rate = self._rate(step)
+    if rate is None:
+      return ""
+    return f"{rate:.1f} steps/s, ETA {_duration((self.total_steps - step) / rate)}"
+
+  def stepped(self, step: int) -> None:
+    now = time.monotonic()
+    if self._first_step is None:
+      self._first_step, self._t_first, self._last_line, self._eval_s = step, now, now, 0.0
+    elif now - self._last_line >= self.every_s:
+      self._last_line = now
+      in_epoch = (step - 1) % self.steps_per_epoch + 1
+      logging.info("epoch %d/%d: step %d of %d, %s", (step - 1) // self.steps_per_epoch + 1,
+                   self.num_epochs, in_epoch, self.steps_per_epoch, self._pace(step))
+
+  def epoch_done(self, epoch: int, step: int, scalars: dict[str, float]) -> None:
+    self._last_line = time.monotonic()
+    pace = self._pace(step)
+    logging.info("epoch %d/%d: loss %.4f, hn_ratio %.3f%s%s", epoch, self.num_epochs,
+                 scalars["loss"], scalars["train/hn_ratio"],
+                 f", {int(scalars['skipped_steps'])} skipped steps" if scalars["skipped_steps"]
+                 else "", f" | {pace}" if pace else "")
+
+  def evaluated(self, epoch: int, metrics: dict[str, float]) -> None:
+    now = time.monotonic()
+    took = now - (self._last_line or self._began)
+    if self._first_step is not None:
+      self._eval_s += took
+    self._last_line = now
+    logging.info("epoch %d evaluation: %s (%.1f s)", epoch, _short(metrics), took)
+
+  def summary(self, step: int, skipped: int, metrics: dict[str, float], workdir: str,
+              checkpoint_steps) -> None:
+    workdir = os.path.abspath(workdir)
+    logging.info("Done: %d epochs, step %d%s, in %s (this session). Final evaluation: %s. "
+                 "Checkpoints (steps %s) in %s; TensorBoard event files in %s "
+                 "(tensorboard --logdir=%s)", self.num_epochs, step,
+                 f" ({skipped} skipped)" if skipped else "",
+                 _duration(time.monotonic() - self._began), _short(metrics) or "none",
+                 ", ".join(str(s) for s in sorted(checkpoint_steps)),
+                 os.path.join(workdir, "checkpoints"), workdir, workdir)
+
+
 def _save(checkpoints: ocp.CheckpointManager, step: int, state: train_step.TrainState,
           progress: dict[str, Any]) -> None:
   if checkpoints.latest_step() != step:
@@ -223,6 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   mesh = sharding.create_mesh() if mesh is None else mesh
   check_config(config, num_devices=mesh.size)
+  changes = run_config.check(config, workdir)
   dataset = datasets.load(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(dataset.train.labels, config)
   if steps_per_epoch == 0:
@@ -240,17 +322,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoints = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  total_steps = config.num_epochs * steps_per_epoch
   step = checkpoints.latest_step()
+  if step is not None and step >= total_steps:
+    logging.info("%s holds a complete run (step %d, epoch %d of %d): nothing to do; "
+                 "raise --config.num_epochs to train further", workdir, step,
+                 step // steps_per_epoch, config.num_epochs)
+    return {}
+  writer = _create_writer(workdir)
   metrics = {}
+  clock = Progress(total_steps, steps_per_epoch, config.num_epochs)
   if step is None:
     step = 0
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+      run_config.record(config, workdir, changes)
+    logging.info("Training %s (%s, %s loss) for %d epochs of %d steps in %s", config.dataset,
+                 config.model, config.loss, config.num_epochs, steps_per_epoch, workdir)
     metrics = evaluate(embed_fn, state, dataset, config, mesh, workdir, 0)
     writer.write_scalars(0, metrics)
-    logging.info("epoch 0: %s", json.dumps(metrics))
+    clock.evaluated(0, metrics)
     _save(checkpoints, 0, state, {"sums": {}, "count": 0})
     log = EpochLog(writer)
   else:
@@ -259,11 +349,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
     state = restored.state
     log = EpochLog(writer, restored.progress["sums"], restored.progress["count"])
-    logging.info("Resumed from the checkpoint of step %d in %s", step, workdir)
+    logging.info("Resumed %s from its checkpoint of step %d (epoch %d of %d)", workdir, step,
+                 step // steps_per_epoch, config.num_epochs)
+    if changes:
+      if jax.process_index() == 0:
+        run_config.record(config, workdir, changes)
+      logging.info("Changed settings: %s (recorded in %s)", run_config.describe(changes),
+                   os.path.join(workdir, run_config.HISTORY_FILE))
 
   preemption = Preemption()
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=config.num_epochs * steps_per_epoch, writer=writer)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   try:
     for epoch in range(step // steps_per_epoch + 1, config.num_epochs + 1):
       first_step = step - (epoch - 1) * steps_per_epoch
@@ -287,18 +382,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               f"a row (before step {step}); lower config.learning_rate or use float32 "
               "(config.half_precision=False), then resume from the last checkpoint")
         report_progress(step)
+        clock.stepped(step)
       scalars = log.epoch_means()
       scalars["learning_rate"] = float(schedule(step - 1))
       writer.write_scalars(epoch, scalars)
-      logging.info("epoch %d: loss %.4f, hn_ratio %.3f", epoch, scalars["loss"],
-                   scalars["train/hn_ratio"])
+      clock.epoch_done(epoch, step, scalars)
       if epoch % config.eval_every == 0 or epoch == config.num_epochs:
         metrics = evaluate(embed_fn, state, dataset, config, mesh, workdir, epoch)
         writer.write_scalars(epoch, metrics)
-        logging.info("epoch %d: %s", epoch, json.dumps(metrics))
+        clock.evaluated(epoch, metrics)
         _save(checkpoints, step, state, log.progress())
   finally:
     preemption.close()
     checkpoints.wait_until_finished()
     writer.flush()
+    writer.close()
+  clock.summary(step, log.skipped_steps, metrics, workdir, checkpoints.all_steps())
   return metrics
