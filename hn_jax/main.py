@@ -31,6 +31,8 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hn_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for TensorBoard logs and checkpoints "
                     "(one run per directory; the same command resumes it).")
@@ -45,7 +47,6 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host run
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 PROG = "hn_jax"
-_HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -81,7 +82,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   --help and friends print the usage and exit with status 0.
   """
   argv = list(argv)
-  if any(a.split("=", 1)[0] in _HELP_FLAGS for a in argv[1:]):
+  if cli.wants_help(argv):
     try:
       FLAGS(argv)
     except SystemExit:

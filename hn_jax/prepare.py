@@ -2,7 +2,8 @@
 
   python -m hn_jax.prepare --dataset=cub --manual_dir=/data/CUB_200_2011 --data_dir=/data/tfds
 
-reads the layout in `manual_dir` (see the builders in `hn_jax/tfds_builders/`), checks every
+reads the layout in `manual_dir` (each dataset's layout and expected counts are in
+docs/datasets.md; the readers are in `hn_jax/tfds_builders/`), checks every
 image, and writes ArrayRecord files (random access by index, which the samplers need) under
 `data_dir/hn_<dataset>/<version>/`. It ends with a summary: images written per split,
 classes, files skipped and why; the same summary is saved there as `prepare_report.txt`.
@@ -19,9 +20,11 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
+from hn_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", None, "One of: cub, cars, sop, inshop, hotels50k.")
-flags.DEFINE_string("manual_dir", None, "Folder of the published layout (see DATASETS).")
+flags.DEFINE_string("manual_dir", None, "Folder of the published layout, as downloaded (see docs/datasets.md).")
 flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR.")
 flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.")
 flags.DEFINE_integer("workers", None, "Threads checking images (default: 2 per core, <= 32).")
@@ -136,8 +139,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # checked by cli.flags_parser
   if not FLAGS.dataset:
     sys.exit("hn_jax.prepare: error: --dataset is required (cub, cars, sop, inshop, hotels50k)")
   logging.set_verbosity(logging.ERROR)  # TFDS's info lines would drown the progress bar
@@ -155,4 +157,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("hn_jax.prepare"))

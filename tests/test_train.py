@@ -1,5 +1,7 @@
 """The training loop end to end on the embedded digits: logs, checkpoints, resume, errors."""
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from hn_jax import report, sharding, train, train_step
+from hn_jax import report, run_config, sharding, train, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +63,8 @@ def test_training_learns(two_epoch_run):
   assert last > first + 0.02, (first, last)
 
 
-def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path, monkeypatch):
+def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path, monkeypatch,
+                                                        caplog):
   workdir, uninterrupted = two_epoch_run
   add = train.EpochLog.add
 
@@ -83,12 +86,40 @@ def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path,
     if f.is_file():
       f.unlink()
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  caplog.set_level(logging.INFO)
+  # A setting the run may change: recorded in config.json, its history kept.
+  resumed = train.train_and_evaluate(tiny_config(checkpoints_to_keep=3), str(tmp_path))
   assert resumed == uninterrupted
+  assert json.loads((tmp_path / "config.json").read_text())["checkpoints_to_keep"] == 3
+  history = json.loads((tmp_path / "config_history.json").read_text())
+  assert [h["changes"] for h in history] == [{"checkpoints_to_keep": [2, 3]}]
+  console = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
+  assert "Changed settings: checkpoints_to_keep 2 -> 3" in "\n".join(console)
+  assert not any("step_loss" in line for line in console), "per-step scalars: TensorBoard only"
+  epoch_lines = [line for line in console if line.startswith("epoch 2/2: loss")]
+  assert len(epoch_lines) == 1 and "steps/s, ETA 0:00:00" in epoch_lines[0]
+  assert any(line.startswith("epoch 2 evaluation: R_1 ") for line in console)
+  assert console[-1].startswith("Done: 2 epochs, step 28") and str(tmp_path) in console[-1]
+  assert f"R_1 {uninterrupted['DIGITS_test_R_1']:.4f}" in console[-1]
+  assert "Checkpoints (steps 5, 14, 28)" in console[-1] and "tensorboard --logdir=" in console[-1]
   a, b = report.load_scalars(workdir), report.load_scalars(tmp_path)
   for key in ("loss", "step_loss", "hn_ratio", "DIGITS_test_R_1", "train/num_hard"):
     assert [p[0] for p in b[key]] == [p[0] for p in a[key]], key
     assert [p[2] for p in b[key]] == [p[2] for p in a[key]], key
+
+
+def test_a_workdir_belongs_to_one_config(two_epoch_run, caplog):
+  workdir, _ = two_epoch_run
+  before = sorted(p.name for p in workdir.iterdir())
+  with pytest.raises(run_config.ConfigMismatch, match="config.embedding_dim=32 but the run has "
+                     "16; config.loss=\"hn\" but the run has \"sct\".*use a new --workdir"):
+    train.train_and_evaluate(tiny_config(embedding_dim=32, loss="hn"), str(workdir))
+  caplog.set_level(logging.INFO)
+  assert train.train_and_evaluate(tiny_config(eval_every=2), str(workdir)) == {}
+  console = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
+  assert console == [f"{workdir} holds a complete run (step 28, epoch 2 of 2): nothing to do; "
+                     "raise --config.num_epochs to train further"]
+  assert sorted(p.name for p in workdir.iterdir()) == before, "no event file, no history"
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
@@ -186,6 +217,7 @@ def test_main_stops_with_one_line_before_compiling(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("hn_jax: error: ") and message in last, result.stderr[-2000:]
   assert "Traceback" not in result.stderr and "Compiling" not in result.stderr
+  assert "Config" not in result.stderr and "batch_size: 36" not in result.stderr
   assert not workdir.exists() or not any(workdir.iterdir()), "nothing written"
 
 

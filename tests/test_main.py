@@ -1,0 +1,68 @@
+"""The command lines: a mistake is one line before anything heavy runs; --help exits 0."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(module, *args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/cars.py", "--workdir=W"],
+     "--config=configs/cars.py: no such file; did you mean configs/car.py?"),
+    (["--config=configs/digits.py", "--config.los=hn", "--workdir=W"],
+     "--config.los: no such setting; did you mean --config.loss?"),
+    (["--config=configs/digits.py"], "--workdir is required"),
+    (["--workdir=W"], "--config is required"),
+    (["--config=configs/digits.py", "--workdir=W", "extra"], "unexpected arguments: extra"),
+])
+def test_main_mistakes_are_one_line(tmp_path, args, message):
+  args = [a.replace("=W", f"={tmp_path / 'wd'}") for a in args]
+  result = _run("hn_jax.main", *args)
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("hn_jax: error: "), result.stderr[-2000:]
+  assert message in lines[0]
+  assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("module", ["hn_jax.main", "hn_jax.prepare", "hn_jax.search",
+                                    "hn_jax.report", "hn_jax.convert_weights"])
+def test_help_exits_zero(module):
+  result = _run(module, "--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "usage" in (result.stdout + result.stderr).lower() or "--" in result.stdout
+  if module == "hn_jax.main":
+    assert "configs/default.py" in result.stdout and "docs/protocol.md" in result.stdout
+  if module == "hn_jax.prepare":
+    assert "docs/datasets.md" in result.stdout
+
+
+def test_prepare_flag_mistake_is_one_line():
+  result = _run("hn_jax.prepare", "--datset=cub")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+      "hn_jax.prepare: error: Unknown command line flag 'datset'. Did you mean: dataset ?"]
+
+
+def test_library_info_is_hidden_ours_and_warnings_are_not():
+  from hn_jax import main
+
+  def record(path, level):
+    return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+  only_ours = main._OnlyOurs()
+  orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not only_ours.filter(record(orbax, logging.INFO))
+  assert only_ours.filter(record(orbax, logging.WARNING))
+  assert only_ours.filter(record(os.path.join(REPO, "hn_jax", "train.py"), logging.INFO))

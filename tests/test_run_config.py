@@ -1,0 +1,60 @@
+"""A workdir belongs to one config: the resume check and the history of changed settings."""
+
+import json
+
+import pytest
+
+from configs import digits
+from hn_jax import run_config
+
+
+def test_a_fresh_workdir_has_nothing_to_compare(tmp_path):
+  assert run_config.check(digits.get_config(), str(tmp_path)) == {}
+
+
+def test_settings_that_shape_the_run_stop_it_in_one_line(tmp_path):
+  run_config.record(digits.get_config(), str(tmp_path))
+  config = digits.get_config()
+  config.embedding_dim = 64
+  config.loss = "hn"
+  config.mean = (0.5, 0.5, 0.5)
+  config.num_epochs = 30  # changeable: not named
+  with pytest.raises(run_config.ConfigMismatch) as error:
+    run_config.check(config, str(tmp_path))
+  message = str(error.value)
+  assert "\n" not in message
+  assert "config.embedding_dim=64 but the run has 32" in message
+  assert 'config.loss="hn" but the run has "sct"' in message
+  assert "config.mean=[0.5, 0.5, 0.5] but the run has [0.305, 0.305, 0.305]" in message
+  assert "num_epochs" not in message and "use a new --workdir" in message
+
+
+def test_tuples_and_lists_compare_equal(tmp_path):
+  run_config.record(digits.get_config(), str(tmp_path))
+  assert run_config.check(digits.get_config(), str(tmp_path)) == {}
+
+
+def test_a_setting_missing_on_one_side_counts_unless_changeable():
+  old = {"loss": "sct", "num_epochs": 20}
+  assert run_config.differences(old, {"loss": "sct", "num_epochs": 20, "cache": True}) == {
+      "cache": ("(not set)", True)}
+  with_new_key = {"loss": "sct", "num_epochs": 20, "new_setting": 1}
+  assert set(run_config.differences(old, with_new_key)) == {"new_setting"}
+  assert "new_setting" not in run_config.CHANGEABLE
+
+
+def test_changeable_settings_are_recorded_with_their_history(tmp_path):
+  workdir = str(tmp_path)
+  run_config.record(digits.get_config(), workdir)
+  for epochs, every in ((25, 5), (30, 1)):
+    config = digits.get_config()
+    config.num_epochs, config.eval_every, config.cache_images = epochs, every, True
+    changes = run_config.check(config, workdir)
+    run_config.record(config, workdir, changes)
+  assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 30
+  history = json.loads((tmp_path / run_config.HISTORY_FILE).read_text())
+  assert [h["changes"] for h in history] == [
+      {"cache_images": [False, True], "num_epochs": [20, 25]},
+      {"eval_every": [5, 1], "num_epochs": [25, 30]}]
+  assert all(h["time"].endswith("+00:00") for h in history)
+  assert run_config.describe({"num_epochs": (20, 25)}) == "num_epochs 20 -> 25"
