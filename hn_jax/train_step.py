@@ -45,7 +45,7 @@ def create_model(config: ml_collections.ConfigDict) -> models.ResNetEmbedding:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """The base rate, times 0.1 at each epoch of `config.lr_drop_epochs`."""
+  """The base rate, times 0.1 at each epoch of `config.lr_drop_epochs`, by global step."""
   return optax.piecewise_constant_schedule(
       config.learning_rate,
       {int(epoch) * steps_per_epoch: 0.1 for epoch in config.lr_drop_epochs})
@@ -54,17 +54,22 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
   """Plain SGD (momentum only if configured, no weight decay), as the release.
 
-  Wrapped in `optax.apply_if_finite`: a step whose gradients are not finite changes nothing
-  and is counted; the training loop stops after `config.max_consecutive_skips` in a row.
+  The momentum trace sits in `optax.apply_if_finite`: a step whose gradients are not finite
+  changes nothing and is counted; the training loop stops after
+  `config.max_consecutive_skips` in a row. The learning rate is applied outside it, so its
+  schedule counts every step, skipped or not: its count is the global step (`state.step`),
+  and the drops happen at the epochs the config names.
   """
-  momentum = config.momentum or None
-  sgd = optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=momentum)
-  return optax.apply_if_finite(sgd, max_consecutive_errors=2**31 - 1)
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  direction = optax.trace(decay=config.momentum) if config.momentum else optax.identity()
+  return optax.chain(optax.apply_if_finite(direction, max_consecutive_errors=2**31 - 1),
+                     optax.scale_by_schedule(lambda count: -schedule(count)))
 
 
 def skipped_steps(opt_state: optax.OptState) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(last step skipped, skipped steps in a row, skipped steps in all) of the optimizer."""
-  return ~opt_state.last_finite, opt_state.notfinite_count, opt_state.total_notfinite
+  finite = opt_state[0]  # create_optimizer's apply_if_finite
+  return ~finite.last_finite, finite.notfinite_count, finite.total_notfinite
 
 
 def create_train_state(model: models.ResNetEmbedding,

@@ -133,6 +133,22 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0"]
 
 
+def test_learning_rate_drops_at_the_global_step_even_after_a_skipped_step():
+  import jax.numpy as jnp
+  config = tiny_config(learning_rate=0.5, lr_drop_epochs=(1,))
+  tx = train_step.create_optimizer(config, steps_per_epoch=3)
+  params = {"w": jnp.zeros(())}
+  opt_state = tx.init(params)
+  applied, skipped = [], []
+  for grad in (1.0, float("nan"), 1.0, 1.0, 1.0):  # global steps 0..4; the drop is at 3
+    updates, opt_state = tx.update({"w": jnp.asarray(grad)}, opt_state, params)
+    applied.append(float(updates["w"]))
+    skipped.append(bool(train_step.skipped_steps(opt_state)[0]))
+  np.testing.assert_allclose(applied, [-0.5, 0.0, -0.5, -0.05, -0.05], rtol=1e-6)
+  assert skipped == [False, True, False, False, False]
+  assert int(train_step.skipped_steps(opt_state)[2]) == 1
+
+
 def test_same_seed_same_run_other_seed_other_run(two_epoch_run, tmp_path):
   _, first = two_epoch_run
   other = train.train_and_evaluate(tiny_config(seed=1, num_epochs=2), str(tmp_path))
