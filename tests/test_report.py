@@ -275,6 +275,16 @@ def test_truncated_tail_is_ignored(tmp_path):
   assert [p[0] for p in report.load_scalars(tmp_path / "b")["x"]] == [0, 1, 2, 3]
 
 
+def test_a_corrupt_payload_is_an_error(tmp_path):
+  _write_simple(tmp_path / "a", [(s, "x", float(s)) for s in range(5)])
+  (src,) = report.event_files(tmp_path / "a")
+  data = bytearray(src.read_bytes())
+  data[-10] ^= 0xFF  # inside the last record's payload: its CRC no longer matches
+  src.write_bytes(bytes(data))
+  with pytest.raises(report.ReportError, match="corrupt event file"):
+    report.load_scalars(tmp_path / "a")
+
+
 def test_summarize_against_numpy(synthetic):
   groups = report.load_groups([synthetic])
   assert list(groups) == sorted(FINALS)
@@ -309,6 +319,8 @@ def test_single_run_has_zero_std(synthetic):
   groups = report.load_groups([synthetic / "mixed_B8_R1_D4_lr0.5_lam1.0" / "1"])
   rows = report.summarize(groups)
   assert [(r["n"], r["std"]) for r in rows] == [(1, 0.0)] * 3
+  table = report.format_table(rows)
+  assert "+-" not in table and table.count("(n=1)") == 3, table
 
 
 def test_collapse_rule():
