@@ -82,7 +82,11 @@ def test_prepare_writes_the_sound_images_in_order(prepared, name):
   empties = {int(what.rsplit(" ", 1)[-1].rstrip(")")) for _, what in warnings
              if what.startswith("empty class")}
   assert singles == expected.single and empties == expected.empty
-  assert metadata["converted"] == []
+  # Non-RGB images are stored as RGB PNG (the fakes' grayscale and CMYK JPEGs, RGBA PNG).
+  notes = sorted(note for _, note in metadata["converted"])
+  assert {"converted from JPEG CMYK to PNG", "converted from JPEG L to PNG"} <= set(notes)
+  assert set(notes) <= {"converted from JPEG CMYK to PNG", "converted from JPEG L to PNG",
+                        "converted from PNG RGBA to PNG"}
   # The prepare report names every skipped file with its reason.
   report = (Path(builder.data_dir) / prepare.REPORT_FILE).read_text()
   for path, reason in expected.skipped.items():
@@ -137,25 +141,61 @@ def test_pipeline_streams_prepared_splits(prepared, name):
 
 
 def test_decoded_images_match_pil(prepared):
-  """The pipeline's decoder gives PIL's RGB for gray, CMYK, PNG and RGB JPEGs alike."""
+  """The pipeline's decoder gives PIL's RGB for every stored image (RGB JPEG or PNG)."""
   from PIL import Image
   import io
   import tensorflow as tf
   expected, data_dir, _ = prepared["cub"]
   split = datasets.load(_config("cub", data_dir)).train
   records = split.images.read(range(len(split)))
-  gray = cmyk = 0
+  modes = []
   for record in records:
     encoded = tf.io.parse_single_example(record, {"image": tf.io.FixedLenFeature([], tf.string)})
     data = encoded["image"].numpy()
     ours = input_pipeline.decode_image(data).numpy()
     with Image.open(io.BytesIO(data)) as image:
-      gray += image.mode == "L"
-      cmyk += image.mode == "CMYK"
+      modes.append((image.format, image.mode))
       theirs = np.asarray(image.convert("RGB"))
     assert ours.shape == theirs.shape
     assert np.abs(ours.astype(int) - theirs.astype(int)).mean() < 2.0
-  assert gray == 1 and cmyk == 1
+  assert set(modes) == {("JPEG", "RGB"), ("PNG", "RGB")}, modes
+
+
+@pytest.mark.parametrize("name", ["cub", "inshop"])
+def test_tfds_readers_give_three_channels_and_rgb_jpegs_keep_their_bytes(prepared, name):
+  """Through TFDS's own readers: `as_data_source` (NumPy) and `as_dataset` (tf.data)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from PIL import Image
+  import io
+  _, _, builder = prepared[name]
+  reloaded = tfds.builder_from_directory(builder.data_dir)
+  converted = {path for path, _ in builder.info.metadata["converted"]}
+  from etils import epath
+  listing = builder._list(epath.Path(reloaded.info.metadata["root"]))
+  paths = {e.image_id: e.path for entries in listing.splits.values() for e in entries}
+  image_feature = reloaded.info.features["image"]
+  for split in reloaded.info.splits:
+    decoded = reloaded.as_data_source(split=split)
+    raw = reloaded.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    # tf.data: TFDS's own TensorFlow decoder of the declared feature.
+    in_tf = tf.data.Dataset.from_tensor_slices([r["image"] for r in raw]).map(
+        image_feature.decode_example)
+    for stored, example, tf_image in zip(raw, decoded, in_tf.as_numpy_iterator()):
+      assert example["image"].ndim == 3 and example["image"].shape[-1] == 3
+      assert tf_image.shape[-1] == 3
+      image_id = stored["image_id"]
+      path = paths[image_id.decode() if isinstance(image_id, bytes) else image_id]
+      with open(path, "rb") as f:
+        original = f.read()
+      with Image.open(io.BytesIO(original)) as image:
+        rgb = image.convert("RGB")
+        if path in converted:
+          assert stored["image"] != original
+          np.testing.assert_array_equal(example["image"], np.asarray(rgb))  # lossless
+        else:
+          assert (image.format, image.mode) in {("JPEG", "RGB"), ("PNG", "RGB")}
+          assert stored["image"] == original
 
 
 def test_cache_gives_the_same_batches(prepared):
@@ -285,4 +325,4 @@ def test_other_image_formats_are_converted(tmp_path):
   Image.open(gif).convert("P").save(gif, "GIF")
   builder = prepare.prepare("sop", expected.root, str(tmp_path / "data"), progress=False)
   converted = builder.info.metadata["converted"]
-  assert converted == [[str(gif), "converted from GIF P to PNG"]]
+  assert [str(gif), "converted from GIF P to PNG"] in converted

@@ -10,8 +10,14 @@ dataset's metadata (`metadata.json`), line up with the records without reading t
 Hand-written rather than TFDS's `ImageFolder` because none of the layouts is a folder per
 class with the protocol's split, and because a damaged file must be skipped, not fatal.
 
-Stored images are the original bytes (JPEG or PNG). Images in another format that PIL
-can read (GIF, BMP, TIFF, WebP, ...) are re-encoded as PNG and reported as converted.
+Every stored image decodes to 3 channels (H, W, 3) through TFDS's own readers (tf.data
+and `as_data_source`), as the declared `Image(shape=(None, None, 3))` promises. RGB JPEGs
+and 8-bit RGB PNGs, nearly all of every benchmark, are stored as their original bytes.
+Anything else -- grayscale or CMYK JPEGs, PNGs with alpha, a palette, gray or 16 bits,
+other formats PIL reads (GIF, BMP, TIFF, WebP, ...) -- is stored as a PNG of PIL's RGB
+conversion and reported as converted. PNG rather than a second JPEG: lossless, so the
+stored pixels are exactly the RGB image PIL makes of the original; the files are larger,
+but such images are few.
 """
 
 from __future__ import annotations
@@ -107,7 +113,7 @@ def check_image(path: str) -> tuple[bytes | None, str]:
     if "truncated" in str(e):
       return None, "truncated image"
     return None, "not a readable image"
-  if image_format == "PNG" or (image_format == "JPEG" and mode in ("L", "RGB", "CMYK")):
+  if _stored_as_is(data, image_format, mode):
     return data, ""
   try:
     with Image.open(io.BytesIO(data)) as image:
@@ -116,6 +122,14 @@ def check_image(path: str) -> tuple[bytes | None, str]:
   except (OSError, SyntaxError, ValueError, EOFError):
     return None, "not a readable image"
   return out.getvalue(), f"converted from {image_format} {mode} to PNG"
+
+
+def _stored_as_is(data: bytes, image_format: str, mode: str) -> bool:
+  """Whether TFDS's readers decode the original bytes to 8-bit RGB: RGB JPEG, 8-bit RGB PNG."""
+  if image_format == "JPEG":
+    return mode == "RGB"
+  # PNG header: bit depth at byte 24, colour type at 25 (2: truecolour without alpha).
+  return image_format == "PNG" and mode == "RGB" and data[24:26] == b"\x08\x02"
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
@@ -139,8 +153,11 @@ def dense_ids(values: Iterable[Any]) -> dict[Any, int]:
 class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the builders: a published layout in `manual_dir` -> class-disjoint splits."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "Every image decodes to RGB: non-RGB images are stored as RGB PNG.",
+  }
   SPLIT_NAMES: tuple[str, ...] = ("train", "test")
   # Splits where a class with a single image is worth a warning (no positive pair).
   PAIR_SPLITS: tuple[str, ...] = ("train", "test")

@@ -3,7 +3,7 @@
 Each `write_*` function writes a few dozen small real image files (PIL) and annotation
 files in the exact published format into a folder, and returns what a correct build must
 produce. Every copy holds a missing file, a truncated JPEG, a file that is not an image, a
-grayscale and a CMYK JPEG, a PNG, a class with a single image and an empty class. Tests use
+grayscale and a CMYK JPEG, an RGB PNG (one with alpha too), a class with a single image and an empty class. Tests use
 them; so can anyone who wants to try `python -m hn_jax.prepare` without the real data.
 """
 
@@ -28,7 +28,7 @@ UNSOUND = {"missing": "missing file", "truncated": "truncated image",
 class FakeImage:
   split: str
   cls: int  # class number within the fake (0-based, unique over the whole fake)
-  kind: str = "rgb"  # rgb, gray, cmyk, png, missing, truncated, text
+  kind: str = "rgb"  # rgb, gray, cmyk, png, rgba (a PNG with alpha), missing, truncated, text
 
 
 @dataclasses.dataclass
@@ -52,7 +52,7 @@ def _plan(splits: tuple[str, str]) -> list[FakeImage]:
   plan += [FakeImage(train, 2, k) for k in ("rgb", "missing", "rgb")]
   plan += [FakeImage(train, 3, "rgb")]  # a class with a single image
   for i in range(3):
-    plan += [FakeImage(test, 4 + i, k) for k in ("rgb", "png", "rgb")]
+    plan += [FakeImage(test, 4 + i, k) for k in ("rgb", "rgba" if i == 1 else "png", "rgb")]
   plan += [FakeImage(test, 4, "text")]
   return plan
 
@@ -72,6 +72,8 @@ def image_bytes(kind: str, seed: int, size: tuple[int, int] | None = None,
     image.convert("L").save(out, "JPEG", quality=90)
   elif kind == "cmyk":
     image.convert("CMYK").save(out, "JPEG", quality=90)
+  elif kind == "rgba":
+    image.convert("RGBA").save(out, "PNG")
   elif kind == "png" or fmt == "PNG":
     image.save(out, "PNG")
   else:
