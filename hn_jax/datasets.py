@@ -219,8 +219,13 @@ def _prepared(name: str, config: ml_collections.ConfigDict) -> Dataset:
         f"to where it was prepared, or prepare it with: {prepare.command(name)}")
   builder = tfds_builders.BUILDERS[name](data_dir=root)
   if not builder.is_prepared():
-    raise DataNotPreparedError(f"dataset {name} is not prepared in {root}; prepare it with: "
-                               f"{prepare.command(name, root)}")
+    folder = os.path.dirname(builder.data_dir)
+    older = sorted(v for v in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if v != str(builder.version) and v[:1].isdigit())
+    also = (f" (the copy there is of version {', '.join(older)}; this hn_jax reads "
+            f"{builder.version}: {builder.RELEASE_NOTES[str(builder.version)]})" if older else "")
+    raise DataNotPreparedError(f"dataset {name} is not prepared in {root}{also}; prepare it "
+                               f"with: {prepare.command(name, root)}")
   info = builder.info
   if info.file_format is None or info.file_format.value != "array_record":
     raise DataNotPreparedError(f"dataset {name} in {builder.data_dir} is not in ArrayRecord "

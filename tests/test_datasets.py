@@ -260,6 +260,9 @@ def test_load_without_prepared_data_names_the_command(tmp_path, name, monkeypatc
     datasets.load(_config(name, str(tmp_path)))
   message = str(error.value)
   assert "\n" not in message and f"python -m hn_jax.prepare --dataset={name}" in message
+  (tmp_path / f"hn_{name}" / "1.0.0").mkdir(parents=True)  # prepared by an older hn_jax
+  with pytest.raises(datasets.DataNotPreparedError, match="the copy there is of version 1.0.0"):
+    datasets.load(_config(name, str(tmp_path)))
   with pytest.raises(datasets.DataNotPreparedError, match=datasets.DATA_DIR_ENV):
     datasets.load(_config(name, ""))
 
