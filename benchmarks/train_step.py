@@ -17,7 +17,7 @@ What is measured, per (framework, mode, dtype, batch):
   torch  The same step in PyTorch: torchvision's `resnet50(weights=None)` with `fc` replaced by
          Linear(2048, 512) (with --tiny, or when torchvision is missing, the same layout
          written in this file), the release's sct loss written here in vectorized torch
-         (PROTOCOL section 1; `triplet_loss_torch`, tested equal to `hn_jax.losses`), plain
+         (docs/protocol.md section 1; `triplet_loss_torch`, tested equal to `hn_jax.losses`), plain
          `torch.optim.SGD`. bfloat16 is `torch.autocast(dtype=torch.bfloat16)` around the model
          (the loss is computed in float32, as in hn_jax). Channels-last memory format for model
          and images (`--torch_channels_last`), `cudnn.benchmark=True`. Modes: `eager`, and
@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# The release's loss in PyTorch (PROTOCOL section 1), vectorized.
+# The release's loss in PyTorch (docs/protocol.md section 1), vectorized.
 
 
 def triplet_loss_torch(embeddings, labels, *, method: str = "sct", lam: float = 1.0,

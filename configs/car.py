@@ -1,6 +1,7 @@
-"""Cars196 as in the paper (PROTOCOL section 5): ResNet50, 64-d, batch 128, 80 epochs.
+"""Cars196 as in the paper (docs/protocol.md section 5): ResNet50, 64-d, batch 128, 80 epochs.
 
-Prepare once: `python -m hn_jax.prepare --dataset=cars --manual_dir=/path/to/cars196
+Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
+`python -m hn_jax.prepare --dataset=cars --manual_dir=/path/to/cars196
 --data_dir=/path/to/prepared` (the folder with cars_annos.mat and car_ims/, or the devkit
 layout), then train with `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR).
 The paper starts from ImageNet weights: add `--config.pretrained=/path/to/resnet50.pth`.

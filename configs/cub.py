@@ -1,6 +1,7 @@
-"""CUB-200-2011 as in the paper (PROTOCOL section 5): ResNet50, 64-d, batch 128, 80 epochs.
+"""CUB-200-2011 as in the paper (docs/protocol.md section 5): ResNet50, 64-d, batch 128, 80 epochs.
 
-Prepare once: `python -m hn_jax.prepare --dataset=cub --manual_dir=/path/to/CUB_200_2011
+Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
+`python -m hn_jax.prepare --dataset=cub --manual_dir=/path/to/CUB_200_2011
 --data_dir=/path/to/prepared`, then train with `--config.data_dir=/path/to/prepared` (or set
 HN_DATA_DIR). The paper starts from ImageNet weights: add
 `--config.pretrained=/path/to/resnet50-0676ba61.pth` (torchvision's file).

@@ -1,7 +1,9 @@
 """Every setting of a run, with its default (the CUB settings of the paper on ResNet50).
 
 Dataset configs start from this one and change what differs. Override any value on the
-command line: `--config.loss=shn --config.learning_rate=0.002`.
+command line: `--config.loss=shn --config.learning_rate=0.002`. What the settings reproduce
+(losses, samplers, transforms, the paper's per-dataset values) is in docs/protocol.md. On a
+resumed run only the settings in `hn_jax/run_config.py`'s CHANGEABLE may change.
 """
 
 import ml_collections

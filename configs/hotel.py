@@ -1,6 +1,7 @@
-"""Hotels-50K as in the paper (PROTOCOL section 5): ResNet50, 256-d, batch 512, 200 epochs.
+"""Hotels-50K as in the paper (docs/protocol.md section 5): ResNet50, 256-d, batch 512, 200 epochs.
 
-Prepare once: `python -m hn_jax.prepare --dataset=hotels50k --manual_dir=/path/to/hotels50k
+Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
+`python -m hn_jax.prepare --dataset=hotels50k --manual_dir=/path/to/hotels50k
 --data_dir=/path/to/prepared` (the folder with input/dataset/*.csv and images/), then train
 with `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR). Logged as HOTEL: the test
 images are queries against the training images, by hotel and by chain. The paper starts

@@ -1,6 +1,7 @@
-"""In-shop Clothes Retrieval as in the paper (PROTOCOL section 5): ResNet50, 512-d, batch 512.
+"""In-shop Clothes Retrieval as in the paper (docs/protocol.md section 5): ResNet50, 512-d, batch 512.
 
-Prepare once: `python -m hn_jax.prepare --dataset=inshop --manual_dir=/path/to/inshop
+Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
+`python -m hn_jax.prepare --dataset=inshop --manual_dir=/path/to/inshop
 --data_dir=/path/to/prepared` (the folder with Eval/ and img/), then train with
 `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR). Logged as ICR; queries are
 retrieved from the gallery. The paper starts from ImageNet weights: add

@@ -1,6 +1,7 @@
-"""Stanford Online Products as in the paper (PROTOCOL section 5): ResNet50, 512-d, batch 512.
+"""Stanford Online Products as in the paper (docs/protocol.md section 5): ResNet50, 512-d, batch 512.
 
-Prepare once: `python -m hn_jax.prepare --dataset=sop --manual_dir=/path/to/Stanford_Online_Products
+Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
+`python -m hn_jax.prepare --dataset=sop --manual_dir=/path/to/Stanford_Online_Products
 --data_dir=/path/to/prepared`, then train with `--config.data_dir=/path/to/prepared` (or set
 HN_DATA_DIR). The paper starts from ImageNet weights: add `--config.pretrained=...`.
 """

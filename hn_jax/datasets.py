@@ -1,4 +1,4 @@
-"""Datasets by name: their splits, logging key and evaluation protocol (PROTOCOL section 6).
+"""Datasets by name: their splits, logging key and evaluation protocol (docs/protocol.md section 6).
 
 - `digits`: the embedded default, scikit-learn's 1,797 handwritten 8x8 digits (shipped inside
   scikit-learn, no download), classes 0-4 for training and 5-9 for testing, so that train
@@ -34,7 +34,7 @@ from hn_jax.input_pipeline import RecordSource, Split
 
 PREPARED = ("cub", "cars", "sop", "inshop", "hotels50k")
 DATASET_NAMES = ("digits", "synthetic") + PREPARED
-# The DATA prefix of the logged scalars (PROTOCOL section 7) and the K of the test recalls.
+# The DATA prefix of the logged scalars (docs/protocol.md section 7) and the K of the test recalls.
 KEYS = {"digits": "DIGITS", "synthetic": "SYNTHETIC", "cub": "CUB", "cars": "CAR", "sop": "SOP",
         "inshop": "ICR", "hotels50k": "HOTEL"}
 TEST_KS = {"cub": (1, 2, 4, 8), "cars": (1, 2, 4, 8), "sop": (1, 10, 100, 1000),
@@ -68,7 +68,7 @@ class Dataset:
                save_neighbours: Callable[[np.ndarray], None] | None = None, *,
                max_bytes: int = evaluation.DEFAULT_MAX_BYTES,
                mesh: Mesh | None = None) -> dict[str, float]:
-    """The logged metrics (PROTOCOL section 7) of the embedding function `embed`.
+    """The logged metrics (docs/protocol.md section 7) of the embedding function `embed`.
 
     Recall@K, MAP@R and R-Precision of the test queries (against the gallery where the
     dataset has one), chain recall for Hotels-50K, and training-set R@1 where the protocol

@@ -1,4 +1,4 @@
-"""Triplet losses with batch-hard mining: hn, shn and sct (PROTOCOL section 1).
+"""Triplet losses with batch-hard mining: hn, shn and sct (docs/protocol.md section 1).
 
 Every anchor takes its *easiest* positive and its *hardest* (for `shn`: hardest semi-hard)
 negative from the whole batch it is given. Called on the global batch inside a jitted,

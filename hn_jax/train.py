@@ -226,12 +226,13 @@ class Progress:
   """The console's account of a run: rate and ETA, a line per epoch and per evaluation
   (and every `every_s` seconds inside a long epoch), and a closing summary."""
 
-  def __init__(self, total_steps: int, steps_per_epoch: int, num_epochs: int,
-               every_s: float = 60.0):
+  def __init__(self, total_steps: int, steps_per_epoch: int, num_epochs: int, *,
+               began: float | None = None, every_s: float = 60.0):
     self.total_steps, self.steps_per_epoch, self.num_epochs = (total_steps, steps_per_epoch,
                                                                num_epochs)
     self.every_s = every_s
-    self._began = time.monotonic()
+    self._created = time.monotonic()
+    self._began = self._created if began is None else began
     self._first_step = self._t_first = self._last_line = None
     self._eval_s = 0.0
 
@@ -267,7 +268,7 @@ class Progress:
 
   def evaluated(self, epoch: int, metrics: dict[str, float]) -> None:
     now = time.monotonic()
-    took = now - (self._last_line or self._began)
+    took = now - (self._last_line or self._created)
     if self._first_step is not None:
       self._eval_s += took
     self._last_line = now
@@ -302,6 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluations' and a preemption's (SIGTERM), and continues as if never stopped.
   Returns the metrics of the last evaluation (empty when resumed with nothing left to do).
   """
+  began = time.monotonic()
   mesh = sharding.create_mesh() if mesh is None else mesh
   check_config(config, num_devices=mesh.size)
   changes = run_config.check(config, workdir)
@@ -331,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return {}
   writer = _create_writer(workdir)
   metrics = {}
-  clock = Progress(total_steps, steps_per_epoch, config.num_epochs)
+  clock = Progress(total_steps, steps_per_epoch, config.num_epochs, began=began)
   if step is None:
     step = 0
     if jax.process_index() == 0:

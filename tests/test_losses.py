@@ -13,7 +13,7 @@ METHODS = ("hn", "shn", "sct")
 
 
 def reference_loss(f, y, method, lam=1.0, t=0.1, thr=0.8):
-  """PROTOCOL section 1, literally: one anchor at a time, float64."""
+  """docs/protocol.md section 1, literally: one anchor at a time, float64."""
   f = np.asarray(f, np.float64)
   n = len(f)
   u = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)

@@ -18,7 +18,7 @@ from hn_jax import report
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_LOGS = Path(__file__).resolve().parents[2] / "shared/reference/original-logs"
 
-# PROTOCOL.md section 8: the release's notebook on original-logs/CUB_R50 (5 seeds each).
+# docs/protocol.md section 8: the release's notebook on original-logs/CUB_R50 (5 seeds each).
 PUBLISHED = {
     "sct_B128_R1_D64_lr0.009_lam1.0": {
         "CUB_test_R_1": (0.57711, 0.00749),

@@ -8,7 +8,7 @@ from hn_jax.tfds_builders import common
 
 LAYOUT = ("the folder CUB_200_2011/ with images.txt, image_class_labels.txt, classes.txt and "
           "images/<class folder>/<file>.jpg")
-FIRST_TEST_CLASS = 101  # classes 1-100 train, 101-200 test (PROTOCOL, DATASETS.md)
+FIRST_TEST_CLASS = 101  # classes 1-100 train, 101-200 test (docs/datasets.md)
 
 
 class HnCub(common.LayoutBuilder):
