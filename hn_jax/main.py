@@ -165,6 +165,11 @@ def initialize_distributed() -> None:
 def main(argv):
   del argv  # checked by parse_flags
   quiet_libraries()
+  from hn_jax import run_config  # pylint: disable=g-import-not-at-top
+  try:
+    run_config.check(FLAGS.config, FLAGS.workdir)  # at once, before the heavy imports
+  except run_config.ConfigMismatch as e:
+    sys.exit(f"{PROG}: error: {e}")
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")

@@ -66,3 +66,18 @@ def test_library_info_is_hidden_ours_and_warnings_are_not():
   assert not only_ours.filter(record(orbax, logging.INFO))
   assert only_ours.filter(record(orbax, logging.WARNING))
   assert only_ours.filter(record(os.path.join(REPO, "hn_jax", "train.py"), logging.INFO))
+
+
+def test_a_workdir_of_another_config_is_refused_at_once(tmp_path):
+  from configs import digits
+  from hn_jax import run_config
+  run_config.record(digits.get_config(), str(tmp_path))
+  before = sorted(p.name for p in tmp_path.iterdir())
+  result = _run("hn_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path}",
+                "--config.seed=1")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+      f"hn_jax: error: {tmp_path} holds a run of another config: config.seed=1 but the run has "
+      "0. These settings cannot change mid-run: use a new --workdir, or drop the overrides to "
+      f"resume the run as it was (its settings: {tmp_path}/config.json)"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == before
