@@ -122,6 +122,20 @@ def test_a_workdir_belongs_to_one_config(two_epoch_run, caplog):
   assert sorted(p.name for p in workdir.iterdir()) == before, "no event file, no history"
 
 
+def test_progress_inside_a_long_epoch_has_rate_and_eta(caplog, monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
+  clock = train.Progress(total_steps=40, steps_per_epoch=20, num_epochs=2, every_s=60.0)
+  caplog.set_level(logging.INFO)
+  for step in range(1, 23):
+    clock.stepped(step)
+    now[0] += 10.0  # 0.1 steps/s
+  lines = [r.getMessage() for r in caplog.records]
+  assert lines == ["epoch 1/2: step 7 of 20, 0.1 steps/s, ETA 0:05:30",
+                   "epoch 1/2: step 13 of 20, 0.1 steps/s, ETA 0:04:30",
+                   "epoch 1/2: step 19 of 20, 0.1 steps/s, ETA 0:03:30"]
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
   config = tiny_config(learning_rate=1e30, max_consecutive_skips=3, num_epochs=1)
   with pytest.raises(train.TrainingStopped, match="not finite for 3 steps in a row"):
