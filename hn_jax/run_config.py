@@ -35,7 +35,8 @@ CHANGEABLE = frozenset({
     "checkpoints_to_keep",
     "max_consecutive_skips",
     "data_dir",  # the same prepared data, elsewhere
-    "cache", "cache_images",  # how images are kept in memory, not what they are
+    # How decoded images are kept (memory, a file, where, how much), not what they are.
+    "cache", "cache_images", "cache_dir", "cache_memory_gb",
     "pretrained",  # read only when a run starts: a resumed run takes its weights from the checkpoint
 })
 _MISSING = "(not set)"
