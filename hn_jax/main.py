@@ -26,6 +26,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import traceback
 from typing import Sequence
 
 from absl import app, flags, logging
@@ -76,6 +77,21 @@ def _override_problem(error: BaseException) -> str:
   return f"{text} (every setting is in configs/default.py)"
 
 
+def _config_file_problem(error: BaseException) -> str | None:
+  """`--config=FILE: line N: ...` for an error raised by the config file's own code."""
+  if isinstance(error, SyntaxError) and error.filename and error.filename.endswith(".py"):
+    where, line = error.filename, error.lineno
+  else:
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f.filename.endswith(".py") and "-packages" + os.sep not in f.filename
+              and not f.filename.startswith(_PACKAGE_DIR)]
+    if not frames:
+      return None
+    where, line = frames[-1].filename, frames[-1].lineno
+  message = " ".join(str(error).split())
+  return f"--config={where}: line {line}: {type(error).__name__}: {message}"
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with every mistake turned into a one-line UsageProblem.
 
@@ -92,8 +108,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     rest = FLAGS(argv)
   except flags.Error as e:
     raise UsageProblem(str(e).split("\n")[0]) from e
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    raise UsageProblem(_override_problem(e)) from e
+  except Exception as e:  # pylint: disable=broad-except; loading runs the config file's code
+    raise UsageProblem(_config_file_problem(e) or _override_problem(e)) from e
   config_flag = FLAGS["config"]
   if config_flag.value is None and not config_flag.present:
     raise UsageProblem("--config is required, e.g. --config=configs/digits.py (every setting "

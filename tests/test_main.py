@@ -81,3 +81,12 @@ def test_a_workdir_of_another_config_is_refused_at_once(tmp_path):
       "0. These settings cannot change mid-run: use a new --workdir, or drop the overrides to "
       f"resume the run as it was (its settings: {tmp_path}/config.json)"]
   assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_error_in_the_config_file_is_one_line_naming_it(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  return undefined_name\n")
+  result = _run("hn_jax.main", f"--config={bad}", f"--workdir={tmp_path / 'wd'}")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+      f"hn_jax: error: --config={bad}: line 2: NameError: name 'undefined_name' is not defined"]
