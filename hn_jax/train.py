@@ -204,6 +204,12 @@ class EpochLog:
     return {"sums": self.sums, "count": self.count}
 
 
+def _say(message: str, *args: Any) -> None:
+  """A line of the run's console account, from process 0 only (the others would repeat it)."""
+  if jax.process_index() == 0:
+    logging.info(message, *args)
+
+
 def _create_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard event files in `workdir`, written by process 0 only; no console echo."""
   if jax.process_index() > 0:
@@ -255,16 +261,16 @@ class Progress:
     elif now - self._last_line >= self.every_s:
       self._last_line = now
       in_epoch = (step - 1) % self.steps_per_epoch + 1
-      logging.info("epoch %d/%d: step %d of %d, %s", (step - 1) // self.steps_per_epoch + 1,
-                   self.num_epochs, in_epoch, self.steps_per_epoch, self._pace(step))
+      _say("epoch %d/%d: step %d of %d, %s", (step - 1) // self.steps_per_epoch + 1,
+           self.num_epochs, in_epoch, self.steps_per_epoch, self._pace(step))
 
   def epoch_done(self, epoch: int, step: int, scalars: dict[str, float]) -> None:
     self._last_line = time.monotonic()
     pace = self._pace(step)
-    logging.info("epoch %d/%d: loss %.4f, hn_ratio %.3f%s%s", epoch, self.num_epochs,
-                 scalars["loss"], scalars["train/hn_ratio"],
-                 f", {int(scalars['skipped_steps'])} skipped steps" if scalars["skipped_steps"]
-                 else "", f" | {pace}" if pace else "")
+    _say("epoch %d/%d: loss %.4f, hn_ratio %.3f%s%s", epoch, self.num_epochs,
+         scalars["loss"], scalars["train/hn_ratio"],
+         f", {int(scalars['skipped_steps'])} skipped steps" if scalars["skipped_steps"]
+         else "", f" | {pace}" if pace else "")
 
   def evaluated(self, epoch: int, metrics: dict[str, float]) -> None:
     now = time.monotonic()
@@ -272,18 +278,18 @@ class Progress:
     if self._first_step is not None:
       self._eval_s += took
     self._last_line = now
-    logging.info("epoch %d evaluation: %s (%.1f s)", epoch, _short(metrics), took)
+    _say("epoch %d evaluation: %s (%.1f s)", epoch, _short(metrics), took)
 
   def summary(self, step: int, skipped: int, metrics: dict[str, float], workdir: str,
               checkpoint_steps) -> None:
     workdir = os.path.abspath(workdir)
-    logging.info("Done: %d epochs, step %d%s, in %s (this session). Final evaluation: %s. "
-                 "Checkpoints (steps %s) in %s; TensorBoard event files in %s "
-                 "(tensorboard --logdir=%s)", self.num_epochs, step,
-                 f" ({skipped} skipped)" if skipped else "",
-                 _duration(time.monotonic() - self._began), _short(metrics) or "none",
-                 ", ".join(str(s) for s in sorted(checkpoint_steps)),
-                 os.path.join(workdir, "checkpoints"), workdir, workdir)
+    _say("Done: %d epochs, step %d%s, in %s (this session). Final evaluation: %s. "
+         "Checkpoints (steps %s) in %s; TensorBoard event files in %s "
+         "(tensorboard --logdir=%s)", self.num_epochs, step,
+         f" ({skipped} skipped)" if skipped else "",
+         _duration(time.monotonic() - self._began), _short(metrics) or "none",
+         ", ".join(str(s) for s in sorted(checkpoint_steps)),
+         os.path.join(workdir, "checkpoints"), workdir, workdir)
 
 
 def _save(checkpoints: ocp.CheckpointManager, step: int, state: train_step.TrainState,
@@ -327,9 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = config.num_epochs * steps_per_epoch
   step = checkpoints.latest_step()
   if step is not None and step >= total_steps:
-    logging.info("%s holds a complete run (step %d, epoch %d of %d): nothing to do; "
-                 "raise --config.num_epochs to train further", workdir, step,
-                 step // steps_per_epoch, config.num_epochs)
+    _say("%s holds a complete run (step %d, epoch %d of %d): nothing to do; "
+         "raise --config.num_epochs to train further", workdir, step,
+         step // steps_per_epoch, config.num_epochs)
     return {}
   writer = _create_writer(workdir)
   metrics = {}
@@ -338,8 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     step = 0
     if jax.process_index() == 0:
       run_config.record(config, workdir, changes)
-    logging.info("Training %s (%s, %s loss) for %d epochs of %d steps in %s", config.dataset,
-                 config.model, config.loss, config.num_epochs, steps_per_epoch, workdir)
+    _say("Training %s (%s, %s loss) for %d epochs of %d steps in %s", config.dataset,
+         config.model, config.loss, config.num_epochs, steps_per_epoch, workdir)
     metrics = evaluate(embed_fn, state, dataset, config, mesh, workdir, 0)
     writer.write_scalars(0, metrics)
     clock.evaluated(0, metrics)
@@ -351,13 +357,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
     state = restored.state
     log = EpochLog(writer, restored.progress["sums"], restored.progress["count"])
-    logging.info("Resumed %s from its checkpoint of step %d (epoch %d of %d)", workdir, step,
-                 step // steps_per_epoch, config.num_epochs)
+    _say("Resumed %s from its checkpoint of step %d (epoch %d of %d)", workdir, step,
+         step // steps_per_epoch, config.num_epochs)
     if changes:
       if jax.process_index() == 0:
         run_config.record(config, workdir, changes)
-      logging.info("Changed settings: %s (recorded in %s)", run_config.describe(changes),
-                   os.path.join(workdir, run_config.HISTORY_FILE))
+      _say("Changed settings: %s (recorded in %s)", run_config.describe(changes),
+           os.path.join(workdir, run_config.HISTORY_FILE))
 
   preemption = Preemption()
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
