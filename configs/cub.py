@@ -25,5 +25,4 @@ def get_config():
   config.lr_drop_epochs = (40,)
   config.eval_every = 10
   config.learning_rate = 0.009  # sct; shn: 0.002
-  config.cache_images = False  # True: decode each image once and keep it (about 4 GB)
   return config

@@ -14,7 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Data.
   config.dataset = "digits"  # digits, synthetic (no download) or cub, cars, sop, inshop, hotels50k.
   config.data_dir = ""  # Where prepared datasets live; empty: $HN_DATA_DIR (unused by digits, synthetic).
-  config.cache_images = False  # Keep decoded, resized images in memory (small sets: CUB, CARS).
+  # Decoded-image cache (README, "Datasets"): "auto" (memory if it fits cache_memory_gb, else a
+  # memory-mapped file if it fits the disk, else off), "memory", "disk" or "off".
+  config.cache = "auto"
+  config.cache_dir = ""  # Folder of cache files; empty: <data_dir>/image_cache (prepared sets).
+  config.cache_memory_gb = 0.0  # RAM "auto" may fill with decoded images; 0: a quarter of it.
   config.synthetic_classes = 200  # synthetic: classes generated; the first half train, the rest test.
   config.synthetic_images_per_class = 10  # synthetic: images per class.
   config.image_size = 256  # Side of the square crop fed to the model.

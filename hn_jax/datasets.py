@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 from typing import Callable
 
@@ -42,6 +44,7 @@ TEST_KS = {"cub": (1, 2, 4, 8), "cars": (1, 2, 4, 8), "sop": (1, 10, 100, 1000),
 CHAIN_KS = (1, 3, 5)  # Hotels-50K chain recall
 NEIGHBOURS = 100  # nearest gallery indices kept per query at each evaluation (Hotels-50K)
 DATA_DIR_ENV = "HN_DATA_DIR"
+CACHE_FOLDER = "image_cache"  # under the data_dir: decoded-image caches of prepared datasets
 
 
 class DataNotPreparedError(ValueError):
@@ -118,8 +121,10 @@ def _digits() -> Dataset:
   images = np.repeat(images[..., None], 3, axis=-1)
   labels = digits.target.astype(np.int64)
   is_train = labels < 5
-  return Dataset(key="DIGITS", train=Split(images[is_train], labels[is_train]),
-                 test=Split(images[~is_train], labels[~is_train]), test_ks=(1, 2, 4, 8),
+  return Dataset(key="DIGITS",
+                 train=Split(images[is_train], labels[is_train], name="digits-train"),
+                 test=Split(images[~is_train], labels[~is_train], name="digits-test"),
+                 test_ks=(1, 2, 4, 8),
                  train_recall=True)
 
 
@@ -195,8 +200,10 @@ def _synthetic(config: ml_collections.ConfigDict) -> Dataset:
   images, labels = synthetic_images(num_classes, config.get("synthetic_images_per_class", 10),
                                     config.image_size)
   is_train = labels < num_classes // 2
-  return Dataset(key="SYNTHETIC", train=Split(images[is_train], labels[is_train]),
-                 test=Split(images[~is_train], labels[~is_train]), test_ks=(1, 2, 4, 8),
+  return Dataset(key="SYNTHETIC",
+                 train=Split(images[is_train], labels[is_train], name="synthetic-train"),
+                 test=Split(images[~is_train], labels[~is_train], name="synthetic-test"),
+                 test_ks=(1, 2, 4, 8),
                  train_recall=True)
 
 
@@ -238,7 +245,13 @@ def _prepared(name: str, config: ml_collections.ConfigDict) -> Dataset:
     source = RecordSource([os.fspath(p) for p in info.splits[split_name].filepaths],
                           num_records=len(table["labels"]))
     chains = np.asarray(table["chains"], np.int64) if "chains" in table else None
-    return Split(source, np.asarray(table["labels"], np.int64), chains)
+    # The decoded-image cache is keyed by the record files and what the metadata says of them.
+    described = json.dumps([name, str(info.version), table.get("image_ids"), table["labels"]])
+    fingerprint = (f"{source.fingerprint()}:"
+                   f"{hashlib.sha256(described.encode()).hexdigest()[:16]}")
+    return Split(source, np.asarray(table["labels"], np.int64), chains,
+                 name=f"{name}-{split_name}", fingerprint=fingerprint,
+                 cache_folder=os.path.join(root, CACHE_FOLDER))
 
   key, ks = KEYS[name], TEST_KS[name]
   if name == "inshop":

@@ -4,9 +4,10 @@
     python -m hn_jax.embed --workdir=RUN --images=FOLDER --out=folder.npz
 
 The run's `config.json` and latest checkpoint give the model; images go through the eval
-transform of the input pipeline (resize the shorter side, center crop, normalize), in
-batches of `config.eval_batch_size` (the last one padded), sharded over every device by the
-training's embed step. The `.npz` holds:
+transform of the input pipeline (resize the shorter side, center crop; the embed step
+normalizes), in batches of `config.eval_batch_size` (the last one padded), sharded over
+every device by the training's embed step. A dataset split is read from the decoded-image
+cache that training left (`config.cache`), so it decodes nothing again. The `.npz` holds:
 
   embeddings     float32 (N, D), L2-normalized
   ids            str (N,): the image_id of prepared data, the file path of a folder image,
@@ -34,10 +35,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from tqdm import tqdm
 
-from hn_jax import datasets, evaluation, input_pipeline, sharding, train_step
+from hn_jax import datasets, evaluation, image_cache, input_pipeline, sharding, train_step
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The config entries that were tuples: JSON turns them into lists.
@@ -58,6 +58,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   for key in _TUPLE_KEYS:
     if key in config and isinstance(config[key], list):
       config[key] = tuple(config[key])
+  if "cache_images" in config:  # runs from before config.cache: the cache is free to use
+    with config.unlocked():
+      del config["cache_images"]
+      config.cache = "auto"
   return config
 
 
@@ -87,21 +91,22 @@ def load_run(workdir: str, mesh=None):
 _EMBED_STEPS: dict = {}
 
 
-def _embed_step(graphdef, mesh):
-  key = (id(graphdef), id(mesh))
+def _embed_step(graphdef, mesh, config):
+  key = (id(graphdef), id(mesh), tuple(config.mean), tuple(config.std))
   if key not in _EMBED_STEPS:
-    _EMBED_STEPS[key] = (graphdef, mesh, train_step.make_embed_step(graphdef, mesh))
+    _EMBED_STEPS[key] = (graphdef, mesh, train_step.make_embed_step(graphdef, mesh, config))
   return _EMBED_STEPS[key][2]
 
 
-def _embed_batches(batches: Iterable[np.ndarray], num_batches: int, n: int, graphdef, state,
-                   mesh, progress: bool) -> np.ndarray:
-  step = _embed_step(graphdef, mesh)
+def _embed_batches(config: ml_collections.ConfigDict, batches: Iterable[np.ndarray],
+                   num_batches: int, n: int, graphdef, state, mesh,
+                   progress: bool) -> np.ndarray:
+  step = _embed_step(graphdef, mesh, config)
   outputs = []
-  for images in tqdm(batches, total=num_batches, desc="embedding", unit="batch",
-                     disable=not progress, file=sys.stderr):
-    images = sharding.global_batch({"images": images}, mesh)["images"]
-    outputs.append(step(state, images))
+  batches = input_pipeline.prefetch_to_device(({"images": b} for b in batches), mesh)
+  for batch in tqdm(batches, total=num_batches, desc="embedding", unit="batch",
+                    disable=not progress, file=sys.stderr):
+    outputs.append(step(state, batch["images"]))
   if not outputs:
     return np.zeros((0, 0), np.float32)
   embeddings = np.concatenate([sharding.to_host(o) for o in outputs])[:n]
@@ -113,28 +118,29 @@ def embed_split(config: ml_collections.ConfigDict, graphdef, state, mesh,
   """L2-normalized float32 embeddings of a dataset split, in its order."""
   num_batches = -(-len(split) // config.eval_batch_size)
   batches = (b["images"] for b in input_pipeline.eval_batches(split, config))
-  return _embed_batches(batches, num_batches, len(split), graphdef, state, mesh, progress)
+  return _embed_batches(config, batches, num_batches, len(split), graphdef, state, mesh,
+                        progress)
 
 
 def embed_images(config: ml_collections.ConfigDict, graphdef, state, mesh,
                  images: Sequence[np.ndarray], *, progress: bool = True) -> np.ndarray:
   """L2-normalized float32 embeddings of uint8 RGB images (H, W, 3), of any sizes.
 
-  Each goes through `input_pipeline.eval_transform`, as a split's images do.
+  Each is resized and center-cropped as the eval cache of an in-memory split is
+  (`image_cache.transform`, NumPy), so a folder image and the same image of such a split
+  embed alike.
   """
-  transform = tf.function(lambda image: input_pipeline.eval_transform(image, config),
-                          input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
   size, batch = config.image_size, config.eval_batch_size
   n = len(images)
 
   def batches():
     for start in range(0, n, batch):
-      chunk = np.zeros((batch, size, size, 3), np.float32)
+      chunk = np.zeros((batch, size, size, 3), np.uint8)
       for i, image in enumerate(images[start:start + batch]):
-        chunk[i] = transform(tf.constant(np.asarray(image, np.uint8))).numpy()
+        chunk[i] = image_cache.transform(np.asarray(image, np.uint8), "eval", size)
       yield chunk
 
-  return _embed_batches(batches(), -(-n // batch), n, graphdef, state, mesh, progress)
+  return _embed_batches(config, batches(), -(-n // batch), n, graphdef, state, mesh, progress)
 
 
 def warn(message: str) -> None:
@@ -223,9 +229,11 @@ def split_image(split: input_pipeline.Split, index: int) -> np.ndarray:
   """Image `index` of a split as uint8 RGB (H, W, 3), from memory or its records."""
   if isinstance(split.images, np.ndarray):
     return np.asarray(split.images[index], np.uint8)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
   (record,) = split.images.read([int(index)])
-  encoded = tf.io.parse_single_example(record, input_pipeline._RECORD_FEATURES)["image"]  # pylint: disable=protected-access
-  return input_pipeline.decode_image(encoded).numpy()
+  encoded = tf.io.parse_single_example(record, tf_pipeline._RECORD_FEATURES)["image"]  # pylint: disable=protected-access
+  return tf_pipeline.decode_image(encoded).numpy()
 
 
 def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
@@ -278,7 +286,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
-  tf.config.set_visible_devices([], "GPU")
+  if "tensorflow" in sys.modules:  # keep TensorFlow off the accelerator, if anything loaded it
+    sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
   try:
     record = embed_to_file(args.workdir, args.out, dataset=args.dataset, split=args.split,
                            images=args.images, data_dir=args.data_dir,

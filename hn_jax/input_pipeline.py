@@ -1,34 +1,37 @@
-"""Host-side input: the batch samplers (NumPy) and the image pipeline (tf.data).
+"""Host-side input: the batch samplers and the image batches (NumPy; tf.data when uncached).
 
 A training epoch is a stream of dataset indices built by a sampler (PROTOCOL section 2),
 seeded by (seed, epoch) so that a resumed run sees the same order. The stream is cut into
-global batches; each process keeps only its own contiguous rows of every global batch, and
-tf.data reads, decodes and augments them with stateless random ops keyed by the image's
-position in the run, so augmentation too is reproducible and independent of the number of
-hosts.
+global batches; each process keeps only its own contiguous rows of every global batch. Each
+image's random crop and flip are drawn from a counter-based hash of (seed, its position in
+the run) (`augment_words`), so augmentation too is reproducible and independent of the
+number of hosts.
 
-A `Split` holds its labels in memory and its images either in memory (uint8, for the small
-embedded sets) or as a `RecordSource`: the ArrayRecord files that `hn_jax.prepare` wrote,
-read by index (the samplers pick arbitrary indices) in chunks, parsed and decoded (JPEG of
-any kind PIL writes, including grayscale and CMYK, or PNG; always to RGB) in parallel by a
-deterministic tf.data map. With `config.cache_images`, a split's images are decoded and
-resized once and kept in memory (uint8, shorter side already at the train or eval size),
-for the small sets (CUB, CARS) on hosts with few cores; the cached pixels are rounded to
-uint8 after the resize, the uncached ones are not, which changes them by at most 1/255.
-
-Nothing here runs inside jit: the step receives finished float32 arrays.
+Batches are uint8 (B/P, S, S, 3) crops; the jitted step normalizes them
+(`train_step.normalize`). They come from a decoded-image cache (`image_cache`) when
+`config.cache` allows: the random crop and flip are then NumPy slices of the cached resized
+images, made by a few threads ahead of the loop, with no TensorFlow at all. Otherwise the
+tf.data path (`tf_pipeline`) decodes, resizes and crops every image of every epoch.
+`prefetch_to_device` keeps the next batches on their way to the devices while a step runs.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
 import threading
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+from absl import logging
+
+from hn_jax import image_cache
 
 SAMPLERS = ("filled", "sample")
 
@@ -61,7 +64,21 @@ class RecordSource:
   def read(self, indices: Sequence[int]) -> list[bytes]:
     """The serialized records at `indices`, in that order."""
     source = self._source or self._open()
-    return list(source.__getitems__([int(i) for i in indices]))
+    records = list(source.__getitems__([int(i) for i in indices]))
+    with _READ_LOCK:
+      RecordSource.records_read += len(records)
+    return records
+
+  def fingerprint(self) -> str:
+    """A digest of the files' names, sizes and modification times."""
+    stats = [(os.path.basename(p), os.path.getsize(p), os.stat(p).st_mtime_ns)
+             for p in self.paths]
+    return "files:" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+# Records read so far by every RecordSource of this process (each one an image to decode).
+RecordSource.records_read = 0
+_READ_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,13 +86,19 @@ class Split:
   """One split of a dataset: its images and its int labels (N,), in the same order.
 
   `images` is a uint8 array (N, H, W, 3) held in memory, or a `RecordSource`. `chains`
-  (Hotels-50K) gives each image's hotel chain, -1 when unknown.
+  (Hotels-50K) gives each image's hotel chain, -1 when unknown. `name` (e.g. "cub-train")
+  names its cache files, `fingerprint` identifies its images (default: a digest of the
+  array or of the record files) and `cache_folder` is where its cache files go unless
+  `config.cache_dir` says otherwise ("": nowhere, memory only).
   """
 
   images: np.ndarray | RecordSource
   labels: np.ndarray
   chains: np.ndarray | None = None
-  # Decoded images kept by `config.cache_images`, by (kind, image size).
+  name: str = ""
+  fingerprint: str = ""
+  cache_folder: str = ""
+  # This process's decoded-image caches of the split, by (mode, CacheKey).
   cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def __len__(self) -> int:
@@ -155,165 +178,177 @@ def host_rows(indices: np.ndarray, global_batch: int, process_index: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Images: decoding and transforms (tf.data).
-
-# Images read per call into the ArrayRecord files (one Python call per chunk).
-_READ_CHUNK = 32
-_RECORD_FEATURES = {"image": tf.io.FixedLenFeature([], tf.string)}
+# Augmentation draws: a counter-based hash of (seed, position), the same on every path.
 
 
-def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-  """An encoded JPEG (grayscale, RGB or CMYK) or PNG image -> uint8 RGB (H, W, 3)."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  return tf.ensure_shape(image, (None, None, 3))
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  x = x + np.uint64(0x9E3779B97F4A7C15)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
 
 
-def _resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = size / tf.reduce_min(shape)
-  new = tf.cast(tf.round(shape * scale), tf.int32)
-  new = tf.maximum(new, size)
-  return tf.image.resize(image, new, method="bilinear", antialias=True)
+def augment_words(seed: int, positions: np.ndarray) -> np.ndarray:
+  """Three uniform 32-bit words (int64) per position: crop top, crop left, flip.
 
-
-def _normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
-  return (image / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-
-
-def _train_resize(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  return _resize_shorter_side(tf.cast(image, tf.float32), int(1.1 * config.image_size))
-
-
-def _resized_shape(shape: tf.Tensor, short: int) -> tf.Tensor:
-  """(H, W) after resizing the shorter side to `short`, as `_resize_shorter_side` does."""
-  hw = tf.cast(shape[:2], tf.float32)
-  return tf.maximum(tf.round(hw * (short / tf.reduce_min(hw))), short)
-
-
-def _crop_offsets(resized: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
-  """Random (top, left) of a size x size crop of an image of shape `resized` (float32)."""
-  limit = tf.cast(resized, tf.int32) - size + 1
-  top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  top = tf.random.stateless_uniform([], top_seed, 0, limit[0], tf.int32)
-  left = tf.random.stateless_uniform([], left_seed, 0, limit[1], tf.int32)
-  return tf.stack([top, left])
-
-
-def _flip_normalize(image: tf.Tensor, seed: tf.Tensor,
-                    config: ml_collections.ConfigDict) -> tf.Tensor:
-  image = tf.image.stateless_random_flip_left_right(image, seed=seed)
-  return _normalize(image, config.mean, config.std)
-
-
-def _crop_flip_normalize(image: tf.Tensor, seed: tf.Tensor,
-                         config: ml_collections.ConfigDict) -> tf.Tensor:
-  """The random crop and flip of an image already resized (the cached path)."""
-  size = config.image_size
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  top, left = tf.unstack(_crop_offsets(tf.cast(tf.shape(image)[:2], tf.float32), crop_seed, size))
-  image = tf.cast(image[top:top + size, left:left + size], tf.float32)
-  return _flip_normalize(tf.ensure_shape(image, (size, size, 3)), flip_seed, config)
-
-
-def train_transform(image: tf.Tensor, seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Resize shorter side to int(1.1 x size), random size x size crop, random flip, normalize.
-
-  The resize and the crop are one op: ScaleAndTranslate computes only the crop's pixels of
-  the resized image (the same bilinear, antialiased filter as `tf.image.resize`, which is
-  that op without translation), 1.35 times less CPU than resizing the whole image first.
+  A pure function of (seed, position in the run): the crop offset is floor(word x limit /
+  2**32) (`crop_offsets`), the flip the word's top bit.
   """
-  size = config.image_size
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = tf.convert_to_tensor(image)
-  resized = _resized_shape(tf.shape(image), int(1.1 * size))
-  offset = tf.cast(_crop_offsets(resized, crop_seed, size), tf.float32)
-  image = tf.raw_ops.ScaleAndTranslate(
-      images=image[None], size=[size, size], scale=resized / tf.cast(tf.shape(image)[:2],
-                                                                     tf.float32),
-      translation=-offset, kernel_type="triangle", antialias=True)[0]
-  return _flip_normalize(tf.ensure_shape(image, (size, size, 3)), flip_seed, config)
+  positions = np.asarray(positions, np.int64).astype(np.uint64)
+  with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
+    key = _splitmix64(np.array([seed % 2**64], np.uint64))
+    words = [_splitmix64(_splitmix64(positions * np.uint64(3) + np.uint64(k)) ^ key)
+             for k in range(3)]
+  return (np.stack(words, axis=-1) >> np.uint64(32)).astype(np.int64)
 
 
-def _center_crop(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Resize shorter side to size, center crop (float32, not normalized)."""
-  size = config.image_size
-  image = _resize_shorter_side(tf.cast(image, tf.float32), size)
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  top, left = (h - size) // 2, (w - size) // 2
-  image = image[top:top + size, left:left + size]
-  return tf.ensure_shape(image, (size, size, 3))
+def crop_offsets(words: np.ndarray, limits: np.ndarray) -> np.ndarray:
+  """floor(word x limit / 2**32): uniform offsets in [0, limit)."""
+  return (np.asarray(words, np.int64) * np.asarray(limits, np.int64)) >> 32
 
 
-def eval_transform(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """Resize shorter side to size, center crop, normalize."""
-  return _normalize(_center_crop(image, config), config.mean, config.std)
+# ---------------------------------------------------------------------------------------------
+# Decoded-image caches of a split.
+
+CACHE_THREADS = max(1, min(8, os.cpu_count() or 1))  # threads that cut batches from a cache
 
 
-def _elements(split: Split, rows: np.ndarray) -> tuple[tf.data.Dataset, bool]:
-  """The image of each of `rows`, in order, and whether elements still need decoding.
+def _fingerprint(split: Split) -> str:
+  if split.fingerprint:
+    return split.fingerprint
+  if "fingerprint" not in split.cache:
+    if isinstance(split.images, RecordSource):
+      split.cache["fingerprint"] = split.images.fingerprint()
+    else:
+      split.cache["fingerprint"] = image_cache.fingerprint_arrays(split.images)
+  return split.cache["fingerprint"]
 
-  In memory: uint8 images. From records: the serialized records, read in chunks.
-  """
-  rows = np.asarray(rows, np.int64)
+
+def _estimate_bytes(split: Split, key: image_cache.CacheKey) -> int:
+  """The bytes of a split's cache: exact for eval and in-memory images, else from a sample."""
+  n = len(split)
+  if key.kind == "eval":
+    return n * key.image_size**2 * 3
   if isinstance(split.images, np.ndarray):
-    images = tf.constant(split.images)
-    return tf.data.Dataset.from_tensor_slices(rows).map(lambda i: tf.gather(images, i)), False
-  source = split.images
-
-  def read(chunk: np.ndarray) -> np.ndarray:
-    return np.array(source.read(chunk), dtype=object)
-
-  ds = tf.data.Dataset.from_tensor_slices(rows).batch(_READ_CHUNK)
-  ds = ds.map(lambda chunk: tf.ensure_shape(tf.numpy_function(read, [chunk], tf.string,
-                                                                stateful=False), (None,)),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.unbatch(), True
+    h, w = image_cache.resized_shape(*split.images.shape[1:3], key.short_side)
+    return n * h * w * 3
+  from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
+  sample = np.unique(np.linspace(0, n - 1, min(n, 32)).astype(np.int64))
+  shapes = tf_pipeline.decoded_shapes(split.images, sample)
+  sizes = [np.prod(image_cache.resized_shape(h, w, key.short_side)) * 3 for h, w in shapes]
+  return int(np.mean(sizes) * n * (1.0 if len(sample) == n else 1.05))
 
 
-def _decoder(needs_decoding: bool):
-  if not needs_decoding:
-    return lambda element: element
-  return lambda record: decode_image(tf.io.parse_single_example(record, _RECORD_FEATURES)["image"])
+def _decode_all(split: Split, key: image_cache.CacheKey) -> Iterable[np.ndarray]:
+  """Every image of the split in the cache's form, in order, behind a progress bar."""
+  if isinstance(split.images, np.ndarray):
+    images = image_cache.transform_in_memory(split.images, key.kind, key.image_size)
+  else:
+    from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
+    images = tf_pipeline.decoded(split.images, key.kind, key.image_size)
+  desc = f"decoding {split.name or 'a split'} for its {key.kind} cache"
+  return image_cache.progress_bar(images, len(split), desc)
 
 
-def _cached(split: Split, kind: str, config: ml_collections.ConfigDict):
-  """Every image of `split` decoded and resized once: for "train", shorter side at
-  int(1.1 x size) (flat uint8 buffer, offsets, shapes); for "eval", the center crop."""
-  key = (kind, config.image_size)
-  if key not in split.cache:
-    elements, needs_decoding = _elements(split, np.arange(len(split)))
-    decode = _decoder(needs_decoding)
-    if kind == "train":
-      prepare = lambda e: _train_resize(decode(e), config)
+def _free_bytes(folder: str) -> int:
+  try:
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+      return 0
+    return shutil.disk_usage(folder).free
+  except OSError:
+    return 0
+
+
+def _open_or_build(split: Split, key: image_cache.CacheKey, mode: str,
+                   config: ml_collections.ConfigDict) -> image_cache.DecodedImages | None:
+  folder = config.get("cache_dir", "") or split.cache_folder
+  path = os.path.join(folder, image_cache.file_name(split.name, key)) if folder else None
+  budget = (image_cache.memory_budget(config.get("cache_memory_gb", 0.0))
+            - image_cache.memory_in_use())
+  if path and os.path.exists(path):
+    load = mode == "memory" or (mode == "auto" and os.path.getsize(path) <= budget)
+    try:
+      cache = image_cache.read_file(path, key, load=load)
+      image_cache.log(f"image cache: {'loaded' if load else 'mapped'} {path}")
+      return cache
+    except image_cache.CorruptCache as e:
+      logging.warning("image cache %s is unusable (%s): rebuilding it", path, e)
+      os.remove(path)
+  needed = _estimate_bytes(split, key)
+  free = _free_bytes(folder) if folder else 0
+  fits_disk = free >= needed + image_cache.DISK_MARGIN
+  if mode == "auto":
+    if needed <= budget:
+      mode = "memory"
+    elif path and fits_disk:
+      mode = "disk"
     else:
-      prepare = lambda e: _center_crop(decode(e), config)
-    ds = elements.map(lambda e: tf.cast(tf.clip_by_value(tf.round(prepare(e)), 0, 255), tf.uint8),
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    images = list(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
-    if kind == "train":
-      shapes = np.array([im.shape for im in images], np.int64).reshape(-1, 3)
-      sizes = shapes.prod(axis=1)
-      offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-      flat = np.concatenate([im.reshape(-1) for im in images]) if images else np.zeros(0, np.uint8)
-      split.cache[key] = (tf.constant(flat), tf.constant(offsets), tf.constant(shapes))
-    else:
-      split.cache[key] = tf.constant(np.stack(images))
-  return split.cache[key]
+      logging.warning(
+          "image cache: %s's %s images (about %.1f GB decoded) fit neither the memory budget "
+          "(%.1f GB, config.cache_memory_gb) nor the free disk (%.1f GB in %s); reading them "
+          "uncached", split.name or "the split", key.kind, needed / 1e9, max(budget, 0) / 1e9,
+          free / 1e9, folder or "no cache folder")
+      return None
+  if mode == "disk":
+    if not path:
+      raise image_cache.CacheError(
+          "config.cache=disk needs a folder for the cache file: set --config.cache_dir (images "
+          "held in memory, as digits and synthetic, have no data_dir)")
+    if not fits_disk:
+      raise image_cache.CacheError(
+          f"config.cache=disk: {split.name or 'the split'}'s {key.kind} cache needs about "
+          f"{needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free (or is not "
+          "writable); set --config.cache_dir to a local disk with room, or use "
+          "--config.cache=memory or off")
+    image_cache.write_file(path, key, _decode_all(split, key), len(split), needed)
+    return image_cache.read_file(path, key, load=False)
+  # Memory: through a file when there is room for one, so that later runs reuse it.
+  if path and fits_disk:
+    try:
+      image_cache.write_file(path, key, _decode_all(split, key), len(split), needed)
+      return image_cache.read_file(path, key, load=True)
+    except image_cache.CacheError as e:
+      logging.warning("image cache: %s; keeping the images in memory only", e)
+  return image_cache.from_arrays(_decode_all(split, key), len(split))
 
 
-def _train_images(split: Split, rows: np.ndarray, config: ml_collections.ConfigDict):
-  """(dataset of per-row elements, element + seed -> transformed image)."""
-  if config.get("cache_images", False):
-    flat, offsets, shapes = _cached(split, "train", config)
+def cached_images(split: Split, kind: str,
+                  config: ml_collections.ConfigDict) -> image_cache.DecodedImages | None:
+  """The split's decoded images for `kind` ("train" or "eval") as `config.cache` says, built
+  or read once per process; None when the images go through tf.data instead."""
+  mode = config.get("cache", "auto")
+  if mode not in image_cache.MODES:
+    raise ValueError(f"config.cache={mode!r}; use one of {', '.join(image_cache.MODES)}")
+  if mode == "off" or len(split) == 0:
+    return None
+  key = image_cache.CacheKey(_fingerprint(split), kind, int(config.image_size))
+  if (mode, key) not in split.cache:
+    split.cache[(mode, key)] = _open_or_build(split, key, mode, config)
+  return split.cache[(mode, key)]
 
-    def image_at(i):
-      return tf.reshape(flat[offsets[i]:offsets[i] + tf.reduce_prod(shapes[i])], shapes[i])
 
-    ds = tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))
-    return ds, lambda i, seed: _crop_flip_normalize(image_at(i), seed, config)
-  ds, needs_decoding = _elements(split, rows)
-  decode = _decoder(needs_decoding)
-  return ds, lambda e, seed: train_transform(decode(e), seed, config)
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+def _in_order(make: Callable[[int], Any], count: int, threads: int) -> Iterator[Any]:
+  """make(0), ..., make(count - 1), computed by `threads` threads a few ahead, in order."""
+  if threads <= 1:
+    for i in range(count):
+      yield make(i)
+    return
+  pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="hn_jax_batches")
+  pending = collections.deque()
+  try:
+    for i in range(count):
+      pending.append(pool.submit(make, i))
+      if len(pending) > threads:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train_batches(split: Split, config: ml_collections.ConfigDict, epoch: int, *,
@@ -321,7 +356,7 @@ def train_batches(split: Split, config: ml_collections.ConfigDict, epoch: int, *
                   first_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of every training batch of `epoch`, from batch `first_step` on.
 
-  Yields {"images": float32 (B/P, S, S, 3), "labels": int32 (B/P,)}.
+  Yields {"images": uint8 (B/P, S, S, 3), "labels": int32 (B/P,)}.
   """
   rows = host_rows(epoch_indices(split.labels, config, epoch), config.batch_size,
                    process_index, process_count)
@@ -330,52 +365,78 @@ def train_batches(split: Split, config: ml_collections.ConfigDict, epoch: int, *
   column = process_index * local + np.arange(local)
   positions = ((epoch * num_batches + np.arange(num_batches))[:, None] * config.batch_size
                + column[None, :])
-  rows, positions = rows[first_step:].reshape(-1), positions[first_step:].reshape(-1)
+  rows, positions = rows[first_step:], positions[first_step:]
   labels = np.asarray(split.labels)[rows].astype(np.int32)
-  elements, transform = _train_images(split, rows, config)
-  seed = tf.constant(config.seed, tf.int64)
+  words = augment_words(config.seed, positions)
+  cache = cached_images(split, "train", config)
+  if cache is None:
+    from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
+    yield from tf_pipeline.train_batches(split.images, rows.reshape(-1), words.reshape(-1, 3),
+                                         labels.reshape(-1), config, local)
+    return
+  size = config.image_size
 
-  def load(element, position, label):
-    return {"images": transform(element, tf.stack([seed, position])), "labels": label}
+  def make(b: int) -> dict[str, np.ndarray]:
+    shapes = cache.shapes[rows[b]]
+    tops = crop_offsets(words[b, :, 0], shapes[:, 0] - size + 1)
+    lefts = crop_offsets(words[b, :, 1], shapes[:, 1] - size + 1)
+    flips = words[b, :, 2] >> 31
+    return {"images": cache.crops(rows[b], tops, lefts, flips, size), "labels": labels[b]}
 
-  ds = tf.data.Dataset.zip((elements,
-                            tf.data.Dataset.from_tensor_slices(positions.astype(np.int64)),
-                            tf.data.Dataset.from_tensor_slices(labels)))
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  yield from ds.as_numpy_iterator()
+  yield from _in_order(make, len(rows), CACHE_THREADS)
 
 
 def eval_batches(split: Split, config: ml_collections.ConfigDict, *, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """This process's rows of every global eval batch, in order, the last one padded.
 
-  Yields {"images", "labels", "mask"}; mask is False on padding. Concatenating the global
-  batches and dropping the padding gives the split in its original order.
+  Yields {"images": uint8, "labels", "mask"}; mask is False on padding. Concatenating the
+  global batches and dropping the padding gives the split in its original order.
   """
   global_batch = config.eval_batch_size
   n = len(split)
   padded = -(-n // global_batch) * global_batch
-  index = np.arange(padded)
-  rows = host_rows(index, global_batch, process_index, process_count).reshape(-1)
+  rows = host_rows(np.arange(padded), global_batch, process_index, process_count)
   mask = rows < n
   rows = np.minimum(rows, n - 1)
   labels = np.asarray(split.labels)[rows].astype(np.int32)
-  if config.get("cache_images", False):
-    crops = _cached(split, "eval", config)
-    elements = tf.data.Dataset.from_tensor_slices(rows.astype(np.int64))
-    transform = lambda i: _normalize(tf.cast(tf.gather(crops, i), tf.float32), config.mean,
-                                     config.std)
-  else:
-    elements, needs_decoding = _elements(split, rows)
-    decode = _decoder(needs_decoding)
-    transform = lambda e: eval_transform(decode(e), config)
+  cache = cached_images(split, "eval", config)
+  if cache is None:
+    from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
+    yield from tf_pipeline.eval_batches(split.images, rows.reshape(-1), labels.reshape(-1),
+                                        mask.reshape(-1), config, rows.shape[1])
+    return
 
-  def load(element, label, valid):
-    return {"images": transform(element), "labels": label, "mask": valid}
+  def make(b: int) -> dict[str, np.ndarray]:
+    return {"images": cache.gather(rows[b]), "labels": labels[b], "mask": mask[b]}
 
-  ds = tf.data.Dataset.zip((elements, tf.data.Dataset.from_tensor_slices(labels),
-                            tf.data.Dataset.from_tensor_slices(mask)))
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(global_batch // process_count, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  yield from ds.as_numpy_iterator()
+  yield from _in_order(make, len(rows), CACHE_THREADS)
+
+
+def prefetch_to_device(batches: Iterable[dict[str, np.ndarray]], mesh,
+                       size: int = 2) -> Iterator[dict[str, Any]]:
+  """The batches as global arrays on `mesh`, each sent `size` batches before it is used.
+
+  Host-to-device copies are asynchronous: while the step runs on one batch, the next
+  `size` are already on their way (as uint8, a quarter of float32's bytes).
+  """
+  from hn_jax import sharding  # pylint: disable=g-import-not-at-top
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(sharding.global_batch(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+_TF_NAMES = ("decode_image", "train_transform", "eval_transform", "train_crop", "eval_crop",
+             "normalize", "_RECORD_FEATURES")
+
+
+def __getattr__(name: str):
+  # The tf.data functions, for callers that know them from here; imports TensorFlow.
+  if name in _TF_NAMES:
+    from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
+    return getattr(tf_pipeline, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

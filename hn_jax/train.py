@@ -23,7 +23,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from hn_jax import (datasets, input_pipeline, losses, models, run_config, sharding,
+from hn_jax import (datasets, image_cache, input_pipeline, losses, models, run_config, sharding,
                     train_step)
 
 
@@ -86,6 +86,15 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None =
     need(os.path.isfile(config.pretrained),
          f"config.pretrained={config.pretrained!r}: no such file; give the path of torchvision "
          "weights (.pth, .npz or .safetensors), see hn_jax/pretrained.py")
+  need("cache_images" not in config,
+       "config.cache_images was replaced by config.cache (auto, memory, disk or off); use "
+       "--config.cache=memory for cache_images=True, or leave the default (auto)")
+  need(config.get("cache", "auto") in image_cache.MODES,
+       f"config.cache={config.get('cache')!r} is not a cache mode; use one of "
+       f"{', '.join(image_cache.MODES)}")
+  need(config.get("cache_memory_gb", 0) >= 0,
+       f"config.cache_memory_gb={config.get('cache_memory_gb')} must be >= 0 (0: a quarter of "
+       "this host's memory)")
   need(len(config.mean) == 3 and len(config.std) == 3 and min(config.std) > 0,
        f"config.mean={tuple(config.mean)} and config.std={tuple(config.std)} must be 3 values "
        "each, std positive")
@@ -95,10 +104,11 @@ def embed_split(embed_step, state: train_step.TrainState, split: input_pipeline.
                 config: ml_collections.ConfigDict, mesh: Mesh) -> np.ndarray:
   """Embeddings of a whole split, in its order, on every process."""
   outputs = []
-  for batch in input_pipeline.eval_batches(split, config, process_index=jax.process_index(),
-                                           process_count=jax.process_count()):
-    images = sharding.global_batch({"images": batch["images"]}, mesh)["images"]
-    outputs.append(embed_step(state, images))
+  batches = input_pipeline.eval_batches(split, config, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  for batch in input_pipeline.prefetch_to_device(({"images": b["images"]} for b in batches),
+                                                 mesh):
+    outputs.append(embed_step(state, batch["images"]))
   embeddings = np.concatenate([sharding.to_host(o) for o in outputs])
   return embeddings[:len(split)]
 
@@ -324,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
   state = sharding.replicate(state, mesh)
   step_fn = train_step.make_train_step(graphdef, tx, config, mesh)
-  embed_fn = train_step.make_embed_step(graphdef, mesh)
+  embed_fn = train_step.make_embed_step(graphdef, mesh, config)
   schedule = train_step.learning_rate_schedule(config, steps_per_epoch)
 
   checkpoints = ocp.CheckpointManager(
@@ -370,18 +380,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for epoch in range(step // steps_per_epoch + 1, config.num_epochs + 1):
       first_step = step - (epoch - 1) * steps_per_epoch
-      for batch in input_pipeline.train_batches(dataset.train, config, epoch,
-                                                process_index=jax.process_index(),
-                                                process_count=jax.process_count(),
-                                                first_step=first_step):
+      batches = input_pipeline.train_batches(dataset.train, config, epoch,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count(),
+                                             first_step=first_step)
+      for batch in input_pipeline.prefetch_to_device(batches, mesh):
         if preemption.reached(step):
           _save(checkpoints, step, state, log.progress())
           checkpoints.wait_until_finished()
           logging.warning("Preempted: saved the checkpoint of step %d; run the same command "
                           "to resume", step)
           return metrics
-        batch = sharding.global_batch(batch, mesh)
-        state, step_metrics = step_fn(state, batch["images"], batch["labels"])
+        state, step_metrics = step_fn(state, batch["images"], batch["labels"], batch["flips"])
         step += 1
         log.add(step, step_metrics)
         if log.skipped_in_a_row >= config.max_consecutive_skips:

@@ -8,7 +8,7 @@ at trace time, not on every step.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -81,6 +81,15 @@ def create_train_state(model: models.ResNetEmbedding,
   return graphdef, state
 
 
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """uint8 pixels -> float32 (x / 255 - mean) / std per channel; float input is returned as
+  it is (already normalized)."""
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(method=config.loss, lam=config.lam, temperature=config.temperature,
               hard_threshold=config.hard_threshold)
@@ -89,10 +98,17 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: Mesh
                     ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-  """jit(state, images, labels) -> (state, metrics) over the global batch."""
+  """jit(state, images, labels) -> (state, metrics) over the global batch.
+
+  `images`: uint8 crops, normalized here by `config.mean` and `config.std` (or float32
+  images already normalized).
+  """
   kwargs = loss_kwargs(config)
+  mean, std = tuple(config.mean), tuple(config.std)
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+    images = normalize(images, mean, std)
+
     def loss_fn(params):
       # copy=True: fresh Variables in this trace, which BatchNorm may update.
       model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
@@ -121,11 +137,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def make_embed_step(graphdef: nnx.GraphDef, mesh: Mesh
+def make_embed_step(graphdef: nnx.GraphDef, mesh: Mesh,
+                    config: ml_collections.ConfigDict | None = None
                     ) -> Callable[[TrainState, jax.Array], jax.Array]:
-  """jit(state, images) -> float32 embeddings, BatchNorm in inference mode."""
+  """jit(state, images) -> float32 embeddings, BatchNorm in inference mode.
+
+  uint8 images are normalized by `config.mean` and `config.std`; float32 ones are taken as
+  already normalized.
+  """
+  mean = None if config is None else tuple(config.mean)
+  std = None if config is None else tuple(config.std)
 
   def embed_step(state: TrainState, images: jax.Array) -> jax.Array:
+    if images.dtype == jnp.uint8 and mean is None:
+      raise ValueError("make_embed_step needs the config (mean, std) to embed uint8 images")
+    images = normalize(images, mean, std)
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     model.eval()
     return model(images)

@@ -1,0 +1,364 @@
+"""Decoded images kept between epochs, evaluations and runs: uint8 pixels, NumPy only.
+
+A cache holds one split's images for one use, decoded and resized once:
+- "train": shorter side resized to int(1.1 x image_size) (bilinear, antialiased), rounded to
+  uint8, before the random crop (each image keeps its aspect ratio; a flat buffer plus a
+  table of shapes);
+- "eval": the final image_size x image_size center crop of the image resized to image_size.
+
+It lives in memory (a NumPy array) or in a memory-mapped file on local disk, named by a
+digest of everything its pixels depend on (`CacheKey`: the split's fingerprint, the use,
+the image size and the resize rule), so that a changed setting or dataset never meets a
+stale file. A file is written to a temporary name, then checked (sizes, key, a CRC32 per
+image in its footer) and renamed: a run that dies or fills the disk leaves nothing a later
+run would trust, and a truncated or corrupt file is reported in one line and rebuilt.
+
+This module reads and writes caches and resizes in-memory images (NumPy); decoding encoded
+records is `tf_pipeline`'s job (the only part that needs TensorFlow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import uuid
+import weakref
+import zlib
+from typing import Iterable, Iterator
+
+import numpy as np
+from absl import logging
+
+MODES = ("auto", "memory", "disk", "off")
+FORMAT_VERSION = 1
+RESIZE_RULES = {
+    "train": "shorter side to int(1.1 x size), bilinear antialiased (triangle), rounded to uint8",
+    "eval": "shorter side to size, bilinear antialiased (triangle), center crop, rounded to uint8",
+}
+SUFFIX = ".hnimg"
+_MAGIC, _END = b"HNJAXIMG", b"HNJAXEND"
+_PREFIX = 16  # magic + 8 reserved bytes; the pixels start here
+# Free disk left over after a cache file, and the share of RAM `auto` may fill by default.
+DISK_MARGIN = 1 << 30
+DEFAULT_MEMORY_FRACTION = 0.25
+
+
+class CacheError(RuntimeError):
+  """A cache that cannot be built where asked; the message says what to change."""
+
+
+class CorruptCache(ValueError):
+  """A cache file that must not be used (truncated, corrupt, or of another key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheKey:
+  """Everything a cache's pixels depend on."""
+
+  fingerprint: str  # the split's images (prepared dataset files, or in-memory pixels)
+  kind: str  # "train" or "eval"
+  image_size: int
+
+  def to_dict(self) -> dict:
+    return dict(format=FORMAT_VERSION, fingerprint=self.fingerprint, kind=self.kind,
+                image_size=self.image_size, resize=RESIZE_RULES[self.kind])
+
+  def digest(self) -> str:
+    return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:20]
+
+  @property
+  def short_side(self) -> int:
+    return train_short_side(self.image_size) if self.kind == "train" else self.image_size
+
+
+def train_short_side(image_size: int) -> int:
+  return int(1.1 * image_size)
+
+
+def resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
+  """(H, W) with the shorter side resized to `short`, as the tf.data path computes it."""
+  scale = np.float32(short) / np.float32(min(height, width))
+  return (max(short, int(np.round(np.float32(height) * scale))),
+          max(short, int(np.round(np.float32(width) * scale))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoded images.
+
+
+_IN_MEMORY: "weakref.WeakSet[DecodedImages]" = weakref.WeakSet()
+
+
+class DecodedImages:
+  """N uint8 RGB images of any shapes in one flat buffer (array or memory map)."""
+
+  def __init__(self, data: np.ndarray, shapes: np.ndarray, path: str | None = None):
+    self.data = data
+    self.shapes = np.asarray(shapes, np.int64).reshape(-1, 2)
+    sizes = self.shapes[:, 0] * self.shapes[:, 1] * 3
+    self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    self.path = path
+    self.in_memory = not isinstance(data, np.memmap)
+    if self.in_memory:
+      _IN_MEMORY.add(self)
+    same = len(self.shapes) > 0 and (self.shapes == self.shapes[:1]).all()
+    # Images of one shape (the eval crops): an (N, H, W, 3) view for fast gathers.
+    self.stacked = (data[:int(sizes.sum())].reshape(len(self.shapes), *self.shapes[0], 3)
+                    if same else None)
+
+  def __len__(self) -> int:
+    return len(self.shapes)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.data.size)
+
+  def image(self, i: int) -> np.ndarray:
+    h, w = self.shapes[i]
+    start = self.offsets[i]
+    return self.data[start:start + h * w * 3].reshape(h, w, 3)
+
+  def gather(self, rows: np.ndarray) -> np.ndarray:
+    """Images `rows` (all of one shape) as (len(rows), H, W, 3)."""
+    if self.stacked is not None:
+      return self.stacked[np.asarray(rows)]
+    return np.stack([self.image(int(i)) for i in rows])
+
+  def crops(self, rows: np.ndarray, tops: np.ndarray, lefts: np.ndarray, flips: np.ndarray,
+            size: int) -> np.ndarray:
+    """The size x size crop at (top, left) of each image of `rows`, flipped left-right where
+    `flips`: uint8 (len(rows), size, size, 3)."""
+    out = np.empty((len(rows), size, size, 3), np.uint8)
+    for j, i in enumerate(rows):
+      crop = self.image(int(i))[tops[j]:tops[j] + size, lefts[j]:lefts[j] + size]
+      out[j] = crop[:, ::-1] if flips[j] else crop
+    return out
+
+
+def memory_in_use() -> int:
+  """Bytes of decoded images this process holds in memory (its live in-memory caches)."""
+  return sum(c.nbytes for c in list(_IN_MEMORY))
+
+
+def memory_budget(gigabytes: float) -> int:
+  """The bytes `auto` may hold in memory: `gigabytes`, or by default a quarter of the RAM."""
+  if gigabytes and gigabytes > 0:
+    return int(gigabytes * 1e9)
+  try:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    total = 8 << 30
+  return int(total * DEFAULT_MEMORY_FRACTION)
+
+
+def from_arrays(images: Iterable[np.ndarray], count: int) -> DecodedImages:
+  """A cache in memory from `count` uint8 (H, W, 3) images."""
+  shapes, parts = np.zeros((count, 2), np.int64), []
+  for i, image in enumerate(images):
+    shapes[i] = image.shape[:2]
+    parts.append(np.ascontiguousarray(image, np.uint8).reshape(-1))
+  _check_count(len(parts), count)
+  data = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+  return DecodedImages(data, shapes)
+
+
+def _check_count(got: int, count: int) -> None:
+  if got != count:
+    raise CacheError(f"the image source gave {got} images for a split of {count}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: magic, pixels, table (shapes, CRC32 of each image), JSON footer, its length, end mark.
+
+
+def file_name(split_name: str, key: CacheKey) -> str:
+  name = "".join(c if c.isalnum() or c in "-_" else "_" for c in split_name) or "split"
+  return f"{name}-{key.kind}{key.image_size}-{key.digest()}{SUFFIX}"
+
+
+def write_file(path: str, key: CacheKey, images: Iterable[np.ndarray], count: int,
+               expected_bytes: int | None = None) -> None:
+  """Writes `count` uint8 images to the cache file `path`, atomically.
+
+  The file appears under its name only once complete and flushed to disk; on any error
+  (a full disk, an interrupt) the partial file is removed and nothing is left at `path`.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  done = False
+  try:
+    with open(tmp, "wb") as f:
+      f.write(_MAGIC + bytes(_PREFIX - len(_MAGIC)))
+      table = np.zeros((count, 3), np.uint32)  # H, W, CRC32
+      written = got = 0
+      for i, image in enumerate(images):
+        got = i + 1
+        if i >= count:
+          continue
+        pixels = np.ascontiguousarray(image, np.uint8)
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+          raise CacheError(f"image {i} has shape {pixels.shape}; expected (H, W, 3)")
+        f.write(memoryview(pixels).cast("B"))
+        table[i] = (pixels.shape[0], pixels.shape[1], zlib.crc32(memoryview(pixels).cast("B")))
+        written += pixels.size
+      _check_count(got, count)
+      table_bytes = table.tobytes()
+      f.write(table_bytes)
+      footer = json.dumps(dict(key=key.to_dict(), count=count, data_bytes=written,
+                               table_crc32=zlib.crc32(table_bytes))).encode()
+      f.write(footer)
+      f.write(np.uint64(len(footer)).tobytes() + _END)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    done = True
+  except OSError as e:
+    needed = "" if expected_bytes is None else f" (it needs about {expected_bytes / 1e9:.2f} GB)"
+    raise CacheError(
+        f"cannot write the image cache {path}{needed}: {e.strerror or e}; free space there, "
+        "set --config.cache_dir to a local disk with room, or use --config.cache=memory "
+        "(or off)") from e
+  finally:
+    if not done and os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def read_file(path: str, key: CacheKey, *, load: bool) -> DecodedImages:
+  """The cache in the file `path`: read into memory (`load`) or memory-mapped.
+
+  Every byte is checked against the footer's sizes and CRC32s first; raises CorruptCache
+  (with the reason) for a truncated, damaged or foreign file.
+  """
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    if size < 2 * _PREFIX or f.read(len(_MAGIC)) != _MAGIC:
+      raise CorruptCache("not a cache file or truncated (no header)")
+    f.seek(size - _PREFIX)
+    tail = f.read(_PREFIX)
+    if tail[8:] != _END:
+      raise CorruptCache("truncated (no end mark)")
+    footer_len = int(np.frombuffer(tail[:8], np.uint64)[0])
+    if footer_len > size - 2 * _PREFIX:
+      raise CorruptCache("truncated or corrupt footer")
+    f.seek(size - _PREFIX - footer_len)
+    try:
+      footer = json.loads(f.read(footer_len))
+      count, data_bytes = int(footer["count"]), int(footer["data_bytes"])
+    except (ValueError, KeyError, TypeError) as e:
+      raise CorruptCache(f"unreadable footer ({e})") from e
+    if footer.get("key") != key.to_dict():
+      raise CorruptCache("written for other settings or data")
+    if _PREFIX + data_bytes + 12 * count + footer_len + _PREFIX != size:
+      raise CorruptCache("its size does not match its footer (truncated?)")
+    f.seek(_PREFIX + data_bytes)
+    table_bytes = f.read(12 * count)
+    if zlib.crc32(table_bytes) != footer.get("table_crc32"):
+      raise CorruptCache("its table of shapes is corrupt")
+    table = np.frombuffer(table_bytes, np.uint32).reshape(count, 3).astype(np.int64)
+    if int((table[:, 0] * table[:, 1] * 3).sum()) != data_bytes:
+      raise CorruptCache("its table of shapes does not match its size")
+    f.seek(_PREFIX)
+    data = np.empty((data_bytes,), np.uint8) if load else None
+    start = 0
+    for i, (h, w, crc) in enumerate(table):
+      n = int(h * w * 3)
+      if load:
+        view = memoryview(data[start:start + n])
+        f.readinto(view)
+      else:
+        view = f.read(n)
+      if zlib.crc32(view) != crc:
+        raise CorruptCache(f"image {i} is corrupt (CRC32 mismatch)")
+      start += n
+  if not load:
+    data = np.memmap(path, np.uint8, mode="r", offset=_PREFIX, shape=(data_bytes,))
+  return DecodedImages(data, table[:, :2], path=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resizing in NumPy (in-memory splits and folder images): the tf.data path's filter.
+
+
+def _filter(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(source index, weight), each (out_size, taps): the antialiased triangle filter of
+  TensorFlow's ScaleAndTranslate (tf.image.resize bilinear, antialias=True), no translation."""
+  scale = out_size / in_size
+  kernel_scale = max(1.0 / scale, 1.0)
+  sample = (np.arange(out_size) + 0.5) / scale  # in input pixel units, centre at +0.5
+  radius = kernel_scale
+  first = np.ceil(sample - radius - 0.5).astype(np.int64)
+  taps = min(int(2 * np.ceil(radius)) + 1, in_size)
+  index = first[:, None] + np.arange(taps)[None, :]
+  weight = np.maximum(0.0, 1.0 - np.abs(index + 0.5 - sample[:, None]) / kernel_scale)
+  weight = np.where((index >= 0) & (index < in_size), weight, 0.0)
+  weight /= weight.sum(axis=1, keepdims=True)
+  return np.clip(index, 0, in_size - 1), weight
+
+
+def _resize_axis(images: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+  index, weight = _filter(images.shape[axis], out_size)
+  out = None
+  for t in range(index.shape[1]):
+    shape = [1] * images.ndim
+    shape[axis] = out_size
+    term = np.take(images, index[:, t], axis=axis) * weight[:, t].reshape(shape)
+    out = term if out is None else out + term
+  return out
+
+
+def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Images (..., H, W, C) resized to (height, width), float64 (not rounded)."""
+  x = np.asarray(images, np.float64)
+  if x.shape[-3] != height:
+    x = _resize_axis(x, height, x.ndim - 3)
+  if x.shape[-2] != width:
+    x = _resize_axis(x, width, x.ndim - 2)
+  return x
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def transform(images: np.ndarray, kind: str, image_size: int) -> np.ndarray:
+  """The cached form of uint8 images (..., H, W, 3) of one shape: "train" resized, "eval"
+  resized and center-cropped; uint8."""
+  h, w = images.shape[-3:-1]
+  short = train_short_side(image_size) if kind == "train" else image_size
+  rh, rw = resized_shape(h, w, short)
+  resized = resize(images, rh, rw)
+  if kind == "eval":
+    top, left = (rh - image_size) // 2, (rw - image_size) // 2
+    resized = resized[..., top:top + image_size, left:left + image_size, :]
+  return to_uint8(resized)
+
+
+def transform_in_memory(images: np.ndarray, kind: str, image_size: int,
+                        chunk: int = 64) -> Iterator[np.ndarray]:
+  """`transform` of every image of an (N, H, W, 3) array, one image at a time, in order."""
+  for start in range(0, len(images), chunk):
+    yield from transform(images[start:start + chunk], kind, image_size)
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+  """A digest of in-memory arrays (their shapes, dtypes and bytes)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(memoryview(a).cast("B"))
+  return "sha256:" + h.hexdigest()
+
+
+def progress_bar(iterable: Iterable, total: int, desc: str):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(iterable, total=total, desc=desc, unit="image", file=sys.stderr,
+              mininterval=2.0, disable=None)
+
+
+def log(message: str) -> None:
+  logging.info("%s", message)
