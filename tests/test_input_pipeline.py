@@ -1,4 +1,4 @@
-"""Samplers (PROTOCOL section 2), host slicing and the tf.data transforms (section 3)."""
+"""Samplers (PROTOCOL section 2), host slicing, augmentation draws and the transforms (section 3)."""
 
 import ml_collections
 import numpy as np
@@ -10,7 +10,7 @@ from hn_jax import input_pipeline as ip
 def _config(**overrides):
   config = ml_collections.ConfigDict(dict(
       seed=0, sampler="filled", images_per_class=2, repeat=1, batch_size=8, image_size=16,
-      eval_batch_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+      eval_batch_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), cache="off"))
   config.update(overrides)
   return config
 
@@ -85,13 +85,14 @@ def _split(n=30, classes=5, size=(12, 20)):
   return ip.Split(images, np.arange(n) % classes)
 
 
-def test_train_batches_shapes_pairs_and_determinism():
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_train_batches_shapes_pairs_and_determinism(cache):
   split = _split()
-  config = _config()
+  config = _config(cache=cache)
   batches = list(ip.train_batches(split, config, epoch=1))
   assert len(batches) == ip.steps_per_epoch(split.labels, config)
   for b in batches:
-    assert b["images"].shape == (8, 16, 16, 3) and b["images"].dtype == np.float32
+    assert b["images"].shape == (8, 16, 16, 3) and b["images"].dtype == np.uint8
     assert np.all(b["labels"][0::2] == b["labels"][1::2])
   again = list(ip.train_batches(split, config, epoch=1))
   for a, b in zip(batches, again):
@@ -100,9 +101,10 @@ def test_train_batches_shapes_pairs_and_determinism():
   assert not np.array_equal(other_epoch["images"], batches[0]["images"])
 
 
-def test_train_batches_host_slices_and_resume_offset_match_single_process():
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_train_batches_host_slices_and_resume_offset_match_single_process(cache):
   split = _split()
-  config = _config()
+  config = _config(cache=cache)
   full = list(ip.train_batches(split, config, epoch=1))
   halves = [list(ip.train_batches(split, config, epoch=1, process_index=p, process_count=2))
             for p in range(2)]
@@ -115,18 +117,17 @@ def test_train_batches_host_slices_and_resume_offset_match_single_process():
 
 def test_train_transform_crops_flips_and_normalizes():
   config = _config(image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  words = ip.augment_words(0, np.arange(20))
   # A constant image stays constant through resize, crop and flip.
   image = np.full((10, 40, 3), 51, np.uint8)
-  out = ip.train_transform(image, np.array([0, 7]), config).numpy()
+  out = ip.train_transform(image, words[7], config).numpy()
   assert out.shape == (16, 16, 3)
-  np.testing.assert_allclose(out, 0.2, atol=1e-5)
+  np.testing.assert_allclose(out, 0.2, atol=1e-6)
   # Shorter side resized to int(1.1 * 16) = 17: a crop of a 17-row ramp keeps 16 of its rows.
   ramp = np.repeat(np.repeat(np.arange(17, dtype=np.uint8)[:, None, None] * 10, 17, 1), 3, 2)
-  crops = {tuple(ip.train_transform(ramp, np.array([0, s]), config).numpy()[:, 0, 0].round(4))
-           for s in range(20)}
+  crops = {tuple(ip.train_transform(ramp, w, config).numpy()[:, 0, 0].round(4)) for w in words}
   assert len(crops) == 2, "a 17-pixel side leaves two vertical crop offsets"
-  flips = [ip.train_transform(ramp.transpose(1, 0, 2), np.array([0, s]), config).numpy()
-           for s in range(20)]
+  flips = [ip.train_transform(ramp.transpose(1, 0, 2), w, config).numpy() for w in words]
   increasing = [f[0, 0, 0] < f[0, -1, 0] for f in flips]
   assert any(increasing) and not all(increasing), "some crops are flipped, some are not"
 
@@ -153,3 +154,49 @@ def test_eval_batches_keep_order_and_mark_padding():
   for i, b in enumerate(batches):
     np.testing.assert_array_equal(
         np.concatenate([halves[0][i]["images"], halves[1][i]["images"]]), b["images"])
+
+
+def test_augment_words_are_uniform_and_keyed_by_seed_and_position():
+  words = ip.augment_words(0, np.arange(20000))
+  assert words.shape == (20000, 3) and words.min() >= 0 and words.max() < 2**32
+  np.testing.assert_array_equal(words[5:9], ip.augment_words(0, np.arange(5, 9)))
+  assert not np.array_equal(words[:100], ip.augment_words(1, np.arange(100)))
+  offsets = ip.crop_offsets(words[:, 0], 26)
+  assert offsets.min() == 0 and offsets.max() == 25
+  counts = np.bincount(offsets, minlength=26)
+  assert counts.min() > 0.8 * 20000 / 26 and counts.max() < 1.2 * 20000 / 26
+  assert (ip.crop_offsets(words[:, 1], 1) == 0).all(), "a side of the crop's size: offset 0"
+  flips = words[:, 2] >> 31
+  assert 0.48 < flips.mean() < 0.52
+  assert abs(np.corrcoef(words[:, 0], words[:, 1])[0, 1]) < 0.03
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (40, 30), (375, 500), (8, 8)])
+def test_numpy_resize_matches_tensorflow(shape):
+  """The cache's NumPy resize of in-memory images is tf.image.resize's antialiased bilinear."""
+  import tensorflow as tf
+  from hn_jax import image_cache
+  rng = np.random.default_rng(sum(shape))
+  image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+  for short in (17, 281, 5):
+    out_shape = image_cache.resized_shape(*shape, short)
+    ours = image_cache.resize(image, *out_shape)
+    theirs = tf.image.resize(tf.cast(image, tf.float32), out_shape, method="bilinear",
+                             antialias=True).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-2)
+    rounded = image_cache.to_uint8(ours).astype(int) - image_cache.to_uint8(theirs)
+    assert np.abs(rounded).max() <= 1 and (rounded != 0).mean() < 0.01
+
+
+def test_cached_and_uncached_batches_are_the_same_uint8():
+  split = _split(n=30, size=(40, 50))
+  for kind, batches in (("train", ip.train_batches), ("eval", ip.eval_batches)):
+    kwargs = {"epoch": 1} if kind == "train" else {}
+    off = list(batches(split, _config(cache="off"), **kwargs))
+    cached = list(batches(split, _config(cache="memory"), **kwargs))
+    assert len(off) == len(cached)
+    for a, b in zip(off, cached):
+      assert a["images"].dtype == b["images"].dtype == np.uint8
+      diff = np.abs(a["images"].astype(int) - b["images"])
+      assert diff.max() <= 1 and (diff != 0).mean() < 0.001, kind
+      np.testing.assert_array_equal(a["labels"], b["labels"])

@@ -1,0 +1,214 @@
+"""The decoded-image cache: its file (atomic, checked, keyed), the modes, and uint8 batches
+normalized inside the jitted step exactly as the host did before."""
+
+import errno
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from hn_jax import image_cache, input_pipeline as ip, sharding, train_step
+
+
+def _config(**overrides):
+  config = ml_collections.ConfigDict(dict(
+      seed=0, sampler="filled", images_per_class=2, repeat=1, batch_size=8, image_size=16,
+      eval_batch_size=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), cache="disk",
+      cache_dir="", cache_memory_gb=0.0))
+  config.update(overrides)
+  return config
+
+
+def _split(n=20, seed=0, name="toy-train"):
+  rng = np.random.default_rng(seed)
+  shape = (30, 44) if seed % 2 == 0 else (44, 30)
+  return ip.Split(rng.integers(0, 256, (n, *shape, 3), dtype=np.uint8), np.arange(n) % 5,
+                  name=name)
+
+
+def _images(count, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3),
+                       dtype=np.uint8) for _ in range(count)]
+
+
+KEY = image_cache.CacheKey("test", "train", 16)
+
+
+def test_file_round_trip_in_memory_and_mapped(tmp_path):
+  images = _images(7)
+  path = str(tmp_path / "c.hnimg")
+  image_cache.write_file(path, KEY, iter(images), len(images))
+  assert os.listdir(tmp_path) == ["c.hnimg"], "no temporary file is left"
+  for load in (True, False):
+    cache = image_cache.read_file(path, KEY, load=load)
+    assert cache.in_memory == load and len(cache) == 7
+    for i, image in enumerate(images):
+      np.testing.assert_array_equal(cache.image(i), image)
+  with pytest.raises(image_cache.CorruptCache, match="other settings"):
+    image_cache.read_file(path, image_cache.CacheKey("test", "train", 32), load=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "cut_tail", "flip_pixel", "flip_table", "empty"])
+def test_damaged_files_are_detected(tmp_path, damage):
+  images = _images(5, seed=1)
+  path = str(tmp_path / "c.hnimg")
+  image_cache.write_file(path, KEY, iter(images), len(images))
+  data = bytearray(open(path, "rb").read())
+  if damage == "truncate":
+    data = data[:len(data) // 2]
+  elif damage == "cut_tail":
+    data = data[:-3]
+  elif damage == "flip_pixel":
+    data[16 + 20] ^= 1
+  elif damage == "flip_table":
+    pixels = sum(i.size for i in images)
+    data[16 + pixels + 2] ^= 1
+  else:
+    data = b""
+  open(path, "wb").write(bytes(data))
+  with pytest.raises(image_cache.CorruptCache):
+    image_cache.read_file(path, KEY, load=damage == "flip_pixel")
+
+
+def test_full_disk_leaves_nothing_and_says_what_to_do(tmp_path, monkeypatch):
+  def images():
+    yield np.zeros((4, 4, 3), np.uint8)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  path = str(tmp_path / "c.hnimg")
+  with pytest.raises(image_cache.CacheError) as error:
+    image_cache.write_file(path, KEY, images(), 3, expected_bytes=48)
+  message = str(error.value)
+  assert "No space left on device" in message and "--config.cache_dir" in message
+  assert "\n" not in message and os.listdir(tmp_path) == []
+
+
+def test_disk_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, caplog):
+  split = _split()
+  config = _config(cache_dir=str(tmp_path))
+  first = list(ip.train_batches(split, config, epoch=1))
+  (name,) = os.listdir(tmp_path)
+  assert name.startswith("toy-train-train16-") and name.endswith(".hnimg")
+  ((mode, key),) = [k for k in split.cache if isinstance(k, tuple)]
+  assert mode == "disk" and not split.cache[(mode, key)].in_memory
+  # A later run (a fresh Split of the same images) reuses the file: nothing is resized.
+  calls = []
+  real = image_cache.transform
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(image_cache, "transform", lambda *a: calls.append(1) or real(*a))
+    again = list(ip.train_batches(_split(), config, epoch=1))
+    assert calls == []
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["images"], b["images"])
+  # A damaged file is reported in one line and rebuilt.
+  path = tmp_path / name
+  data = bytearray(path.read_bytes())
+  data[100] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with caplog.at_level("WARNING"):
+    rebuilt = list(ip.train_batches(_split(), config, epoch=1))
+  assert any("unusable" in r.getMessage() and "rebuilding" in r.getMessage()
+             for r in caplog.records)
+  for a, b in zip(first, rebuilt):
+    np.testing.assert_array_equal(a["images"], b["images"])
+  assert len(image_cache.read_file(str(path), key, load=False)) == 20
+
+
+def test_a_changed_setting_or_dataset_never_reuses_a_file(tmp_path):
+  config = _config(cache_dir=str(tmp_path))
+  ip.cached_images(_split(), "train", config)
+  ip.cached_images(_split(), "eval", config)
+  ip.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), image_size=20))
+  ip.cached_images(_split(seed=2), "train", config)  # other pixels, same name
+  assert len(os.listdir(tmp_path)) == 4
+  eval_cache = ip.cached_images(_split(), "eval", config)
+  assert eval_cache.stacked.shape == (20, 16, 16, 3)
+
+
+def test_auto_picks_memory_then_disk_then_off(tmp_path, monkeypatch, caplog):
+  split = _split()
+  size = 20 * 17 * 25 * 3  # 20 images of 30 x 44 resized to 17 x 25 (shorter side 17)
+  cache = ip.cached_images(split, "train", _config(cache="auto", cache_dir=str(tmp_path)))
+  assert cache.in_memory and cache.nbytes == size
+  assert len(os.listdir(tmp_path)) == 1, "memory: also saved for later runs"
+  tiny = dict(cache="auto", cache_memory_gb=1e-9)
+  cache = ip.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), **tiny))
+  assert not cache.in_memory, "over the memory budget: memory-mapped"
+  monkeypatch.setattr(ip, "_free_bytes", lambda folder: 0)
+  other = _split(seed=4)
+  with caplog.at_level("WARNING"):
+    assert ip.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
+  assert any("reading them uncached" in r.getMessage() for r in caplog.records)
+  with pytest.raises(image_cache.CacheError, match="GB free"):
+    ip.cached_images(other, "train", _config(cache_dir=str(tmp_path)))
+  with pytest.raises(image_cache.CacheError, match="set --config.cache_dir"):
+    ip.cached_images(_split(), "train", _config())  # disk, but no folder
+
+
+def test_normalization_in_the_step_equals_the_host_float_pipeline():
+  """The jitted normalization of uint8 pixels equals what tf.data computed on the host (and a
+  float64 NumPy reference) to 1e-6."""
+  import tensorflow as tf
+  from hn_jax import tf_pipeline
+  config = _config()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  images[0, 0, 0] = (0, 255, 128)
+  ours = np.asarray(jax.jit(lambda x: train_step.normalize(x, config.mean, config.std))(images))
+  host = tf_pipeline.normalize(tf.constant(images), config.mean, config.std).numpy()
+  reference = (images / 255.0 - np.array(config.mean)) / np.array(config.std)
+  assert ours.dtype == np.float32
+  np.testing.assert_allclose(ours, host, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-6)
+  floats = np.asarray(train_step.normalize(reference.astype(np.float32), config.mean, config.std))
+  np.testing.assert_array_equal(floats, reference.astype(np.float32))
+
+
+def test_training_on_uint8_batches_gives_the_losses_of_host_normalized_batches():
+  """Three steps fed uint8 crops (normalized in the step) against the same crops normalized
+  on the host in float32, as the pipeline did before: the same losses to float rounding.
+
+  The config, mesh and shapes are tests/test_train.py's, so that the uint8 step's program
+  comes from (or goes to) the persistent compilation cache.
+  """
+  from configs import digits
+  from hn_jax import datasets
+  config = digits.get_config()
+  config.update(dict(image_size=16, embedding_dim=16, batch_size=64, eval_batch_size=512,
+                     num_epochs=2, eval_every=1, lr_drop_epochs=(2,)))
+  split = datasets.load(config).train
+  batches = list(ip.train_batches(split, config, epoch=1))[:3]
+  mesh = sharding.create_mesh()
+  losses = {}
+  for form in ("uint8", "float32"):
+    tx = train_step.create_optimizer(config, 920 // 64)
+    graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
+    state = sharding.replicate(state, mesh)
+    step = train_step.make_train_step(graphdef, tx, config, mesh)
+    losses[form] = []
+    for batch in batches:
+      images = batch["images"]
+      if form == "float32":
+        images = ((images.astype(np.float32) / np.float32(255.0)
+                   - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32))
+      batch = sharding.global_batch({"images": images, "labels": batch["labels"]}, mesh)
+      state, metrics = step(state, batch["images"], batch["labels"])
+      losses[form].append(float(metrics["loss"]))
+  assert len(set(losses["uint8"])) == 3, "the weights change"
+  np.testing.assert_allclose(losses["uint8"], losses["float32"], rtol=1e-5)
+
+
+def test_prefetch_to_device_keeps_order_and_values():
+  mesh = sharding.create_mesh()
+  n = jax.device_count()
+  batches = [{"images": np.full((n, 2, 2, 3), i, np.uint8), "labels": np.arange(n) + i}
+             for i in range(5)]
+  out = list(ip.prefetch_to_device(iter(batches), mesh))
+  assert len(out) == 5
+  for i, batch in enumerate(out):
+    assert isinstance(batch["images"], jax.Array) and batch["images"].dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(batch["images"]), batches[i]["images"])
+    np.testing.assert_array_equal(np.asarray(batch["labels"]), batches[i]["labels"])
