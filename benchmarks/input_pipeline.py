@@ -1,20 +1,26 @@
-"""Train-pipeline throughput: hn_jax's tf.data pipeline against a PyTorch DataLoader with PIL.
+"""Train-pipeline throughput: hn_jax's pipelines against a PyTorch DataLoader with PIL.
 
-  python benchmarks/input_pipeline.py [--images=2000] [--workers=N]
+  python benchmarks/input_pipeline.py [--images=2000] [--workers=N] [--cached_epochs=20]
 
 Writes CUB-like JPEGs (500 x 375 or 375 x 500, quality 90, cut from scikit-learn's two sample
 photos at random scales and offsets) in the CUB layout, prepares them with `hn_jax.prepare`,
-then times one training epoch of each pipeline on the same index stream (the `filled`
-sampler), batch 128, image size 256, the paper's transforms:
+then times training epochs of each pipeline on the same index stream (the `filled` sampler),
+batch 128, image size 256, the paper's transforms, in the form the step consumes:
 
-- hn_jax: `input_pipeline.train_batches` reading the ArrayRecord files (and, separately, with
-  `cache_images`);
+- hn_jax uncached: `input_pipeline.train_batches` with `cache=off`, tf.data reading the
+  ArrayRecord files, uint8 crops (one epoch, after a warm-up epoch);
+- hn_jax before issue 13: the same tf.data graph as it was (TF stateless random ops, float32
+  normalized on the host), for "no slower than before" in the same run;
+- hn_jax cached: `cache=memory` and `cache=disk` (memory-mapped), uint8 crops cut by NumPy
+  threads from the decoded images (built once, timed separately, then `cached_epochs`
+  epochs), with every thread (`CACHE_THREADS`) and with one;
 - PyTorch: a `DataLoader` with `workers` processes, each image read from its file and
   transformed with PIL by hand as torchvision would (torchvision is not installed): resize the
   shorter side to 281 (bilinear), random 256 crop, random flip, to tensor, normalize.
 
-Reports images/s (wall) and images per CPU-second, the CPU time of every thread and worker
-process (what "per core" means here: a pipeline that keeps N cores busy gets N times that).
+Reports images/s (wall), per core (wall / the cores the pipeline uses: all of them, or one
+for the one-thread row) and images per CPU-second (the CPU time of every thread and worker
+process), with the load average (`uptime`) beside it: on a shared machine the figures drop.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ BATCH = 128
 SIZE = 256
 MEAN = (0.4707, 0.4601, 0.4549)
 STD = (0.2767, 0.2760, 0.2850)
+UNCACHED = "hn_jax tf.data (ArrayRecord), uint8"
+LEGACY = "hn_jax tf.data (ArrayRecord), before: float32"
+TORCH = "PyTorch DataLoader + PIL"
+ONE_THREAD = "hn_jax cache=disk, 1 thread"
 
 
 def write_cub_like(root: str, num_images: int, seed: int = 0) -> str:
@@ -77,17 +87,59 @@ def cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def time_hn_jax(config, dataset) -> dict[str, float]:
+def time_hn_jax(config, dataset, epochs: int = 1, batches=None) -> dict[str, float]:
   from hn_jax import input_pipeline
 
-  # Warm up (and, with cache_images, fill the cache) on epoch 1; time epoch 2.
-  for _ in input_pipeline.train_batches(dataset.train, config, epoch=1):
+  batches = batches or input_pipeline.train_batches
+  # Warm up (and fill the cache) on epoch 1, timed apart; time the next `epochs`.
+  start = time.perf_counter()
+  for _ in batches(dataset.train, config, epoch=1):
     pass
+  first = time.perf_counter() - start
   start, cpu = time.perf_counter(), cpu_seconds()
   images = 0
-  for batch in input_pipeline.train_batches(dataset.train, config, epoch=2):
-    images += len(batch["images"])
-  return {"images": images, "wall": time.perf_counter() - start, "cpu": cpu_seconds() - cpu}
+  for epoch in range(2, 2 + epochs):
+    for batch in batches(dataset.train, config, epoch=epoch):
+      assert batch["images"].dtype == (np.float32 if batches is legacy_batches else np.uint8)
+      images += len(batch["images"])
+  return {"images": images, "wall": time.perf_counter() - start, "cpu": cpu_seconds() - cpu,
+          "first_epoch_s": first}
+
+
+def legacy_batches(split, config, epoch: int):
+  """The uncached tf.data path as it was before issue 13: TF stateless random crop offsets
+  and flips, float32 normalized on the host."""
+  import tensorflow as tf
+  from hn_jax import input_pipeline, tf_pipeline
+
+  size = config.image_size
+  rows = input_pipeline.host_rows(input_pipeline.epoch_indices(split.labels, config, epoch),
+                                  config.batch_size, 0, 1)
+  positions = (epoch * len(rows) * config.batch_size + np.arange(rows.size)).astype(np.int64)
+  elements, _ = tf_pipeline._elements(split.images, rows.reshape(-1))  # pylint: disable=protected-access
+  decode = tf_pipeline._decoder(True)  # pylint: disable=protected-access
+
+  def transform(record, position):
+    image = decode(record)
+    seed = tf.stack([tf.constant(config.seed, tf.int64), position])
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    resized = tf_pipeline._resized_shape(tf.shape(image), int(1.1 * size))  # pylint: disable=protected-access
+    limit = tf.cast(resized, tf.int32) - size + 1
+    top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(crop_seed, 2))
+    offset = tf.cast(tf.stack([
+        tf.random.stateless_uniform([], top_seed, 0, limit[0], tf.int32),
+        tf.random.stateless_uniform([], left_seed, 0, limit[1], tf.int32)]), tf.float32)
+    image = tf.raw_ops.ScaleAndTranslate(
+        images=image[None], size=[size, size],
+        scale=resized / tf.cast(tf.shape(image)[:2], tf.float32), translation=-offset,
+        kernel_type="triangle", antialias=True)[0]
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return {"images": tf_pipeline.normalize(image, config.mean, config.std)}
+
+  ds = tf.data.Dataset.zip((elements, tf.data.Dataset.from_tensor_slices(positions)))
+  ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  yield from ds.batch(config.batch_size, drop_remainder=True).prefetch(
+      tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 class _PilDataset:
@@ -149,19 +201,26 @@ def main() -> None:
   parser.add_argument("--images", type=int, default=2000, help="JPEGs written (half train)")
   parser.add_argument("--workers", type=int, default=os.cpu_count(),
                       help="DataLoader worker processes (default: one per core)")
+  parser.add_argument("--cached_epochs", type=int, default=20,
+                      help="epochs timed for each cached row (they are fast)")
+  parser.add_argument("--skip_torch", action="store_true", help="leave the PyTorch row out")
   parser.add_argument("--json", help="also write the results to this file")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from configs import cub
   from hn_jax import datasets, input_pipeline, prepare
 
+  cores = os.cpu_count()
+  used = {}  # pipeline -> cores it uses
   with tempfile.TemporaryDirectory() as tmp:
     root = write_cub_like(tmp, args.images)
     prepare.prepare("cub", root, os.path.join(tmp, "prepared"), progress=False)
     config = cub.get_config()
     config.data_dir = os.path.join(tmp, "prepared")
+    config.cache = "off"
     dataset = datasets.load(config)
-    results = {"hn_jax tf.data (ArrayRecord)": time_hn_jax(config, dataset)}
+    results = {UNCACHED: time_hn_jax(config, dataset),
+               LEGACY: time_hn_jax(config, dataset, batches=legacy_batches)}
     # The same images, in the same order, for PyTorch.
     with open(os.path.join(root, "images.txt")) as f:
       all_paths = {int(i): os.path.join(root, "images", p.strip())
@@ -171,29 +230,54 @@ def main() -> None:
     paths = [all_paths[int(i)] for i in ids]
     order = input_pipeline.epoch_indices(dataset.train.labels, config, 2)
     order = order[:len(order) // BATCH * BATCH]
-    results[f"PyTorch DataLoader + PIL ({args.workers} workers)"] = time_torch(
-        paths, dataset.train.labels, order, args.workers)
-    config.cache_images = True
-    cached = datasets.load(config)
-    results["hn_jax tf.data, cache_images=True"] = time_hn_jax(config, cached)
+    if not args.skip_torch:
+      results[TORCH] = time_torch(paths, dataset.train.labels, order, args.workers)
+    threads = input_pipeline.CACHE_THREADS
+    for mode in ("memory", "disk"):
+      config.cache = mode
+      config.cache_dir = os.path.join(tmp, f"cache_{mode}")
+      cached = datasets.load(config)
+      results[f"hn_jax cache={mode}, {threads} threads"] = time_hn_jax(
+          config, cached, epochs=args.cached_epochs)
+      used[f"hn_jax cache={mode}, {threads} threads"] = min(threads, cores)
+    input_pipeline.CACHE_THREADS = 1
+    results[ONE_THREAD] = time_hn_jax(config, cached, epochs=args.cached_epochs)
+    used[ONE_THREAD] = 1
+    input_pipeline.CACHE_THREADS = threads
 
-  cores = os.cpu_count()
+  load = os.getloadavg()
   print(f"\n{platform.processor() or platform.machine()}, {cores} cores, "
-        f"{time.strftime('%Y-%m-%d')}, {args.images // 2} training JPEGs of 500 x 375, "
-        f"batch {BATCH}, {SIZE} x {SIZE}\n")
-  print("| pipeline | images | images/s (wall) | images per CPU-second |")
-  print("|---|---|---|---|")
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, {args.images // 2} training JPEGs of "
+        f"500 x 375, batch {BATCH}, {SIZE} x {SIZE}\n")
+  print("| pipeline | images | images/s (wall) | per core (wall) | images per CPU-second | "
+        "first epoch s |")
+  print("|---|---|---|---|---|---|")
   for name, r in results.items():
     r["per_second"] = r["images"] / r["wall"]
+    r["cores"] = used.get(name, cores)
+    r["per_core"] = r["per_second"] / r["cores"]
     r["per_cpu_second"] = r["images"] / r["cpu"]
-    print(f"| {name} | {r['images']} | {r['per_second']:.0f} | {r['per_cpu_second']:.0f} |")
-  torch_name = next(n for n in results if n.startswith("PyTorch"))
-  ratio = (results["hn_jax tf.data (ArrayRecord)"]["per_cpu_second"]
-           / results[torch_name]["per_cpu_second"])
-  print(f"\nhn_jax / PyTorch, images per CPU-second: {ratio:.2f}x")
+    first = f"{r['first_epoch_s']:.1f}" if "first_epoch_s" in r else "-"
+    print(f"| {name} | {r['images']} | {r['per_second']:.0f} | {r['per_core']:.0f} | "
+          f"{r['per_cpu_second']:.0f} | {first} |")
+  cached_name = f"hn_jax cache=memory, {input_pipeline.CACHE_THREADS} threads"
+  ratios = {"uncached / before, per core": results[UNCACHED]["per_core"]
+                                           / results[LEGACY]["per_core"]}
+  if TORCH in results:
+    ratios["cached (memory) / PyTorch, per core"] = (results[cached_name]["per_core"]
+                                                     / results[TORCH]["per_core"])
+    ratios["uncached / PyTorch, per core"] = (results[UNCACHED]["per_core"]
+                                              / results[TORCH]["per_core"])
+  print()
+  for name, value in ratios.items():
+    print(f"{name}: {value:.2f}x")
+  print(f"cached per core (wall): {results[cached_name]['per_core']:.0f} images/s (target 1500); "
+        f"one thread: {results[ONE_THREAD]['per_core']:.0f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"results": results, "ratio": ratio, "cores": cores}, f, indent=2)
+      json.dump({"results": results, "ratios": ratios, "cores": cores, "load": load}, f,
+                indent=2)
 
 
 if __name__ == "__main__":

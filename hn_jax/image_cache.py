@@ -127,14 +127,14 @@ class DecodedImages:
       return self.stacked[np.asarray(rows)]
     return np.stack([self.image(int(i)) for i in rows])
 
-  def crops(self, rows: np.ndarray, tops: np.ndarray, lefts: np.ndarray, flips: np.ndarray,
+  def crops(self, rows: np.ndarray, tops: np.ndarray, lefts: np.ndarray,
             size: int) -> np.ndarray:
-    """The size x size crop at (top, left) of each image of `rows`, flipped left-right where
-    `flips`: uint8 (len(rows), size, size, 3)."""
+    """The size x size crop at (top, left) of each image of `rows`: uint8 (len(rows), size,
+    size, 3). (Mirroring is left to the step: NumPy copies reversed 3-byte pixels at a
+    tenth of the speed of plain rows.)"""
     out = np.empty((len(rows), size, size, 3), np.uint8)
     for j, i in enumerate(rows):
-      crop = self.image(int(i))[tops[j]:tops[j] + size, lefts[j]:lefts[j] + size]
-      out[j] = crop[:, ::-1] if flips[j] else crop
+      out[j] = self.image(int(i))[tops[j]:tops[j] + size, lefts[j]:lefts[j] + size]
     return out
 
 

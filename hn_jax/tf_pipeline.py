@@ -65,8 +65,8 @@ def crop_offset(words: tf.Tensor, limit: tf.Tensor) -> tf.Tensor:
 
 
 def train_crop(image: tf.Tensor, words: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Resize shorter side to int(1.1 x size), crop size x size at the offsets `words` draw,
-  flip left-right where the third word's top bit is set: uint8 (size, size, 3).
+  """Resize shorter side to int(1.1 x size), crop size x size at the offsets the first two
+  `words` draw: uint8 (size, size, 3). (The flip, the third word's top bit, is the step's.)
 
   The resize and the crop are one op: ScaleAndTranslate computes only the crop's pixels of
   the resized image (the filter of `tf.image.resize`, which is that op without
@@ -81,9 +81,7 @@ def train_crop(image: tf.Tensor, words: tf.Tensor, image_size: int) -> tf.Tensor
       images=image[None], size=[size, size],
       scale=resized / tf.cast(tf.shape(image)[:2], tf.float32),
       translation=-tf.cast(offset, tf.float32), kernel_type="triangle", antialias=True)[0]
-  image = _to_uint8(tf.ensure_shape(image, (size, size, 3)))
-  flip = tf.bitwise.right_shift(words[2], 31) > 0
-  return tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+  return _to_uint8(tf.ensure_shape(image, (size, size, 3)))
 
 
 def eval_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -101,9 +99,12 @@ def train_resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def train_transform(image, words, config: ml_collections.ConfigDict) -> tf.Tensor:
-  """`train_crop`, normalized (float32): what the step sees of an image."""
-  return normalize(train_crop(image, tf.constant(np.asarray(words, np.int64)),
-                              config.image_size), config.mean, config.std)
+  """`train_crop`, mirrored by the third word, normalized (float32): what the step sees."""
+  words = np.asarray(words, np.int64)
+  image = train_crop(image, tf.constant(words), config.image_size)
+  if words[2] >> 31:
+    image = image[:, ::-1]
+  return normalize(image, config.mean, config.std)
 
 
 def eval_transform(image, config: ml_collections.ConfigDict) -> tf.Tensor:

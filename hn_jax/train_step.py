@@ -90,6 +90,11 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def flip(images: jax.Array, flips: jax.Array) -> jax.Array:
+  """Each image (B, H, W, C) mirrored left-right where `flips` (B,) is set."""
+  return jnp.where(flips.reshape(-1, 1, 1, 1), images[:, :, ::-1], images)
+
+
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(method=config.loss, lam=config.lam, temperature=config.temperature,
               hard_threshold=config.hard_threshold)
@@ -97,16 +102,20 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: Mesh
-                    ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-  """jit(state, images, labels) -> (state, metrics) over the global batch.
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """jit(state, images, labels, flips=None) -> (state, metrics) over the global batch.
 
-  `images`: uint8 crops, normalized here by `config.mean` and `config.std` (or float32
-  images already normalized).
+  `images`: uint8 crops, mirrored where `flips` (bool, one per image) is set and normalized
+  by `config.mean` and `config.std` here, next to the model (or float32 images already
+  augmented and normalized).
   """
   kwargs = loss_kwargs(config)
   mean, std = tuple(config.mean), tuple(config.std)
 
-  def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+                 flips: jax.Array | None):
+    if flips is not None:
+      images = flip(images, flips)
     images = normalize(images, mean, std)
 
     def loss_fn(params):
@@ -133,8 +142,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   batch = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(replicated, batch, batch),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  jitted = jax.jit(train_step, in_shardings=(replicated, batch, batch, batch),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def step(state: TrainState, images: jax.Array, labels: jax.Array,
+           flips: jax.Array | None = None) -> tuple[TrainState, dict]:
+    return jitted(state, images, labels, flips)
+
+  return step
 
 
 def make_embed_step(graphdef: nnx.GraphDef, mesh: Mesh,

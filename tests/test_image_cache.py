@@ -168,8 +168,9 @@ def test_normalization_in_the_step_equals_the_host_float_pipeline():
 
 
 def test_training_on_uint8_batches_gives_the_losses_of_host_normalized_batches():
-  """Three steps fed uint8 crops (normalized in the step) against the same crops normalized
-  on the host in float32, as the pipeline did before: the same losses to float rounding.
+  """Three steps fed uint8 crops (mirrored and normalized in the step) against the same crops
+  mirrored and normalized on the host in float32, as the pipeline did before: the same
+  losses to float rounding.
 
   The config, mesh and shapes are tests/test_train.py's, so that the uint8 step's program
   comes from (or goes to) the persistent compilation cache.
@@ -190,13 +191,17 @@ def test_training_on_uint8_batches_gives_the_losses_of_host_normalized_batches()
     step = train_step.make_train_step(graphdef, tx, config, mesh)
     losses[form] = []
     for batch in batches:
-      images = batch["images"]
       if form == "float32":
+        images = np.where(batch["flips"][:, None, None, None], batch["images"][:, :, ::-1],
+                          batch["images"])
         images = ((images.astype(np.float32) / np.float32(255.0)
                    - np.asarray(config.mean, np.float32)) / np.asarray(config.std, np.float32))
-      batch = sharding.global_batch({"images": images, "labels": batch["labels"]}, mesh)
-      state, metrics = step(state, batch["images"], batch["labels"])
+        batch = dict(batch, images=images, flips=None)
+      on_device = sharding.global_batch({k: v for k, v in batch.items() if v is not None}, mesh)
+      state, metrics = step(state, on_device["images"], on_device["labels"],
+                            on_device.get("flips"))
       losses[form].append(float(metrics["loss"]))
+  assert 0 < np.concatenate([b["flips"] for b in batches]).mean() < 1
   assert len(set(losses["uint8"])) == 3, "the weights change"
   np.testing.assert_allclose(losses["uint8"], losses["float32"], rtol=1e-5)
 

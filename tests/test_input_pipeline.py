@@ -200,3 +200,6 @@ def test_cached_and_uncached_batches_are_the_same_uint8():
       diff = np.abs(a["images"].astype(int) - b["images"])
       assert diff.max() <= 1 and (diff != 0).mean() < 0.001, kind
       np.testing.assert_array_equal(a["labels"], b["labels"])
+      if kind == "train":
+        np.testing.assert_array_equal(a["flips"], b["flips"])
+        assert a["flips"].dtype == bool
