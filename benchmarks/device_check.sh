@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU figure of issues 4 and 8 in one call of a short device session (one H100):
+# Every GPU figure of issues 4, 8 and 13 in one call of a short device session (one H100):
 #   bash benchmarks/device_check.sh              # writes JSON and logs to $OUT (or /tmp/device_check)
 #   bash benchmarks/device_check.sh --smoke      # tiny sizes, on any machine, to test this script
 # Steps, each under its own time limit so that one slow step cannot starve the others:
 #   1. evaluation at the accelerator sizes (60,502 self; 17,954 x 1,027,871), ~2 min
 #   2. the JAX train step, float32 and bfloat16, batch 128 and 512, ~4 min
 #   3. the PyTorch step, eager then torch.compile, ~4 min
+#   4. the training loop (cached input, transfer, step) against the step alone: ResNet50
+#      bfloat16, batch 128 and 512, ~3 min
 # Only JAX (and PyTorch for step 3) are needed: nothing here imports TensorFlow, TFDS or CLU.
 set -uo pipefail
 
@@ -38,6 +40,7 @@ if ((smoke)); then
     --methods=ours,ours-jit,xla-gemm --json="$out/evaluation.json"
   run train_step 300 python benchmarks/train_step.py --tiny --frameworks=jax \
     --json="$out/train_step_jax.json"
+  run train_loop 300 python benchmarks/train_loop.py --tiny --json="$out/train_loop.json"
   exit 0
 fi
 run evaluation 170 python benchmarks/evaluation.py --gpu-sizes --json="$out/evaluation.json"
@@ -45,3 +48,5 @@ run train_step_jax 250 python benchmarks/train_step.py --frameworks=jax \
   --json="$out/train_step_jax.json"
 run train_step_torch 170 python benchmarks/train_step.py --frameworks=torch \
   --json="$out/train_step_torch.json"
+run train_loop 240 python benchmarks/train_loop.py --model=resnet50 --dtype=bfloat16 \
+  --batch=128,512 --classes=400 --steps=20 --warmup=3 --json="$out/train_loop.json"

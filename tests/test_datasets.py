@@ -227,8 +227,10 @@ def test_second_evaluation_and_embed_decode_no_image(prepared, tmp_path):
   from hn_jax import embed, sharding, train, train_step
   _, data_dir, _ = prepared["cub"]
   config = cub.get_config()
-  config.update(dict(data_dir=data_dir, image_size=16, model="small", embedding_dim=8,
-                     batch_size=8, eval_batch_size=8, num_epochs=0, cache="auto"))
+  # The embed step's program is tests/test_train.py's (shapes, normalization): compiled once.
+  config.update(dict(data_dir=data_dir, image_size=16, model="small", embedding_dim=16,
+                     batch_size=8, eval_batch_size=512, num_epochs=0, cache="auto",
+                     mean=(0.305, 0.305, 0.305), std=(0.378, 0.378, 0.378)))
   workdir = str(tmp_path / "run")
   before = input_pipeline.RecordSource.records_read
   first = train.train_and_evaluate(config, workdir)  # epoch 0's evaluation, checkpoint 0

@@ -1,0 +1,192 @@
+"""Training-loop throughput: the real loop pieces against the step alone and the input alone.
+
+  python benchmarks/train_loop.py                      # small model, float32, batch 128, 256 px
+  python benchmarks/train_loop.py --model=resnet50 --dtype=bfloat16 --batch=128,512
+  python benchmarks/train_loop.py --tiny --check_no_tf # seconds; what the test runs
+
+On a cached synthetic split (`hn_jax.datasets.synthetic_images` at the image size, its train
+cache built once in memory, timed apart) it times, for each batch size:
+- input alone: `input_pipeline.train_batches` (sampler, cached crops) through
+  `input_pipeline.prefetch_to_device` (host -> device as uint8), no step;
+- step alone: the jitted `train_step.make_train_step` on one batch already on the devices;
+- loop: the two together as `hn_jax.train` runs them, with its one-step-late metric read.
+Each over `--steps` steps after `--warmup`, on every device of one mesh. The loop should
+reach the slower of the other two (on a GPU: the step). Nothing here needs TensorFlow, TFDS
+or CLU; `--check_no_tf` makes them unimportable and reports that none was loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORBIDDEN_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="small", help="small, resnet18 or resnet50")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--batch", default="128", help="global batch sizes, comma-separated")
+  p.add_argument("--image_size", type=int, default=256)
+  p.add_argument("--classes", type=int, default=200,
+                 help="synthetic classes generated (half train) at 10 images each")
+  p.add_argument("--steps", type=int, default=4, help="timed steps of each measurement")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+  p.add_argument("--tiny", action="store_true",
+                 help="32 px, batch 16, 40 classes, 3 steps: a quick check of the script")
+  p.add_argument("--check_no_tf", action="store_true",
+                 help="make tensorflow, tensorflow_datasets and clu unimportable")
+  p.add_argument("--json", help="also write the results to this file")
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.image_size, args.batch, args.classes, args.steps = 32, "16", 40, 3
+  args.batch = [int(b) for b in str(args.batch).split(",") if b.strip()]
+  return args
+
+
+def _blocked_loaded() -> list[str]:
+  return sorted(m for m, mod in list(sys.modules.items())
+                if m.split(".")[0] in FORBIDDEN_MODULES and mod is not None)
+
+
+def _config(args, batch: int):
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config()
+  config.update(dict(model=args.model, half_precision=args.dtype == "bfloat16",
+                     image_size=args.image_size, batch_size=batch, synthetic_classes=args.classes,
+                     embedding_dim=64, cache="memory", learning_rate=0.01))
+  return config
+
+
+def measure(args, batch: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from hn_jax import datasets, input_pipeline, sharding, train_step  # pylint: disable=g-import-not-at-top
+
+  config = _config(args, batch)
+  mesh = sharding.create_mesh()
+  split = datasets.load(config).train
+  start = time.perf_counter()
+  input_pipeline.cached_images(split, "train", config)
+  build_s = time.perf_counter() - start
+  steps_per_epoch = input_pipeline.steps_per_epoch(split.labels, config)
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch {batch} is larger than an epoch; raise --classes")
+  total = args.warmup + args.steps
+
+  def batches():
+    """The loop's device batches, epoch after epoch. (One prefetch over the epochs, unlike
+    hn_jax.train, which evaluates between them: the synthetic epochs are short.)"""
+    def host():
+      epoch = 1
+      while True:
+        yield from input_pipeline.train_batches(split, config, epoch)
+        epoch += 1
+    return input_pipeline.prefetch_to_device(host(), mesh)
+
+  # Input alone.
+  stream = batches()
+  for _ in range(args.warmup):
+    jax.block_until_ready(next(stream))
+  start = time.perf_counter()
+  last = None
+  for _ in range(args.steps):
+    last = next(stream)
+  jax.block_until_ready(last)
+  input_s = time.perf_counter() - start
+  stream.close()
+
+  tx = train_step.create_optimizer(config, steps_per_epoch)
+  graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
+  state = sharding.replicate(state, mesh)
+  step = train_step.make_train_step(graphdef, tx, config, mesh)
+
+  # Step alone, on one batch already on the devices.
+  stream = batches()
+  fixed = next(stream)
+  stream.close()
+  start = time.perf_counter()
+  state, metrics = step(state, fixed["images"], fixed["labels"], fixed["flips"])
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+  for _ in range(args.warmup):
+    state, metrics = step(state, fixed["images"], fixed["labels"], fixed["flips"])
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = step(state, fixed["images"], fixed["labels"], fixed["flips"])
+  jax.block_until_ready(metrics)
+  step_s = time.perf_counter() - start
+
+  # The loop: input, transfer and step together, reading each step's metrics a step late.
+  stream = batches()
+  pending = None
+  start = None
+  for i in range(total):
+    if i == args.warmup:
+      jax.block_until_ready(metrics)
+      start = time.perf_counter()
+    b = next(stream)
+    state, metrics = step(state, b["images"], b["labels"], b["flips"])
+    if pending is not None:
+      float(sharding.local_value(pending)["loss"])
+    pending = metrics
+  jax.block_until_ready(metrics)
+  loop_s = time.perf_counter() - start
+  stream.close()
+
+  n = args.steps * batch
+  row = dict(model=args.model, dtype=args.dtype, batch=batch, image_size=args.image_size,
+             devices=int(mesh.devices.size), cache_build_s=build_s, compile_s=compile_s,
+             input_images_per_s=n / input_s, step_images_per_s=n / step_s,
+             loop_images_per_s=n / loop_s, final_loss=float(metrics["loss"]))
+  row["loop_over_slower"] = row["loop_images_per_s"] / min(row["input_images_per_s"],
+                                                           row["step_images_per_s"])
+  row["loop_over_step"] = row["loop_images_per_s"] / row["step_images_per_s"]
+  return row
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.check_no_tf:
+    for name in FORBIDDEN_MODULES:
+      if sys.modules.get(name) is None:
+        sys.modules[name] = None  # type: ignore[assignment]  # "not importable"
+  sys.path.insert(0, REPO)
+  import jax  # pylint: disable=g-import-not-at-top
+  from hn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  rows = []
+  for batch in args.batch:
+    rows.append(measure(args, batch))
+    print(json.dumps(rows[-1]), flush=True)
+  load = os.getloadavg()
+  device = jax.devices()[0]
+  print(f"\n{platform.machine()}, {os.cpu_count()} cores, {device.platform} "
+        f"{device.device_kind} x {jax.device_count()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, {input_pipeline.CACHE_THREADS} input "
+        f"threads\n")
+  print("| model | dtype | batch | input alone images/s | step alone images/s | loop images/s "
+        "| loop / slower | loop / step |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['input_images_per_s']:.0f} | "
+          f"{r['step_images_per_s']:.0f} | {r['loop_images_per_s']:.0f} | "
+          f"{r['loop_over_slower']:.2f} | {r['loop_over_step']:.2f} |")
+  loaded = _blocked_loaded()
+  if args.check_no_tf:
+    print(f"check_no_tf: tensorflow, tensorflow_datasets and clu blocked; loaded: {loaded}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(rows=rows, load=load, device=str(device.device_kind),
+                     cores=os.cpu_count(), forbidden_loaded=loaded), f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,33 @@
+"""benchmarks/train_loop.py: its --tiny run without TensorFlow, TFDS or CLU (issue 13).
+
+The run exercises the whole cached path (synthetic split, decoded-image cache, uint8 crops,
+prefetch to the device, the jitted step with its flip and normalization), so it also shows
+that training from a cache needs NumPy and JAX only.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_run_without_tensorflow(tmp_path):
+  out = tmp_path / "loop.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                        + " --xla_backend_optimization_level=0").strip())
+  proc = subprocess.run([sys.executable, "benchmarks/train_loop.py", "--tiny", "--check_no_tf",
+                         f"--json={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "| model | dtype | batch |" in proc.stdout
+  result = json.loads(out.read_text())
+  assert result["forbidden_loaded"] == []
+  (row,) = result["rows"]
+  assert row["batch"] == 16 and row["image_size"] == 32 and row["model"] == "small"
+  for key in ("input_images_per_s", "step_images_per_s", "loop_images_per_s"):
+    assert row[key] > 0, key
+  assert row["final_loss"] == row["final_loss"]  # not NaN
