@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ml_collections
@@ -240,15 +241,20 @@ def _estimate_bytes(split: Split, key: image_cache.CacheKey) -> int:
   return int(np.mean(sizes) * n * (1.0 if len(sample) == n else 1.05))
 
 
-def _decode_all(split: Split, key: image_cache.CacheKey) -> Iterable[np.ndarray]:
+def _decode_all(split: Split, key: image_cache.CacheKey, where: str) -> Iterator[np.ndarray]:
   """Every image of the split in the cache's form, in order, behind a progress bar."""
+  logging.info("image cache: decoding the %d images of %s for its %s cache (%s), once",
+               len(split), split.name or "a split", key.kind, where)
+  start = time.monotonic()
   if isinstance(split.images, np.ndarray):
     images = image_cache.transform_in_memory(split.images, key.kind, key.image_size)
   else:
     from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
     images = tf_pipeline.decoded(split.images, key.kind, key.image_size)
   desc = f"decoding {split.name or 'a split'} for its {key.kind} cache"
-  return image_cache.progress_bar(images, len(split), desc)
+  yield from image_cache.progress_bar(images, len(split), desc)
+  logging.info("image cache: %s's %s cache built in %.1f s", split.name or "the split",
+               key.kind, time.monotonic() - start)
 
 
 def _free_bytes(folder: str) -> int:
@@ -302,16 +308,17 @@ def _open_or_build(split: Split, key: image_cache.CacheKey, mode: str,
           f"{needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free (or is not "
           "writable); set --config.cache_dir to a local disk with room, or use "
           "--config.cache=memory or off")
-    image_cache.write_file(path, key, _decode_all(split, key), len(split), needed)
+    image_cache.write_file(path, key, _decode_all(split, key, path), len(split), needed)
     return image_cache.read_file(path, key, load=False)
   # Memory: through a file when there is room for one, so that later runs reuse it.
   if path and fits_disk:
     try:
-      image_cache.write_file(path, key, _decode_all(split, key), len(split), needed)
+      image_cache.write_file(path, key, _decode_all(split, key, f"memory, saved to {path}"),
+                             len(split), needed)
       return image_cache.read_file(path, key, load=True)
     except image_cache.CacheError as e:
       logging.warning("image cache: %s; keeping the images in memory only", e)
-  return image_cache.from_arrays(_decode_all(split, key), len(split))
+  return image_cache.from_arrays(_decode_all(split, key, "memory"), len(split))
 
 
 def cached_images(split: Split, kind: str,
@@ -325,7 +332,13 @@ def cached_images(split: Split, kind: str,
     return None
   key = image_cache.CacheKey(_fingerprint(split), kind, int(config.image_size))
   if (mode, key) not in split.cache:
-    split.cache[(mode, key)] = _open_or_build(split, key, mode, config)
+    try:
+      split.cache[(mode, key)] = _open_or_build(split, key, mode, config)
+    except image_cache.CacheError as e:
+      if mode != "auto":
+        raise
+      logging.warning("image cache: %s; reading the images uncached", e)
+      split.cache[(mode, key)] = None
   return split.cache[(mode, key)]
 
 

@@ -144,8 +144,17 @@ def test_auto_picks_memory_then_disk_then_off(tmp_path, monkeypatch, caplog):
   assert any("reading them uncached" in r.getMessage() for r in caplog.records)
   with pytest.raises(image_cache.CacheError, match="GB free"):
     ip.cached_images(other, "train", _config(cache_dir=str(tmp_path)))
+  # A disk that fills up while auto writes: the images are read uncached, nothing is left.
+  monkeypatch.setattr(ip, "_free_bytes", lambda folder: 1 << 40)
+  monkeypatch.setattr(image_cache.os, "fsync", _no_space)
+  assert ip.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
+  assert len(os.listdir(tmp_path)) == 1
   with pytest.raises(image_cache.CacheError, match="set --config.cache_dir"):
     ip.cached_images(_split(), "train", _config())  # disk, but no folder
+
+
+def _no_space(fd):
+  raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_normalization_in_the_step_equals_the_host_float_pipeline():
