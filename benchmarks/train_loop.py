@@ -2,7 +2,7 @@
 
   python benchmarks/train_loop.py                      # small model, float32, batch 128, 256 px
   python benchmarks/train_loop.py --model=resnet50 --dtype=bfloat16 --batch=128,512
-  python benchmarks/train_loop.py --tiny --check_no_tf # seconds; what the test runs
+  python benchmarks/train_loop.py --tiny --check_no_tf # digits, seconds; what the test runs
 
 On a cached synthetic split (`hn_jax.datasets.synthetic_images` at the image size, its train
 cache built once in memory, timed apart) it times, for each batch size:
@@ -39,13 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=4, help="timed steps of each measurement")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
   p.add_argument("--tiny", action="store_true",
-                 help="32 px, batch 16, 40 classes, 3 steps: a quick check of the script")
+                 help="digits at 16 px, batch 64, 3 steps: a quick check of the script")
   p.add_argument("--check_no_tf", action="store_true",
                  help="make tensorflow, tensorflow_datasets and clu unimportable")
   p.add_argument("--json", help="also write the results to this file")
   args = p.parse_args(argv)
   if args.tiny:
-    args.image_size, args.batch, args.classes, args.steps = 32, "16", 40, 3
+    args.model, args.dtype, args.image_size, args.batch, args.steps = (
+        "small", "float32", 16, "64", 3)
   args.batch = [int(b) for b in str(args.batch).split(",") if b.strip()]
   return args
 
@@ -56,6 +57,14 @@ def _blocked_loaded() -> list[str]:
 
 
 def _config(args, batch: int):
+  if args.tiny:
+    # tests/test_train.py's digits run, so that the test of this script and that one share
+    # the compiled step (JAX's persistent compilation cache).
+    from configs import digits  # pylint: disable=g-import-not-at-top
+    config = digits.get_config()
+    config.update(dict(image_size=16, embedding_dim=16, batch_size=batch, eval_batch_size=512,
+                       num_epochs=2, eval_every=1, lr_drop_epochs=(2,), cache="memory"))
+    return config
   from configs import synthetic  # pylint: disable=g-import-not-at-top
   config = synthetic.get_config()
   config.update(dict(model=args.model, half_precision=args.dtype == "bfloat16",
