@@ -226,3 +226,23 @@ def test_prefetch_to_device_keeps_order_and_values():
     assert isinstance(batch["images"], jax.Array) and batch["images"].dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(batch["images"]), batches[i]["images"])
     np.testing.assert_array_equal(np.asarray(batch["labels"]), batches[i]["labels"])
+
+
+def test_the_old_cache_images_key_is_refused_with_its_replacement(tmp_path):
+  from hn_jax import embed, train
+  from configs import digits
+  config = digits.get_config()
+  config.cache_images = True
+  with pytest.raises(train.ConfigError, match="--config.cache=memory"):
+    train.check_config(config, num_devices=1, num_processes=1)
+  config = digits.get_config()
+  config.cache = "ram"
+  with pytest.raises(train.ConfigError, match="auto, memory, disk, off"):
+    train.check_config(config, num_devices=1, num_processes=1)
+  # A run from before config.cache still embeds: its config.json's old key is dropped.
+  old = digits.get_config().to_dict()
+  old.pop("cache")
+  old["cache_images"] = False
+  (tmp_path / "config.json").write_text(ml_collections.ConfigDict(old).to_json())
+  loaded = embed.load_config(str(tmp_path))
+  assert "cache_images" not in loaded and loaded.cache == "auto"
