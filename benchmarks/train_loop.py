@@ -77,16 +77,12 @@ def _config(args, batch: int):
   return config
 
 
-def measure(args, batch: int) -> dict:
+def measure(args, batch: int, split, build_s: float) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from hn_jax import datasets, input_pipeline, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from hn_jax import input_pipeline, sharding, train_step  # pylint: disable=g-import-not-at-top
 
   config = _config(args, batch)
   mesh = sharding.create_mesh()
-  split = datasets.load(config).train
-  start = time.perf_counter()
-  input_pipeline.cached_images(split, "train", config)
-  build_s = time.perf_counter() - start
   steps_per_epoch = input_pipeline.steps_per_epoch(split.labels, config)
   if steps_per_epoch == 0:
     raise ValueError(f"batch {batch} is larger than an epoch; raise --classes")
@@ -187,9 +183,17 @@ def main(argv=None) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from hn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
+  from hn_jax import datasets  # pylint: disable=g-import-not-at-top
+
+  # One split and one cache for every batch size (they do not depend on it).
+  config = _config(args, args.batch[0])
+  split = datasets.load(config).train
+  start = time.perf_counter()
+  input_pipeline.cached_images(split, "train", config)
+  build_s = time.perf_counter() - start
   rows = []
   for batch in args.batch:
-    rows.append(measure(args, batch))
+    rows.append(measure(args, batch, split, build_s))
     print(json.dumps(rows[-1]), flush=True)
   load = os.getloadavg()
   device = jax.devices()[0]

@@ -355,7 +355,11 @@ def fingerprint_arrays(*arrays: np.ndarray) -> str:
 
 
 def progress_bar(iterable: Iterable, total: int, desc: str):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  """A tqdm bar on stderr when it is a terminal (and tqdm is installed)."""
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return iterable
   return tqdm(iterable, total=total, desc=desc, unit="image", file=sys.stderr,
               mininterval=2.0, disable=None)
 
