@@ -48,13 +48,13 @@ def test_changeable_settings_are_recorded_with_their_history(tmp_path):
   run_config.record(digits.get_config(), workdir)
   for epochs, every in ((25, 5), (30, 1)):
     config = digits.get_config()
-    config.num_epochs, config.eval_every, config.cache_images = epochs, every, True
+    config.num_epochs, config.eval_every, config.cache = epochs, every, "memory"
     changes = run_config.check(config, workdir)
     run_config.record(config, workdir, changes)
   assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 30
   history = json.loads((tmp_path / run_config.HISTORY_FILE).read_text())
   assert [h["changes"] for h in history] == [
-      {"cache_images": [False, True], "num_epochs": [20, 25]},
+      {"cache": ["auto", "memory"], "num_epochs": [20, 25]},
       {"eval_every": [5, 1], "num_epochs": [25, 30]}]
   assert all(h["time"].endswith("+00:00") for h in history)
   assert run_config.describe({"num_epochs": (20, 25)}) == "num_epochs 20 -> 25"
