@@ -291,8 +291,8 @@ def _open_or_build(split: Split, key: image_cache.CacheKey, mode: str,
   if mode == "auto":
     if needed <= budget:
       mode = "memory"
-    elif path and fits_disk:
-      mode = "disk"
+    elif path and needed + max(image_cache.DISK_MARGIN, free // 10) <= free:
+      mode = "disk"  # leaving a tenth of the free space to others
     else:
       logging.warning(
           "image cache: %s's %s images (about %.1f GB decoded) fit neither the memory budget "
