@@ -299,24 +299,22 @@ def _filter(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   return np.clip(index, 0, in_size - 1), weight
 
 
-def _resize_axis(images: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-  index, weight = _filter(images.shape[axis], out_size)
-  out = None
-  for t in range(index.shape[1]):
-    shape = [1] * images.ndim
-    shape[axis] = out_size
-    term = np.take(images, index[:, t], axis=axis) * weight[:, t].reshape(shape)
-    out = term if out is None else out + term
-  return out
+def _matrix(in_size: int, out_size: int) -> np.ndarray:
+  """The filter as a dense (out_size, in_size) float32 matrix (one BLAS call per axis)."""
+  index, weight = _filter(in_size, out_size)
+  matrix = np.zeros((out_size, in_size), np.float64)
+  np.add.at(matrix, (np.repeat(np.arange(out_size), index.shape[1]), index.reshape(-1)),
+            weight.reshape(-1))
+  return matrix.astype(np.float32)
 
 
 def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Images (..., H, W, C) resized to (height, width), float64 (not rounded)."""
-  x = np.asarray(images, np.float64)
+  """Images (..., H, W, C) resized to (height, width), float32 (not rounded)."""
+  x = np.asarray(images, np.float32)
   if x.shape[-3] != height:
-    x = _resize_axis(x, height, x.ndim - 3)
+    x = np.einsum("oh,...hwc->...owc", _matrix(x.shape[-3], height), x, optimize=True)
   if x.shape[-2] != width:
-    x = _resize_axis(x, width, x.ndim - 2)
+    x = np.einsum("pw,...owc->...opc", _matrix(x.shape[-2], width), x, optimize=True)
   return x
 
 
