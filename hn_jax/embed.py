@@ -37,7 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from hn_jax import datasets, evaluation, image_cache, input_pipeline, sharding, train_step
+from hn_jax import (datasets, evaluation, image_cache, input_pipeline, run_config, sharding,
+                    train_step)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The config entries that were tuples: JSON turns them into lists.
@@ -50,11 +51,10 @@ class EmbedError(ValueError):
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's config.json as a ConfigDict (its tuples restored)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = run_config.workdir_path(workdir) / run_config.CONFIG_FILE
+  if not path.is_file():
     raise EmbedError(f"{path}: no such file; is {workdir!r} the workdir of a training run?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   for key in _TUPLE_KEYS:
     if key in config and isinstance(config[key], list):
       config[key] = tuple(config[key])
@@ -77,10 +77,11 @@ def load_run(workdir: str, mesh=None):
   tx = train_step.create_optimizer(model_config, 1)  # The schedule does not shape the state.
   graphdef, state = train_step.create_train_state(train_step.create_model(model_config), tx)
   state = sharding.replicate(state, mesh)
-  checkpoints = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  folder = run_config.workdir_path(workdir) / "checkpoints"
+  checkpoints = ocp.CheckpointManager(folder)
   step = checkpoints.latest_step()
   if step is None:
-    raise EmbedError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    raise EmbedError(f"no checkpoint in {folder}")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   restored = checkpoints.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
@@ -245,7 +246,7 @@ def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
   if images is not None and not os.path.isdir(images):
     raise EmbedError(f"--images={images!r}: no such folder")
   config, graphdef, state, mesh = load_run(workdir)
-  record = {"workdir": os.path.abspath(workdir), "embedding_dim": int(config.embedding_dim)}
+  record = {"workdir": os.fspath(run_config.workdir_path(workdir)), "embedding_dim": int(config.embedding_dim)}
   if images is not None:
     paths, pixels = read_images(list_images(images))
     if not paths:

@@ -13,6 +13,9 @@ a resume read). A run started again on the workdir compares its config with that
 
 A setting missing on one side (a config from an older version) counts as a difference
 unless it is changeable. Pure functions of config dicts, plus `record`'s file writes.
+
+A workdir may be a local folder or a bucket URL (`gs://...`, as on a TPU pod): every file of
+it is reached through `workdir_path` (etils' epath, which Orbax uses too), never `open`/`os`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 from typing import Any, Mapping
 
 import ml_collections
+from etils import epath
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.json"
@@ -53,13 +57,19 @@ def as_plain(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str,
   return json.loads(json.dumps(dict(config)))
 
 
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """The workdir as a path: a local folder made absolute, a URL (`gs://...`) as it is."""
+  if "://" in os.fspath(workdir):
+    return epath.Path(workdir)
+  return epath.Path(os.path.abspath(workdir))
+
+
 def load(workdir: str) -> dict[str, Any] | None:
   """The workdir's recorded config, or None for a workdir without one."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = workdir_path(workdir) / CONFIG_FILE
+  if not path.is_file():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -103,22 +113,19 @@ def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
 def record(config: ml_collections.ConfigDict, workdir: str,
            changes: Mapping[str, tuple[Any, Any]] | None = None) -> None:
   """Writes `config` as the workdir's config.json; appends `changes` to its history."""
-  os.makedirs(workdir, exist_ok=True)
+  folder = workdir_path(workdir)
+  folder.mkdir(parents=True, exist_ok=True)
   if changes:
-    path = os.path.join(workdir, HISTORY_FILE)
-    history = []
-    if os.path.isfile(path):
-      with open(path) as f:
-        history = json.load(f)
+    path = folder / HISTORY_FILE
+    history = json.loads(path.read_text()) if path.is_file() else []
     history.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "changes": {k: list(v) for k, v in changes.items()}})
     _write(path, json.dumps(history, indent=2))
-  _write(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2))
+  _write(folder / CONFIG_FILE, config.to_json(indent=2))
 
 
-def _write(path: str, text: str) -> None:
-  """Replaces `path` atomically: a crash leaves the old file or the new one."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text + "\n")
-  os.replace(tmp, path)
+def _write(path: epath.Path, text: str) -> None:
+  """Replaces `path` at once: a crash leaves the old file or the new one."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text + "\n")
+  tmp.replace(path)

@@ -124,9 +124,10 @@ def evaluate(embed_step, state: train_step.TrainState, dataset: datasets.Dataset
 
   def save_neighbours(top: np.ndarray) -> None:
     if jax.process_index() == 0:
-      folder = os.path.join(workdir, "neighbours")
-      os.makedirs(folder, exist_ok=True)
-      np.save(os.path.join(folder, f"epoch_{epoch}.npy"), top)
+      folder = run_config.workdir_path(workdir) / "neighbours"
+      folder.mkdir(parents=True, exist_ok=True)
+      with (folder / f"epoch_{epoch}.npy").open("wb") as f:
+        np.save(f, top)
 
   return dataset.evaluate(lambda split: embed_split(embed_step, state, split, config, mesh),
                           save_neighbours, max_bytes=config.eval_max_bytes, mesh=mesh)
@@ -292,7 +293,7 @@ class Progress:
 
   def summary(self, step: int, skipped: int, metrics: dict[str, float], workdir: str,
               checkpoint_steps) -> None:
-    workdir = os.path.abspath(workdir)
+    workdir = os.fspath(run_config.workdir_path(workdir))
     _say("Done: %d epochs, step %d%s, in %s (this session). Final evaluation: %s. "
          "Checkpoints (steps %s) in %s; TensorBoard event files in %s "
          "(tensorboard --logdir=%s)", self.num_epochs, step,
@@ -338,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   schedule = train_step.learning_rate_schedule(config, steps_per_epoch)
 
   checkpoints = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      run_config.workdir_path(workdir) / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoints_to_keep, create=True))
   total_steps = config.num_epochs * steps_per_epoch
   step = checkpoints.latest_step()

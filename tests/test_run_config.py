@@ -58,3 +58,78 @@ def test_changeable_settings_are_recorded_with_their_history(tmp_path):
       {"eval_every": [5, 1], "num_epochs": [25, 30]}]
   assert all(h["time"].endswith("+00:00") for h in history)
   assert run_config.describe({"num_epochs": (20, 25)}) == "num_epochs 20 -> 25"
+
+
+class _BucketOnDisk:
+  """An epath backend that keeps `gs://BUCKET/...` under a local folder (no network)."""
+
+  def __init__(self, root):
+    from etils.epath import backend  # pylint: disable=g-import-not-at-top
+    self._os = backend.os_backend
+    self._root = str(root)
+    self.calls = []
+
+  def _local(self, path):
+    path = str(path)
+    assert path.startswith("gs://"), path
+    return self._root + "/" + path[len("gs://"):]
+
+  def __getattr__(self, name):
+    method = getattr(self._os, name)
+
+    def call(path, *args, **kwargs):
+      self.calls.append((name, str(path)))
+      if name in ("rename", "replace", "copy"):
+        args = (self._local(args[0]),) + args[1:]
+      result = method(self._local(path), *args, **kwargs)
+      if name == "glob":
+        return ["gs://" + r[len(self._root) + 1:] for r in result]
+      return result
+
+    return call
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """gs:// paths of etils' epath land in tmp_path/<bucket>/...; returns the fake backend."""
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  fake = _BucketOnDisk(tmp_path)
+  real = gpath._GPath._backend  # pylint: disable=protected-access
+  monkeypatch.setattr(gpath._GPath, "_backend", property(  # pylint: disable=protected-access
+      lambda self: fake if self._uri_scheme == "gs" else real.fget(self)))
+  return fake
+
+
+def test_a_bucket_workdir_is_written_in_the_bucket_not_on_local_disk(bucket, tmp_path,
+                                                                      monkeypatch):
+  """`gs://` workdirs (TPU pods) keep their URL: config.json, its history, the checkpoint
+  folder and the neighbour lists go to the bucket, never to a local `./gs:/...` folder."""
+  from hn_jax import embed, train  # pylint: disable=g-import-not-at-top
+  workdir = "gs://bkt/runs/r1"
+  monkeypatch.chdir(tmp_path)
+  config = digits.get_config()
+  run_config.record(config, workdir)
+  assert json.loads((tmp_path / "bkt/runs/r1/config.json").read_text())["loss"] == "sct"
+  config.num_epochs = 25
+  changes = run_config.check(config, workdir)
+  run_config.record(config, workdir, changes)
+  history = json.loads((tmp_path / "bkt/runs/r1/config_history.json").read_text())
+  assert history[0]["changes"] == {"num_epochs": [20, 25]}
+  assert embed.load_config(workdir).num_epochs == 25
+  assert not (tmp_path / "gs:").exists()
+  assert {name for name, path in bucket.calls} >= {"open", "exists"}
+
+  # The checkpoint folder handed to Orbax is the bucket's.
+  folders = []
+
+  class Stop(Exception):
+    pass
+
+  def manager(directory, *args, **kwargs):
+    folders.append(str(directory))
+    raise Stop
+
+  monkeypatch.setattr(train.ocp, "CheckpointManager", manager)
+  with pytest.raises(Stop):
+    embed.load_run(workdir)
+  assert folders == ["gs://bkt/runs/r1/checkpoints"]
