@@ -125,6 +125,25 @@ def _min_gap_to_best(q, qy, g=None, gy=None):
   return min(gaps)
 
 
+def _near_ties(q, qy, g=None, gy=None, eps=1e-6):
+  """Per query: (some item within (0, eps] of its best correct similarity, some wrong item
+  exactly tied with it), in float64. Near ties may rank either way in float32."""
+  self_retrieval = g is None
+  if self_retrieval:
+    g, gy = q, qy
+  sims = _sims(q, g)
+  if self_retrieval:
+    np.fill_diagonal(sims, np.nan)
+  near, exact = np.zeros(len(q), bool), np.zeros(len(q), bool)
+  for i in range(len(q)):
+    correct = (gy == qy[i]) & ~np.isnan(sims[i])
+    if correct.any():
+      d = np.abs(sims[i] - sims[i][correct].max())
+      near[i] = np.any((d > 0) & (d <= eps))
+      exact[i] = np.any((d == 0) & ~correct & ~np.isnan(sims[i]))
+  return near, exact
+
+
 # ----------------------------------------------------------------------------- recall
 
 
@@ -237,9 +256,14 @@ def test_exact_duplicates_of_continuous_embeddings(rank_path):
   y = np.concatenate([y, y[copies] + 1000])
   order = rng.permutation(len(x))
   x, y = x[order], y[order]
-  np.testing.assert_array_equal(evaluation.first_hit_ranks(x, y), _ref_ranks(x, y))
   q, qy, g, gy = x[:100], y[:100], x[100:], y[100:]
-  np.testing.assert_array_equal(evaluation.first_hit_ranks(q, qy, g, gy), _ref_ranks(q, qy, g, gy))
+  for args in ((x, y), (q, qy, g, gy)):
+    # Items within 1e-6 of the best correct one (not copies) may rank either way in float32,
+    # depending on the BLAS kernel; every other query must rank as in float64, copies tied.
+    near, exact = _near_ties(*args)
+    assert near.mean() < 0.02 and exact[~near].sum() >= 5
+    np.testing.assert_array_equal(evaluation.first_hit_ranks(*args)[~near],
+                                  _ref_ranks(*args)[~near])
 
 
 def test_collapsed_embedding_scores_zero(rank_path):
