@@ -452,48 +452,125 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return total / count
 
 
-def plot(groups: Mapping[str, Sequence[Run]], out_path: PathLike) -> None:
-  """Writes a PNG: hn_ratio over steps and test R@1 over epochs, one line per group."""
-  import matplotlib
+def _group_label(group: str, runs: Sequence[Run], labels: Mapping[str, str] | None) -> str:
+  n_col = sum(is_collapsed(r.scalars) for r in runs)
+  label = (labels or {}).get(group, group) + f" (n={len(runs)}"
+  if n_col == len(runs):
+    return label + ", collapse)"
+  return label + (f", {n_col} collapsed)" if n_col else ")")
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, (ax_hn, ax_r1) = plt.subplots(1, 2, figsize=(13, 5))
-  handles, labels = [], []
+def _test_r1_key(runs: Sequence[Run]) -> str | None:
+  keys = [k for k in recall_metrics({k for r in runs for k in r.scalars})
+          if k.endswith("_test_R_1")]
+  return keys[0] if keys else None
+
+
+def _draw(ax: Any, groups: Mapping[str, Sequence[Run]], key_of: Any, smooth: bool,
+          labels: Mapping[str, str] | None) -> tuple[list[Any], list[str]]:
+  """One thin line per run (dashed, ending in an x, where the run collapsed) and the
+  group's mean over its runs; returns legend handles and labels."""
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  handles, names = [], []
   for i, (group, runs) in enumerate(groups.items()):
     color = f"C{i % 10}"
-    n_col = sum(is_collapsed(r.scalars) for r in runs)
-    label = f"{group} (n={len(runs)}"
-    label += ", collapse)" if n_col == len(runs) else (
-        f", {n_col} collapsed)" if n_col else ")")
-    line = None
-    hn = [r.scalars[HN_RATIO_KEY] for r in runs if r.scalars.get(HN_RATIO_KEY)]
-    if hn:
-      steps, mean, _ = _mean_curve(hn)
-      line, = ax_hn.plot(steps, _smooth(mean, max(1, steps.size // 100)),
-                         color=color, lw=1.2)
-    r1_keys = [k for k in recall_metrics({k for r in runs for k in r.scalars})
-               if k.endswith("_test_R_1")]
-    if r1_keys:
-      r1 = [r.scalars[r1_keys[0]] for r in runs if r.scalars.get(r1_keys[0])]
-      steps, mean, std = _mean_curve(r1)
-      line, = ax_r1.plot(steps, mean, color=color, marker="o", ms=3, lw=1.2)
-      ax_r1.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, lw=0)
-    if line is not None:
-      handles.append(line)
-      labels.append(label)
-  ax_hn.set(title="share of hard triplets (hn_ratio; mean over seeds, smoothed)",
-            xlabel="training step", ylabel="hn_ratio")
-  ax_r1.set(title="test R@1 (mean +- std over seeds)", xlabel="epoch", ylabel="R@1")
-  for ax in (ax_hn, ax_r1):
-    ax.grid(alpha=0.3)
-  fig.legend(handles, labels, loc="lower center", ncol=min(2, max(1, len(labels))),
+    series = []
+    for run in runs:
+      key = key_of(runs)
+      s = run.scalars.get(key) if key else None
+      if not s:
+        continue
+      series.append(s)
+      steps = np.array([p[0] for p in s])
+      values = np.array([p[2] for p in s])
+      if smooth:
+        values = _smooth(values, max(1, steps.size // 50))
+      dead = is_collapsed(run.scalars)
+      ax.plot(steps, values, color=color, lw=0.8, alpha=0.45, ls="--" if dead else "-",
+              marker=None if smooth else ".", ms=3)
+      if dead:
+        ax.plot(steps[-1:], values[-1:], color=color, marker="x", ms=8, mew=2)
+    if not series:
+      continue
+    steps, mean, _ = _mean_curve(series)
+    if smooth:
+      mean = _smooth(mean, max(1, steps.size // 50))
+    all_dead = all(is_collapsed(r.scalars) for r in runs)
+    ax.plot(steps, mean, color=color, lw=2.2, ls="--" if all_dead else "-")
+    handles.append(Line2D([], [], color=color, lw=2.2, ls="--" if all_dead else "-",
+                          marker="x" if all_dead else None, ms=8, mew=2))
+    names.append(_group_label(group, runs, labels))
+  return handles, names
+
+
+def _new_figure(size: tuple[float, float], ncols: int = 1) -> tuple[Any, Any]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt.subplots(1, ncols, figsize=size)
+
+
+def _finish(fig: Any, handles: list[Any], names: list[str], out_path: PathLike) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig.legend(handles, names, loc="lower center", ncol=min(3, max(1, len(names))),
              fontsize="small", frameon=False)
-  rows = (len(labels) + 1) // 2
-  fig.tight_layout(rect=(0, min(0.45, 0.05 * rows + 0.02), 1, 1))
+  rows = (len(names) + 2) // 3
+  fig.tight_layout(rect=(0, min(0.45, 0.06 * rows + 0.03), 1, 1))
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
+
+
+_COLLAPSE_NOTE = "thin: each run; thick: mean over runs; dashed, x: collapsed"
+
+
+def _hn_ratio_axes(ax: Any, groups: Mapping[str, Sequence[Run]],
+                   labels: Mapping[str, str] | None, title: str) -> tuple[list[Any], list[str]]:
+  out = _draw(ax, groups, lambda runs: HN_RATIO_KEY, True, labels)
+  ax.set(title=title, xlabel="training step", ylabel="hn_ratio (smoothed)", ylim=(-0.02, 1.02))
+  ax.grid(alpha=0.3)
+  return out
+
+
+def _recall_axes(ax: Any, groups: Mapping[str, Sequence[Run]], key: str | None,
+                 labels: Mapping[str, str] | None, title: str) -> tuple[list[Any], list[str]]:
+  out = _draw(ax, groups, (lambda runs: key) if key else _test_r1_key, False, labels)
+  ax.set(title=title, xlabel="epoch", ylabel=key or "test R@1")
+  ax.grid(alpha=0.3)
+  return out
+
+
+def plot_hn_ratio(groups: Mapping[str, Sequence[Run]], out_path: PathLike, *,
+                  labels: Mapping[str, str] | None = None,
+                  title: str = "share of hard triplets (hn_ratio)") -> None:
+  """Writes a PNG of hn_ratio over training steps, every run and each group's mean."""
+  fig, ax = _new_figure((8, 5.5))
+  handles, names = _hn_ratio_axes(ax, groups, labels, f"{title}\n{_COLLAPSE_NOTE}")
+  _finish(fig, handles, names, out_path)
+
+
+def plot_test_recall(groups: Mapping[str, Sequence[Run]], out_path: PathLike, *,
+                     key: str | None = None, labels: Mapping[str, str] | None = None,
+                     title: str = "test R@1") -> None:
+  """Writes a PNG of the test R@1 (or `key`) over epochs, every run and each group's mean."""
+  fig, ax = _new_figure((8, 5.5))
+  handles, names = _recall_axes(ax, groups, key, labels, f"{title}\n{_COLLAPSE_NOTE}")
+  _finish(fig, handles, names, out_path)
+
+
+def plot(groups: Mapping[str, Sequence[Run]], out_path: PathLike) -> None:
+  """Writes a PNG: hn_ratio over steps and test R@1 over epochs side by side."""
+  fig, (ax_hn, ax_r1) = _new_figure((13, 5.5), ncols=2)
+  handles, names = _hn_ratio_axes(ax_hn, groups, None, "share of hard triplets (hn_ratio)")
+  more = _recall_axes(ax_r1, groups, None, None, "test R@1")
+  for handle, name in zip(*more):
+    if name not in names:
+      handles.append(handle)
+      names.append(name)
+  fig.suptitle(_COLLAPSE_NOTE, fontsize="small")
+  _finish(fig, handles, names, out_path)
 
 
 # ----------------------------------------------------------------------------- CLI

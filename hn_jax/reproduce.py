@@ -1,0 +1,322 @@
+"""The paper's table on an in-memory dataset: a learning-rate search, the seeds, the table.
+
+Usage::
+
+    python -m hn_jax.reproduce --root=/tmp/hn_table [--config=configs/synthetic.py]
+        [--methods=hn,shn,sct] [--lrs=0.1,0.3,1,3] [--seeds=0,1,2,3,4] [--search_seed=0]
+        [--figures=docs/synthetic] [--json=FILE.json] [--config.KEY=VALUE ...]
+
+1. Search: every method at every learning rate of ``--lrs``, seed ``--search_seed`` only.
+2. Choice, per method (the paper kept the best learning rate of each method): the rate whose
+   search run has the highest final test R@1 among the runs that did not collapse; where
+   every rate collapsed, the highest final test R@1 all the same (the table then says
+   ``collapse``). Ties go to the smaller rate. Like the paper, this chooses on the test
+   split (there is no validation split).
+3. Seeds: the chosen rate of each method with every seed of ``--seeds`` (the search run of
+   the search seed is reused: same config, same seed, the same run).
+4. The table (mean +- sample std over seeds of the final test R@1/2/4/8, in percent, or
+   ``collapse`` where every seed collapsed; `hn_jax.report`'s rule) and, with
+   ``--figures=PREFIX``, ``PREFIX_hn_ratio.png`` and ``PREFIX_recall.png``.
+
+Every run is an ordinary hn_jax run in the release's layout,
+``ROOT/<DATA>_R50/<method>_B<batch>_R<repeat>_D<dim>_lr<lr>_lam<lam>/<seed>/``, run in this
+process one after another; `python -m hn_jax.report ROOT/<DATA>_R50` reads them too. Running
+the command again on the same root skips finished runs and resumes interrupted ones; a root
+holding runs of another config is refused. Compiled programs are cached in ``ROOT/xla_cache``
+(unless ``JAX_COMPILATION_CACHE_DIR`` says where), so the seeds of a method compile once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from hn_jax import report
+
+PAPER_KS = (1, 2, 4, 8)
+
+
+class ReproduceError(Exception):
+  """A user-facing problem with the arguments or the root; the message says the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+  """One search run: its method, rate, final test R@1 and whether it collapsed."""
+
+  method: str
+  lr: str
+  r1: float
+  collapsed: bool
+  mean_sim: float | None
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, with ``KEY=VALUE`` overrides (Python literals)."""
+  if not os.path.isfile(path):
+    raise ReproduceError(f"--config={path}: no such file; give a config file such as "
+                         "configs/synthetic.py")
+  spec = importlib.util.spec_from_file_location("_hn_reproduce_config", path)
+  module = importlib.util.module_from_spec(spec)
+  repo = str(Path(path).resolve().parents[1])
+  if repo not in sys.path:  # config files import `configs.default`
+    sys.path.insert(0, repo)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep or key not in config:
+      raise ReproduceError(f"--config.{item}: not a KEY=VALUE of a setting in {path}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    if isinstance(config[key], float) and isinstance(value, int):
+      value = float(value)
+    try:
+      config[key] = value
+    except (TypeError, ValueError) as e:
+      raise ReproduceError(f"--config.{item}: {e}") from e
+  return config
+
+
+def group_name(config: ml_collections.ConfigDict, method: str, lr: str) -> str:
+  """The release's run-group folder name, as launch/sweep.sh writes it."""
+  return (f"{method}_B{config.batch_size}_R{config.repeat}_D{config.embedding_dim}"
+          f"_lr{lr}_lam{config.lam}")
+
+
+def run_config(config: ml_collections.ConfigDict, method: str, lr: str,
+               seed: int) -> ml_collections.ConfigDict:
+  run = ml_collections.ConfigDict(config.to_dict())
+  run.loss = method
+  run.learning_rate = float(lr)
+  run.seed = seed
+  return run
+
+
+def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+  saved = workdir / "config.json"
+  if not saved.exists():
+    return
+  old = json.loads(saved.read_text())
+  new = json.loads(config.to_json())
+  differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  if differ:
+    raise ReproduceError(
+        f"{workdir} holds a run of another config (differs in {', '.join(differ)}); use a "
+        "new --root or delete that folder")
+
+
+def _finished(workdir: Path, config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether the run's event files already hold its final test recall."""
+  if not any(workdir.glob(report.EVENT_FILE_PREFIX + "*")):
+    return False
+  series = report.load_scalars(workdir).get(f"{key}_test_R_1", [])
+  return bool(series) and series[-1][0] == config.num_epochs
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
+              log: Any = print) -> dict[str, Any]:
+  """Trains one run (or resumes, or skips it when finished); its final figures."""
+  from hn_jax import train  # pylint: disable=g-import-not-at-top  (JAX only when training)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_same_config(workdir, config)
+  t0 = time.perf_counter()
+  reused = _finished(workdir, config, key)
+  if not reused:
+    train.train_and_evaluate(config, str(workdir))
+  scalars = report.load_scalars(workdir)
+  r1 = report.last_value(scalars.get(f"{key}_test_R_1"))
+  result = {"r1": r1, "collapsed": report.is_collapsed(scalars),
+            "mean_sim": report.last_value(scalars.get(report.COLLAPSE_SIM_KEY)),
+            "seconds": time.perf_counter() - t0, "reused": reused}
+  took = "already done" if reused else f"{result['seconds']:.0f} s"
+  log(f"  {config.loss} lr {config.learning_rate:g} seed {config.seed}: test R@1 {r1:.3f}, "
+      f"embedding_mean_sim {result['mean_sim']:.3f}"
+      f"{' (collapse)' if result['collapsed'] else ''}, {took}")
+  return result
+
+
+def choose(results: Sequence[SearchResult]) -> SearchResult:
+  """The search run kept for a method: best R@1 of the uncollapsed, else of all."""
+  pool = [r for r in results if not r.collapsed] or list(results)
+  return max(pool, key=lambda r: (r.r1 if math.isfinite(r.r1) else -1.0, -float(r.lr)))
+
+
+def _cell(row: dict[str, Any]) -> str:
+  if row["mean"] is None:
+    return "-"
+  if row["collapse"]:
+    return "collapse"
+  cell = f"{100 * row['mean']:.2f} +- {100 * row['std']:.2f}"
+  return cell + (f" ({row['n_collapsed']} collapsed)" if row["n_collapsed"] else "")
+
+
+def paper_table(rows: Sequence[dict[str, Any]], chosen: dict[str, str], key: str) -> str:
+  """The paper's table (markdown): a row per method, final test R@K in percent."""
+  by = {(r["group"], r["metric"]): r for r in rows}
+  lines = ["| method | lr | " + " | ".join(f"R@{k}" for k in PAPER_KS) + " | seeds | collapsed |",
+           "|---|---|" + "---|" * len(PAPER_KS) + "---|---|"]
+  for method, (group, lr) in chosen.items():
+    cells = [_cell(by[(group, f"{key}_test_R_{k}")]) if (group, f"{key}_test_R_{k}") in by
+             else "-" for k in PAPER_KS]
+    first = by.get((group, f"{key}_test_R_1"), {"n_runs": 0, "n_collapsed": 0})
+    lines.append(f"| {method} | {lr} | " + " | ".join(cells)
+                 + f" | {first['n_runs']} | {first['n_collapsed']}/{first['n_runs']} |")
+  return "\n".join(lines)
+
+
+def search_table(results: Sequence[SearchResult], chosen: dict[str, str], seed: int) -> str:
+  """Final test R@1 of the search seed, method x learning rate (markdown)."""
+  lrs = list(dict.fromkeys(r.lr for r in results))
+  lines = [f"| method (seed {seed}) | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+           "|---|" + "---|" * len(lrs)]
+  for method in dict.fromkeys(r.method for r in results):
+    cells = []
+    for lr in lrs:
+      r = next(x for x in results if x.method == method and x.lr == lr)
+      cell = f"{100 * r.r1:.1f}" + (" collapse" if r.collapsed else "")
+      cells.append(f"**{cell}**" if chosen[method] == lr else cell)
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
+              methods: Sequence[str] = ("hn", "shn", "sct"),
+              lrs: Sequence[str] = ("0.1", "0.3", "1", "3"),
+              seeds: Sequence[int] = (0, 1, 2, 3, 4), search_seed: int = 0,
+              figures: str | None = None, log: Any = print) -> dict[str, Any]:
+  """Search, seeds, table and figures (see the module docstring); returns it all as data."""
+  from hn_jax import datasets, losses  # pylint: disable=g-import-not-at-top
+  unknown = [m for m in methods if m not in losses.METHODS]
+  if unknown or not methods:
+    raise ReproduceError(f"--methods: {','.join(unknown) or 'none given'}; use some of "
+                         f"{','.join(losses.METHODS)}")
+  for lr in lrs:
+    try:
+      ok = float(lr) > 0
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ReproduceError(f"--lrs: {lr!r} is not a positive learning rate")
+  if not lrs or not seeds:
+    raise ReproduceError("--lrs and --seeds need at least one value each")
+  from hn_jax import train  # pylint: disable=g-import-not-at-top
+  for method in methods:  # every setting checked before anything compiles
+    train.check_config(run_config(config, method, lrs[0], seeds[0]))
+  key = datasets.KEYS[config.dataset]
+  base = Path(root) / f"{key}_R50"
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    # The seeds of a method compile the same programs: compile them once.
+    jax.config.update("jax_compilation_cache_dir", str(Path(root).resolve() / "xla_cache"))
+  started = time.perf_counter()
+
+  def workdir(method: str, lr: str, seed: int) -> Path:
+    return base / group_name(config, method, lr) / str(seed)
+
+  total = len(methods) * (len(lrs) + len([s for s in seeds if s != search_seed]))
+  log(f"search: {', '.join(methods)} at learning rates {', '.join(lrs)}, seed {search_seed} "
+      f"({total} runs in all)")
+  search = []
+  for method in methods:
+    for lr in lrs:
+      res = train_run(run_config(config, method, lr, search_seed),
+                      workdir(method, lr, search_seed), key, log)
+      search.append(SearchResult(method, lr, res["r1"], res["collapsed"], res["mean_sim"]))
+  chosen = {m: choose([r for r in search if r.method == m]).lr for m in methods}
+  log("chosen: " + ", ".join(f"{m} lr {lr}" for m, lr in chosen.items()))
+  for method, lr in chosen.items():
+    for seed in seeds:
+      train_run(run_config(config, method, lr, seed), workdir(method, lr, seed), key, log)
+
+  groups = report.load_groups([base / group_name(config, m, lr) for m, lr in chosen.items()])
+  # Only the chosen seeds: a search seed outside --seeds is not averaged.
+  keep = {str(s) for s in seeds}
+  groups = {g: [r for r in runs if r.name in keep] for g, runs in groups.items()}
+  rows = report.summarize(groups)
+  named = {m: (group_name(config, m, lr), lr) for m, lr in chosen.items()}
+  result = {
+      "dataset": key, "root": str(root), "methods": list(methods), "lrs": list(lrs),
+      "seeds": list(seeds), "search_seed": search_seed,
+      "search": [dataclasses.asdict(r) for r in search], "chosen": chosen,
+      "rows": [{k: report._json_safe(v) for k, v in r.items()} for r in rows],  # pylint: disable=protected-access
+      "search_table": search_table(search, chosen, search_seed),
+      "table": paper_table(rows, named, key),
+  }
+  if figures:
+    labels = {g: f"{m}, lr {lr}" for m, (g, lr) in named.items()}
+    result["figures"] = [f"{figures}_hn_ratio.png", f"{figures}_recall.png"]
+    Path(figures).parent.mkdir(parents=True, exist_ok=True)
+    report.plot_hn_ratio(groups, result["figures"][0], labels=labels,
+                         title=f"{key}: share of hard triplets over training")
+    report.plot_test_recall(groups, result["figures"][1], key=f"{key}_test_R_1",
+                            labels=labels, title=f"{key}: test R@1 over training")
+  result["seconds"] = time.perf_counter() - started
+  return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line entry point; returns the exit status."""
+  parser = argparse.ArgumentParser(
+      prog="python -m hn_jax.reproduce", description=__doc__.split("\n\n", 1)[0],
+      epilog=__doc__[__doc__.index("1. Search"):],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--root", required=True, help="where the runs go (release layout)")
+  parser.add_argument("--config", default="configs/synthetic.py", help="config file")
+  parser.add_argument("--methods", default="hn,shn,sct", help="comma-separated losses")
+  parser.add_argument("--lrs", default="0.1,0.3,1,3",
+                      help="learning rates searched, comma-separated, as typed in folder names")
+  parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the table")
+  parser.add_argument("--search_seed", type=int, default=0, help="the seed of the search runs")
+  parser.add_argument("--figures", metavar="PREFIX",
+                      help="write PREFIX_hn_ratio.png and PREFIX_recall.png")
+  parser.add_argument("--json", metavar="FILE", help="also write everything as JSON here")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognized argument {item}; settings are --config.KEY=VALUE")
+    overrides.append(item[len("--config."):])
+  try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  except ValueError:
+    parser.error(f"--seeds={args.seeds}: give integers, e.g. --seeds=0,1,2")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  try:
+    config = load_config(args.config, overrides)
+    result = reproduce(config, args.root,
+                       methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                       lrs=[x.strip() for x in args.lrs.split(",") if x.strip()],
+                       seeds=seeds, search_seed=args.search_seed, figures=args.figures,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
+  except (ReproduceError, report.ReportError, ValueError) as e:  # train.ConfigError too
+    print(f"hn_jax.reproduce: error: {e}", file=sys.stderr)
+    return 2
+  print(f"Learning-rate search (final test R@1 in percent; bold: chosen):\n\n"
+        f"{result['search_table']}\n\n{result['dataset']}: final test recall in percent, "
+        f"mean +- std over {len(seeds)} seeds:\n\n{result['table']}")
+  print(f"\n{result['seconds'] / 60:.1f} minutes", file=sys.stderr)
+  if args.json:
+    Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
+  for f in result.get("figures", []):
+    print(f"hn_jax.reproduce: wrote {f}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
