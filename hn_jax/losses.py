@@ -32,6 +32,25 @@ def cosine_similarities(embeddings: jax.Array) -> jax.Array:
   return u @ u.T
 
 
+def triplet_terms(pos: jax.Array, neg: jax.Array, *, method: str = "sct", lam: float = 1.0,
+                  temperature: float = 0.1,
+                  hard_threshold: float = 0.8) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each triplet's term of the loss of `method`, from its positive and negative similarity.
+
+  Elementwise over `pos` and `neg` (any equal shapes). Returns (term, hard, easy): hn and
+  shn's term is softplus((neg - pos) / t); sct's is that on easy triplets, `lam * neg` on
+  hard ones (neg > pos or neg > hard_threshold) and 0 on neither (neg == pos).
+  """
+  contrastive = jax.nn.softplus((neg - pos) / temperature)
+  hard = (neg > pos) | (neg > hard_threshold)
+  easy = (neg < pos) & (neg < hard_threshold)
+  if method == "sct":
+    term = jnp.where(easy, contrastive, 0.0) + lam * jnp.where(hard, neg, 0.0)
+  else:
+    term = contrastive
+  return term, hard, easy
+
+
 def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, method: str = "sct",
                  lam: float = 1.0, temperature: float = 0.1,
                  hard_threshold: float = 0.8) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -78,18 +97,19 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, method: str = "sct
   pos = jnp.take_along_axis(sims, pos_idx[:, None], axis=1)[:, 0]
   neg = jnp.take_along_axis(sims, neg_idx[:, None], axis=1)[:, 0]
 
-  contrastive = jax.nn.softplus((neg - pos) / temperature)
-  hard = valid & ((neg > pos) | (neg > hard_threshold))
-  easy = valid & (neg < pos) & (neg < hard_threshold)
+  term, hard, easy = triplet_terms(pos, neg, method=method, lam=lam, temperature=temperature,
+                                   hard_threshold=hard_threshold)
+  hard = valid & hard
+  easy = valid & easy
   num_valid = jnp.sum(valid)
   num_hard = jnp.sum(hard)
   num_easy = jnp.sum(easy)
 
+  total = jnp.sum(jnp.where(valid, term, 0.0))
   if method == "sct":
-    total = jnp.sum(jnp.where(easy, contrastive, 0.0)) + lam * jnp.sum(jnp.where(hard, neg, 0.0))
     loss = total / jnp.maximum(1, num_easy + num_hard)
   else:
-    loss = jnp.sum(jnp.where(valid, contrastive, 0.0)) / jnp.maximum(1, num_valid)
+    loss = total / jnp.maximum(1, num_valid)
 
   per_valid = jnp.maximum(1, num_valid).astype(jnp.float32)
   off_diagonal = jnp.sum(jnp.where(eye, 0.0, fixed)) / max(1, n * (n - 1))
