@@ -228,6 +228,10 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   def workdir(method: str, lr: str, seed: int) -> Path:
     return base / group_name(config, method, lr) / str(seed)
 
+  for method in methods:  # a root of another config is refused before anything runs
+    for lr in lrs:
+      for seed in {search_seed, *seeds}:
+        _check_same_config(workdir(method, lr, seed), run_config(config, method, lr, seed))
   total = len(methods) * (len(lrs) + len([s for s in seeds if s != search_seed]))
   log(f"search: {', '.join(methods)} at learning rates {', '.join(lrs)}, seed {search_seed} "
       f"({total} runs in all)")
@@ -310,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"Learning-rate search (final test R@1 in percent; bold: chosen):\n\n"
         f"{result['search_table']}\n\n{result['dataset']}: final test recall in percent, "
         f"mean +- std over {len(seeds)} seeds:\n\n{result['table']}")
-  print(f"\n{result['seconds'] / 60:.1f} minutes", file=sys.stderr)
+  print(f"\n{result['seconds'] / 60:.1f} minutes in all", file=sys.stderr)
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
   for f in result.get("figures", []):

@@ -1,5 +1,8 @@
-"""A tiny sweep on the embedded default (2 methods x 2 seeds) read back by the report."""
+"""A tiny sweep on the embedded default (2 methods x 2 seeds), made by the table command
+(hn_jax.reproduce), read back by the report and checked against the event files."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -9,24 +12,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import digits
-from hn_jax import report, train
+from hn_jax import report, reproduce
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = [f"--config={REPO}/configs/digits.py", "--methods=sct,hn", "--lrs=0.05", "--seeds=0,1",
+        "--config.image_size=16", "--config.embedding_dim=16", "--config.batch_size=128",
+        "--config.num_epochs=1", "--config.eval_every=1"]
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sweep") / "DIGITS_R50"
-  for method in ("sct", "hn"):
-    for seed in (0, 1):
-      config = digits.get_config()
-      config.update(dict(loss=method, seed=seed, image_size=16, embedding_dim=16,
-                         batch_size=128, num_epochs=1, eval_every=1))
-      workdir = root / f"{method}_B128_R1_D16_lr0.05_lam1.0" / str(seed)
-      workdir.mkdir(parents=True)
-      train.train_and_evaluate(config, str(workdir))
-  return root
+def made(tmp_path_factory):
+  """The table command's runs (one rate: 2 x 2 runs), its stdout, stderr and arguments."""
+  top = tmp_path_factory.mktemp("sweep")
+  argv = [f"--root={top}", f"--figures={top}/fig", f"--json={top}/result.json", *TINY]
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    assert reproduce.main(argv) == 0
+  return top, out.getvalue(), err.getvalue(), argv
+
+
+@pytest.fixture(scope="module")
+def sweep(made):
+  return made[0] / "DIGITS_R50"
 
 
 def test_report_table_matches_the_event_files(sweep):
@@ -59,3 +66,45 @@ def test_report_plot(sweep, tmp_path):
                  cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
   with Image.open(out) as image:
     assert image.format == "PNG" and image.width >= 600 and image.height >= 300
+
+
+def test_table_command(made):
+  top, out, _, _ = made
+  result = json.loads((top / "result.json").read_text())
+  base = top / "DIGITS_R50"
+  group = "{}_B128_R1_D16_lr{}_lam1.0"
+  assert {(r["method"], r["lr"]) for r in result["search"]} == {("sct", "0.05"), ("hn", "0.05")}
+  for r in result["search"]:
+    scalars = report.load_scalars(base / group.format(r["method"], r["lr"]) / "0")
+    assert r["r1"] == scalars["DIGITS_test_R_1"][-1][2]
+    assert r["collapsed"] == report.is_collapsed(scalars)
+  assert result["chosen"] == {"sct": "0.05", "hn": "0.05"}
+  for method, lr in result["chosen"].items():
+    # The paper's table: mean +- std over the seeds at the chosen rate, in percent.
+    runs = [report.load_scalars(base / group.format(method, lr) / s) for s in ("0", "1")]
+    dead = [report.is_collapsed(r) for r in runs]
+    line = next(x for x in out.splitlines() if x.startswith(f"| {method} | {lr} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-2:] == ["2", f"{sum(dead)}/2"]
+    for k, cell in zip((1, 2, 4, 8), cells[2:6]):
+      finals = [r[f"DIGITS_test_R_{k}"][-1][2] for r, d in zip(runs, dead) if all(dead) or not d]
+      if all(dead):
+        assert cell == "collapse"
+      else:
+        std = np.std(finals, ddof=1) if len(finals) > 1 else 0.0
+        assert cell.startswith(f"{100 * np.mean(finals):.2f} +- {100 * std:.2f}")
+  for name in ("fig_hn_ratio.png", "fig_recall.png"):
+    with Image.open(top / name) as image:
+      assert image.format == "PNG" and image.width >= 600
+
+
+def test_table_command_again_reuses_runs_and_refuses_another_config(made, capsys):
+  top, out, _, argv = made
+  assert reproduce.main(argv) == 0  # every run is already done: nothing trains
+  again = capsys.readouterr()
+  assert again.err.count("already done") == 2 + 4 and " s\n" not in again.err
+  assert again.out == out
+  other = [a if a != "--config.num_epochs=1" else "--config.num_epochs=2" for a in argv]
+  assert reproduce.main(other) == 2
+  err = capsys.readouterr().err.strip()
+  assert "another config" in err and "num_epochs" in err and "\n" not in err
