@@ -100,6 +100,7 @@ def group_name(config: ml_collections.ConfigDict, method: str, lr: str) -> str:
 
 def run_config(config: ml_collections.ConfigDict, method: str, lr: str,
                seed: int) -> ml_collections.ConfigDict:
+  """`config` for one run of the study."""
   run = ml_collections.ConfigDict(config.to_dict())
   run.loss = method
   run.learning_rate = float(lr)
@@ -144,10 +145,14 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
             "mean_sim": report.last_value(scalars.get(report.COLLAPSE_SIM_KEY)),
             "seconds": time.perf_counter() - t0, "reused": reused}
   took = "already done" if reused else f"{result['seconds']:.0f} s"
-  log(f"  {config.loss} lr {config.learning_rate:g} seed {config.seed}: test R@1 {r1:.3f}, "
-      f"embedding_mean_sim {result['mean_sim']:.3f}"
+  log(f"  {config.loss} lr {config.learning_rate:g} seed {config.seed}: test R@1 {_num(r1)}, "
+      f"embedding_mean_sim {_num(result['mean_sim'])}"
       f"{' (collapse)' if result['collapsed'] else ''}, {took}")
   return result
+
+
+def _num(x: float | None) -> str:
+  return "-" if x is None else f"{x:.3f}"
 
 
 def choose(results: Sequence[SearchResult]) -> SearchResult:
@@ -166,13 +171,16 @@ def _cell(row: dict[str, Any]) -> str:
 
 
 def paper_table(rows: Sequence[dict[str, Any]], chosen: dict[str, str], key: str) -> str:
-  """The paper's table (markdown): a row per method, final test R@K in percent."""
+  """The paper's table (markdown): a row per method, final test R@K in percent (the Ks of
+  the dataset's logged `<key>_test_R_<K>`)."""
   by = {(r["group"], r["metric"]): r for r in rows}
-  lines = ["| method | lr | " + " | ".join(f"R@{k}" for k in PAPER_KS) + " | seeds | collapsed |",
-           "|---|---|" + "---|" * len(PAPER_KS) + "---|---|"]
+  prefix = f"{key}_test_R_"
+  ks = [m[len(prefix):] for m in report.recall_metrics({r["metric"] for r in rows})
+        if m.startswith(prefix)] or [str(k) for k in PAPER_KS]
+  lines = ["| method | lr | " + " | ".join(f"R@{k}" for k in ks) + " | seeds | collapsed |",
+           "|---|---|" + "---|" * len(ks) + "---|---|"]
   for method, (group, lr) in chosen.items():
-    cells = [_cell(by[(group, f"{key}_test_R_{k}")]) if (group, f"{key}_test_R_{k}") in by
-             else "-" for k in PAPER_KS]
+    cells = [_cell(by[(group, prefix + k)]) if (group, prefix + k) in by else "-" for k in ks]
     first = by.get((group, f"{key}_test_R_1"), {"n_runs": 0, "n_collapsed": 0})
     lines.append(f"| {method} | {lr} | " + " | ".join(cells)
                  + f" | {first['n_runs']} | {first['n_collapsed']}/{first['n_runs']} |")
@@ -240,7 +248,8 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
     for lr in lrs:
       res = train_run(run_config(config, method, lr, search_seed),
                       workdir(method, lr, search_seed), key, log)
-      search.append(SearchResult(method, lr, res["r1"], res["collapsed"], res["mean_sim"]))
+      r1 = res["r1"] if res["r1"] is not None else math.nan
+      search.append(SearchResult(method, lr, r1, res["collapsed"], res["mean_sim"]))
   chosen = {m: choose([r for r in search if r.method == m]).lr for m in methods}
   log("chosen: " + ", ".join(f"{m} lr {lr}" for m, lr in chosen.items()))
   for method, lr in chosen.items():
