@@ -538,6 +538,7 @@ def _recall_axes(ax: Any, groups: Mapping[str, Sequence[Run]], key: str | None,
                  labels: Mapping[str, str] | None, title: str) -> tuple[list[Any], list[str]]:
   out = _draw(ax, groups, (lambda runs: key) if key else _test_r1_key, False, labels)
   ax.set(title=title, xlabel="epoch", ylabel=key or "test R@1")
+  ax.xaxis.get_major_locator().set_params(integer=True)
   ax.grid(alpha=0.3)
   return out
 

@@ -3,17 +3,17 @@
 Usage::
 
     python -m hn_jax.reproduce --root=/tmp/hn_table [--config=configs/synthetic.py]
-        [--methods=hn,shn,sct] [--lrs=0.1,0.3,1,3] [--seeds=0,1,2,3,4] [--search_seed=0]
+        [--methods=hn,shn,sct] [--lrs=0.3,1,3] [--seeds=0,1,2,3,4] [--search_seeds=0,1]
         [--figures=docs/synthetic] [--json=FILE.json] [--config.KEY=VALUE ...]
 
-1. Search: every method at every learning rate of ``--lrs``, seed ``--search_seed`` only.
-2. Choice, per method (the paper kept the best learning rate of each method): the rate whose
-   search run has the highest final test R@1 among the runs that did not collapse; where
-   every rate collapsed, the highest final test R@1 all the same (the table then says
-   ``collapse``). Ties go to the smaller rate. Like the paper, this chooses on the test
-   split (there is no validation split).
-3. Seeds: the chosen rate of each method with every seed of ``--seeds`` (the search run of
-   the search seed is reused: same config, same seed, the same run).
+1. Search: every method at every learning rate of ``--lrs``, with the ``--search_seeds``.
+2. Choice, per method (the paper kept the best learning rate of each method): the rate with
+   the highest mean final test R@1 over the search seeds among the rates where no search
+   run collapsed; where every rate had a collapse, the highest mean all the same (the table
+   then says ``collapse`` if every seed collapses). Ties go to the smaller rate. Like the
+   paper, this chooses on the test split (there is no validation split).
+3. Seeds: the chosen rate of each method with every seed of ``--seeds`` (the search runs of
+   those seeds are reused: same config, same seed, the same run).
 4. The table (mean +- sample std over seeds of the final test R@1/2/4/8, in percent, or
    ``collapse`` where every seed collapsed; `hn_jax.report`'s rule) and, with
    ``--figures=PREFIX``, ``PREFIX_hn_ratio.png`` and ``PREFIX_recall.png``.
@@ -54,13 +54,14 @@ class ReproduceError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
-  """One search run: its method, rate, final test R@1 and whether it collapsed."""
+  """One searched rate of a method: mean final test R@1 over the search seeds, whether
+  any of them collapsed, and each seed's final test R@1."""
 
   method: str
   lr: str
   r1: float
   collapsed: bool
-  mean_sim: float | None
+  r1_per_seed: tuple[float, ...] = ()
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -156,7 +157,7 @@ def _num(x: float | None) -> str:
 
 
 def choose(results: Sequence[SearchResult]) -> SearchResult:
-  """The search run kept for a method: best R@1 of the uncollapsed, else of all."""
+  """The searched rate kept for a method: best mean R@1 of the uncollapsed, else of all."""
   pool = [r for r in results if not r.collapsed] or list(results)
   return max(pool, key=lambda r: (r.r1 if math.isfinite(r.r1) else -1.0, -float(r.lr)))
 
@@ -187,16 +188,23 @@ def paper_table(rows: Sequence[dict[str, Any]], chosen: dict[str, str], key: str
   return "\n".join(lines)
 
 
-def search_table(results: Sequence[SearchResult], chosen: dict[str, str], seed: int) -> str:
-  """Final test R@1 of the search seed, method x learning rate (markdown)."""
+def search_table(results: Sequence[SearchResult], chosen: dict[str, str],
+                 seeds: Sequence[int]) -> str:
+  """Mean final test R@1 over the search seeds, method x learning rate (markdown)."""
   lrs = list(dict.fromkeys(r.lr for r in results))
-  lines = [f"| method (seed {seed}) | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+  name = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+  lines = [f"| method ({name}) | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
            "|---|" + "---|" * len(lrs)]
   for method in dict.fromkeys(r.method for r in results):
     cells = []
     for lr in lrs:
-      r = next(x for x in results if x.method == method and x.lr == lr)
+      r = next((x for x in results if x.method == method and x.lr == lr), None)
+      if r is None:
+        cells.append("-")
+        continue
       cell = f"{100 * r.r1:.1f}" + (" collapse" if r.collapsed else "")
+      if len(r.r1_per_seed) > 1:
+        cell += " (" + ", ".join(f"{100 * x:.1f}" for x in r.r1_per_seed) + ")"
       cells.append(f"**{cell}**" if chosen[method] == lr else cell)
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -204,8 +212,8 @@ def search_table(results: Sequence[SearchResult], chosen: dict[str, str], seed: 
 
 def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
               methods: Sequence[str] = ("hn", "shn", "sct"),
-              lrs: Sequence[str] = ("0.1", "0.3", "1", "3"),
-              seeds: Sequence[int] = (0, 1, 2, 3, 4), search_seed: int = 0,
+              lrs: Sequence[str] = ("0.3", "1", "3"),
+              seeds: Sequence[int] = (0, 1, 2, 3, 4), search_seeds: Sequence[int] = (0, 1),
               figures: str | None = None, log: Any = print) -> dict[str, Any]:
   """Search, seeds, table and figures (see the module docstring); returns it all as data."""
   from hn_jax import datasets, losses  # pylint: disable=g-import-not-at-top
@@ -220,8 +228,8 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
       ok = False
     if not ok:
       raise ReproduceError(f"--lrs: {lr!r} is not a positive learning rate")
-  if not lrs or not seeds:
-    raise ReproduceError("--lrs and --seeds need at least one value each")
+  if not lrs or not seeds or not search_seeds:
+    raise ReproduceError("--lrs, --seeds and --search_seeds need at least one value each")
   from hn_jax import train  # pylint: disable=g-import-not-at-top
   for method in methods:  # every setting checked before anything compiles
     train.check_config(run_config(config, method, lrs[0], seeds[0]))
@@ -238,18 +246,21 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
 
   for method in methods:  # a root of another config is refused before anything runs
     for lr in lrs:
-      for seed in {search_seed, *seeds}:
+      for seed in {*search_seeds, *seeds}:
         _check_same_config(workdir(method, lr, seed), run_config(config, method, lr, seed))
-  total = len(methods) * (len(lrs) + len([s for s in seeds if s != search_seed]))
-  log(f"search: {', '.join(methods)} at learning rates {', '.join(lrs)}, seed {search_seed} "
+  total = len(methods) * (len(lrs) * len(search_seeds)
+                          + len([s for s in seeds if s not in search_seeds]))
+  log(f"search: {', '.join(methods)} at learning rates {', '.join(lrs)}, seeds "
+      f"{', '.join(map(str, search_seeds))} "
       f"({total} runs in all)")
   search = []
   for method in methods:
     for lr in lrs:
-      res = train_run(run_config(config, method, lr, search_seed),
-                      workdir(method, lr, search_seed), key, log)
-      r1 = res["r1"] if res["r1"] is not None else math.nan
-      search.append(SearchResult(method, lr, r1, res["collapsed"], res["mean_sim"]))
+      done = [train_run(run_config(config, method, lr, seed), workdir(method, lr, seed), key,
+                        log) for seed in search_seeds]
+      r1s = tuple(math.nan if d["r1"] is None else d["r1"] for d in done)
+      search.append(SearchResult(method, lr, float(sum(r1s) / len(r1s)),
+                                 any(d["collapsed"] for d in done), r1s))
   chosen = {m: choose([r for r in search if r.method == m]).lr for m in methods}
   log("chosen: " + ", ".join(f"{m} lr {lr}" for m, lr in chosen.items()))
   for method, lr in chosen.items():
@@ -259,15 +270,15 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   groups = report.load_groups([base / group_name(config, m, lr) for m, lr in chosen.items()])
   # Only the chosen seeds: a search seed outside --seeds is not averaged.
   keep = {str(s) for s in seeds}
-  groups = {g: [r for r in runs if r.name in keep] for g, runs in groups.items()}
-  rows = report.summarize(groups)
   named = {m: (group_name(config, m, lr), lr) for m, lr in chosen.items()}
+  groups = {g: [r for r in groups[g] if r.name in keep] for g, _ in named.values()}
+  rows = report.summarize(groups)
   result = {
       "dataset": key, "root": str(root), "methods": list(methods), "lrs": list(lrs),
-      "seeds": list(seeds), "search_seed": search_seed,
+      "seeds": list(seeds), "search_seeds": list(search_seeds),
       "search": [dataclasses.asdict(r) for r in search], "chosen": chosen,
       "rows": [{k: report._json_safe(v) for k, v in r.items()} for r in rows],  # pylint: disable=protected-access
-      "search_table": search_table(search, chosen, search_seed),
+      "search_table": search_table(search, chosen, search_seeds),
       "table": paper_table(rows, named, key),
   }
   if figures:
@@ -291,10 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--root", required=True, help="where the runs go (release layout)")
   parser.add_argument("--config", default="configs/synthetic.py", help="config file")
   parser.add_argument("--methods", default="hn,shn,sct", help="comma-separated losses")
-  parser.add_argument("--lrs", default="0.1,0.3,1,3",
+  parser.add_argument("--lrs", default="0.3,1,3",
                       help="learning rates searched, comma-separated, as typed in folder names")
   parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the table")
-  parser.add_argument("--search_seed", type=int, default=0, help="the seed of the search runs")
+  parser.add_argument("--search_seeds", default="0,1", help="the seeds of the search runs")
   parser.add_argument("--figures", metavar="PREFIX",
                       help="write PREFIX_hn_ratio.png and PREFIX_recall.png")
   parser.add_argument("--json", metavar="FILE", help="also write everything as JSON here")
@@ -306,8 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides.append(item[len("--config."):])
   try:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    search_seeds = [int(s) for s in args.search_seeds.split(",") if s.strip()]
   except ValueError:
-    parser.error(f"--seeds={args.seeds}: give integers, e.g. --seeds=0,1,2")
+    parser.error(f"--seeds={args.seeds}, --search_seeds={args.search_seeds}: give integers, "
+                 "e.g. --seeds=0,1,2")
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   try:
@@ -315,12 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = reproduce(config, args.root,
                        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                        lrs=[x.strip() for x in args.lrs.split(",") if x.strip()],
-                       seeds=seeds, search_seed=args.search_seed, figures=args.figures,
+                       seeds=seeds, search_seeds=search_seeds, figures=args.figures,
                        log=lambda s: print(s, file=sys.stderr, flush=True))
   except (ReproduceError, report.ReportError, ValueError) as e:  # train.ConfigError too
     print(f"hn_jax.reproduce: error: {e}", file=sys.stderr)
     return 2
-  print(f"Learning-rate search (final test R@1 in percent; bold: chosen):\n\n"
+  print(f"Learning-rate search (final test R@1 in percent, mean over the search seeds "
+        f"(each seed); bold: chosen):\n\n"
         f"{result['search_table']}\n\n{result['dataset']}: final test recall in percent, "
         f"mean +- std over {len(seeds)} seeds:\n\n{result['table']}")
   print(f"\n{result['seconds'] / 60:.1f} minutes in all", file=sys.stderr)

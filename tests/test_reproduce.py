@@ -15,14 +15,17 @@ def test_bad_arguments_fail_in_one_line(tmp_path, capsys, args, words):
 
 
 def test_choose_and_paper_table():
-  results = [reproduce.SearchResult("hn", "0.1", 0.30, True, 0.99),
-             reproduce.SearchResult("hn", "1", 0.20, True, 0.99),
-             reproduce.SearchResult("sct", "0.1", 0.50, False, 0.1),
-             reproduce.SearchResult("sct", "1", 0.70, True, 0.95),
-             reproduce.SearchResult("sct", "3", 0.60, False, 0.2),
-             reproduce.SearchResult("sct", "9", 0.60, False, 0.2)]
+  results = [reproduce.SearchResult("hn", "0.1", 0.30, True),
+             reproduce.SearchResult("hn", "1", 0.20, True),
+             reproduce.SearchResult("sct", "0.1", 0.50, False, (0.4, 0.6)),
+             reproduce.SearchResult("sct", "1", 0.70, True, (0.5, 0.9)),
+             reproduce.SearchResult("sct", "3", 0.60, False),
+             reproduce.SearchResult("sct", "9", 0.60, False)]
   assert reproduce.choose(results[:2]).lr == "0.1"  # all collapsed: the best R@1 anyway
   assert reproduce.choose(results[2:]).lr == "3"  # not the collapsed 0.70; tie -> smaller
+  table = reproduce.search_table(results, {"hn": "0.1", "sct": "3"}, [0, 1])
+  assert table.splitlines()[0] == "| method (seeds 0, 1) | lr 0.1 | lr 1 | lr 3 | lr 9 |"
+  assert "| sct | 50.0 (40.0, 60.0) | 70.0 collapse (50.0, 90.0) | **60.0** | 60.0 |" in table
   row = {"group": "g", "mean": 0.5, "std": 0.01, "n": 2, "collapse": False,
          "n_collapsed": 1, "n_runs": 3}
   rows = [dict(row, metric=f"X_test_R_{k}") for k in (1, 2, 4, 8)]
