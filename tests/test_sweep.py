@@ -22,7 +22,8 @@ TINY = [f"--config={REPO}/configs/digits.py", "--methods=sct,hn", "--lrs=0.05", 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-  """The table command's runs (one rate: 2 x 2 runs), its stdout, stderr and arguments."""
+  """The table command's runs (one rate, searched on seeds 0 and 1, which are also the
+  table's: 2 x 2 runs), its stdout, stderr and arguments."""
   top = tmp_path_factory.mktemp("sweep")
   argv = [f"--root={top}", f"--figures={top}/fig", f"--json={top}/result.json", *TINY]
   out, err = io.StringIO(), io.StringIO()
@@ -74,10 +75,11 @@ def test_table_command(made):
   base = top / "DIGITS_R50"
   group = "{}_B128_R1_D16_lr{}_lam1.0"
   assert {(r["method"], r["lr"]) for r in result["search"]} == {("sct", "0.05"), ("hn", "0.05")}
-  for r in result["search"]:
-    scalars = report.load_scalars(base / group.format(r["method"], r["lr"]) / "0")
-    assert r["r1"] == scalars["DIGITS_test_R_1"][-1][2]
-    assert r["collapsed"] == report.is_collapsed(scalars)
+  for r in result["search"]:  # seeds 0 and 1, the default search seeds
+    runs = [report.load_scalars(base / group.format(r["method"], r["lr"]) / s) for s in "01"]
+    assert r["r1_per_seed"] == [x["DIGITS_test_R_1"][-1][2] for x in runs]
+    assert r["r1"] == pytest.approx(np.mean(r["r1_per_seed"]), abs=1e-12)
+    assert r["collapsed"] == any(report.is_collapsed(x) for x in runs)
   assert result["chosen"] == {"sct": "0.05", "hn": "0.05"}
   for method, lr in result["chosen"].items():
     # The paper's table: mean +- std over the seeds at the chosen rate, in percent.
@@ -102,7 +104,7 @@ def test_table_command_again_reuses_runs_and_refuses_another_config(made, capsys
   top, out, _, argv = made
   assert reproduce.main(argv) == 0  # every run is already done: nothing trains
   again = capsys.readouterr()
-  assert again.err.count("already done") == 2 + 4 and " s\n" not in again.err
+  assert again.err.count("already done") == 4 + 4 and " s\n" not in again.err
   assert again.out == out
   other = [a if a != "--config.num_epochs=1" else "--config.num_epochs=2" for a in argv]
   assert reproduce.main(other) == 2
