@@ -321,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError:
     parser.error(f"--seeds={args.seeds}, --search_seeds={args.search_seeds}: give integers, "
                  "e.g. --seeds=0,1,2")
+  if args.json and not Path(args.json).resolve().parent.is_dir():
+    print(f"hn_jax.reproduce: error: --json={args.json}: its folder does not exist; create it "
+          "first", file=sys.stderr)
+    return 2
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   try:

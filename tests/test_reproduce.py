@@ -7,7 +7,7 @@ from hn_jax import reproduce
 @pytest.mark.parametrize("args,words", [
     (["--methods=hn,xx"], "--methods"), (["--lrs=0.1,-1"], "--lrs"),
     (["--config.batch_size=15"], "batch_size"), (["--config.nope=1"], "--config.nope"),
-    (["--config=configs/none.py"], "no such file")])
+    (["--config=configs/none.py"], "no such file"), (["--json=/no/such/f.json"], "--json")])
 def test_bad_arguments_fail_in_one_line(tmp_path, capsys, args, words):
   assert reproduce.main([f"--root={tmp_path}/r", *args]) == 2
   err = capsys.readouterr().err.strip()
