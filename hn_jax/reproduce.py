@@ -21,8 +21,9 @@ Usage::
 Every run is an ordinary hn_jax run in the release's layout,
 ``ROOT/<DATA>_R50/<method>_B<batch>_R<repeat>_D<dim>_lr<lr>_lam<lam>/<seed>/``, run in this
 process one after another; `python -m hn_jax.report ROOT/<DATA>_R50` reads them too. Running
-the command again on the same root skips finished runs and resumes interrupted ones; a root
-holding runs of another config is refused. Compiled programs are cached in ``ROOT/xla_cache``
+the command again on the same root skips finished runs and resumes interrupted ones (or
+lengthens them, for a larger ``--config.num_epochs``); a root holding runs of another config
+is refused (`hn_jax.run_config`'s rule). Compiled programs are cached in ``ROOT/xla_cache``
 (unless ``JAX_COMPILATION_CACHE_DIR`` says where), so the seeds of a method compile once.
 """
 
@@ -99,7 +100,7 @@ def group_name(config: ml_collections.ConfigDict, method: str, lr: str) -> str:
           f"_lr{lr}_lam{config.lam}")
 
 
-def run_config(config: ml_collections.ConfigDict, method: str, lr: str,
+def config_for(config: ml_collections.ConfigDict, method: str, lr: str,
                seed: int) -> ml_collections.ConfigDict:
   """`config` for one run of the study."""
   run = ml_collections.ConfigDict(config.to_dict())
@@ -107,19 +108,6 @@ def run_config(config: ml_collections.ConfigDict, method: str, lr: str,
   run.learning_rate = float(lr)
   run.seed = seed
   return run
-
-
-def _check_same_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-  saved = workdir / "config.json"
-  if not saved.exists():
-    return
-  old = json.loads(saved.read_text())
-  new = json.loads(config.to_json())
-  differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-  if differ:
-    raise ReproduceError(
-        f"{workdir} holds a run of another config (differs in {', '.join(differ)}); use a "
-        "new --root or delete that folder")
 
 
 def _finished(workdir: Path, config: ml_collections.ConfigDict, key: str) -> bool:
@@ -135,7 +123,6 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
   """Trains one run (or resumes, or skips it when finished); its final figures."""
   from hn_jax import train  # pylint: disable=g-import-not-at-top  (JAX only when training)
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_same_config(workdir, config)
   t0 = time.perf_counter()
   reused = _finished(workdir, config, key)
   if not reused:
@@ -216,7 +203,7 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
               seeds: Sequence[int] = (0, 1, 2, 3, 4), search_seeds: Sequence[int] = (0, 1),
               figures: str | None = None, log: Any = print) -> dict[str, Any]:
   """Search, seeds, table and figures (see the module docstring); returns it all as data."""
-  from hn_jax import datasets, losses  # pylint: disable=g-import-not-at-top
+  from hn_jax import datasets, losses, run_config  # pylint: disable=g-import-not-at-top
   unknown = [m for m in methods if m not in losses.METHODS]
   if unknown or not methods:
     raise ReproduceError(f"--methods: {','.join(unknown) or 'none given'}; use some of "
@@ -232,7 +219,7 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
     raise ReproduceError("--lrs, --seeds and --search_seeds need at least one value each")
   from hn_jax import train  # pylint: disable=g-import-not-at-top
   for method in methods:  # every setting checked before anything compiles
-    train.check_config(run_config(config, method, lrs[0], seeds[0]))
+    train.check_config(config_for(config, method, lrs[0], seeds[0]))
   key = datasets.KEYS[config.dataset]
   base = Path(root) / f"{key}_R50"
   import jax  # pylint: disable=g-import-not-at-top
@@ -247,7 +234,7 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   for method in methods:  # a root of another config is refused before anything runs
     for lr in lrs:
       for seed in {*search_seeds, *seeds}:
-        _check_same_config(workdir(method, lr, seed), run_config(config, method, lr, seed))
+        run_config.check(config_for(config, method, lr, seed), str(workdir(method, lr, seed)))
   total = len(methods) * (len(lrs) * len(search_seeds)
                           + len([s for s in seeds if s not in search_seeds]))
   log(f"search: {', '.join(methods)} at learning rates {', '.join(lrs)}, seeds "
@@ -256,7 +243,7 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   search = []
   for method in methods:
     for lr in lrs:
-      done = [train_run(run_config(config, method, lr, seed), workdir(method, lr, seed), key,
+      done = [train_run(config_for(config, method, lr, seed), workdir(method, lr, seed), key,
                         log) for seed in search_seeds]
       r1s = tuple(math.nan if d["r1"] is None else d["r1"] for d in done)
       search.append(SearchResult(method, lr, float(sum(r1s) / len(r1s)),
@@ -265,7 +252,7 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   log("chosen: " + ", ".join(f"{m} lr {lr}" for m, lr in chosen.items()))
   for method, lr in chosen.items():
     for seed in seeds:
-      train_run(run_config(config, method, lr, seed), workdir(method, lr, seed), key, log)
+      train_run(config_for(config, method, lr, seed), workdir(method, lr, seed), key, log)
 
   groups = report.load_groups([base / group_name(config, m, lr) for m, lr in chosen.items()])
   # Only the chosen seeds: a search seed outside --seeds is not averaged.

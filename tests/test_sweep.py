@@ -106,7 +106,7 @@ def test_table_command_again_reuses_runs_and_refuses_another_config(made, capsys
   again = capsys.readouterr()
   assert again.err.count("already done") == 4 + 4 and " s\n" not in again.err
   assert again.out == out
-  other = [a if a != "--config.num_epochs=1" else "--config.num_epochs=2" for a in argv]
-  assert reproduce.main(other) == 2
+  assert reproduce.main([*argv, "--config.temperature=0.2"]) == 2
   err = capsys.readouterr().err.strip()
-  assert "another config" in err and "num_epochs" in err and "\n" not in err
+  assert "another config" in err and "temperature" in err and "\n" not in err
+  assert err.startswith("hn_jax.reproduce: error:")
