@@ -451,7 +451,11 @@ def test_duplicate_columns_tie_whatever_the_matmul(monkeypatch, rank_path):
   y = np.concatenate([y, y[:50] + 1000])  # each copy under another label: always ahead
   ranks = evaluation.first_hit_ranks(x, y)
   want = _ref_ranks(x, y)
-  np.testing.assert_array_equal(ranks, want)
+  # The skew moves similarities by up to 2e-5 (relative): items that close to the best
+  # correct one (not copies) may rank either way; every other query must rank as in float64.
+  near, exact = _near_ties(x, y, eps=5e-5)
+  assert near.mean() < 0.05 and exact[~near].sum() >= 20
+  np.testing.assert_array_equal(ranks[~near], want[~near])
 
 
 # ----------------------------------------------------------------------------- bad input
