@@ -1,6 +1,6 @@
 """Host-side input: the batch samplers and the image batches (NumPy; tf.data when uncached).
 
-A training epoch is a stream of dataset indices built by a sampler (PROTOCOL section 2),
+A training epoch is a stream of dataset indices built by a sampler (docs/protocol.md section 2),
 seeded by (seed, epoch) so that a resumed run sees the same order. The stream is cut into
 global batches; each process keeps only its own contiguous rows of every global batch. Each
 image's random crop and flip are drawn from a counter-based hash of (seed, its position in

@@ -10,7 +10,7 @@ from hn_jax import analysis, losses
 
 
 def reference_term(x, method, lam=1.0, t=0.1, thr=0.8):
-  """One triplet's term, PROTOCOL section 1 written directly, float64."""
+  """One triplet's term, docs/protocol.md section 1 written directly, float64."""
   u = x / np.linalg.norm(x, axis=1, keepdims=True)
   pos, neg = u[0] @ u[1], u[0] @ u[2]
   contrastive = np.logaddexp(0.0, (neg - pos) / t)

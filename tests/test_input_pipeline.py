@@ -1,4 +1,4 @@
-"""Samplers (PROTOCOL section 2), host slicing, augmentation draws and the transforms (section 3)."""
+"""Samplers (docs/protocol.md section 2), host slicing, augmentation draws and the transforms (section 3)."""
 
 import ml_collections
 import numpy as np
