@@ -313,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           "first", file=sys.stderr)
     return 2
   from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)  # each run's console lines: one line per run instead
   try:
     config = load_config(args.config, overrides)
     result = reproduce(config, args.root,
@@ -324,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ReproduceError, report.ReportError, ValueError) as e:  # train.ConfigError too
     print(f"hn_jax.reproduce: error: {e}", file=sys.stderr)
     return 2
+  finally:
+    logging.set_verbosity(verbosity)
   print(f"Learning-rate search (final test R@1 in percent, mean over the search seeds "
         f"(each seed); bold: chosen):\n\n"
         f"{result['search_table']}\n\n{result['dataset']}: final test recall in percent, "

@@ -86,7 +86,7 @@ def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path,
     if f.is_file():
       f.unlink()
   monkeypatch.undo()
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # whatever an earlier test left it at
   # A setting the run may change: recorded in config.json, its history kept.
   resumed = train.train_and_evaluate(tiny_config(checkpoints_to_keep=3), str(tmp_path))
   assert resumed == uninterrupted
@@ -114,7 +114,7 @@ def test_a_workdir_belongs_to_one_config(two_epoch_run, caplog):
   with pytest.raises(run_config.ConfigMismatch, match="config.embedding_dim=32 but the run has "
                      "16; config.loss=\"hn\" but the run has \"sct\".*use a new --workdir"):
     train.train_and_evaluate(tiny_config(embedding_dim=32, loss="hn"), str(workdir))
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # whatever an earlier test left it at
   assert train.train_and_evaluate(tiny_config(eval_every=2), str(workdir)) == {}
   console = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
   assert console == [f"{workdir} holds a complete run (step 28, epoch 2 of 2): nothing to do; "
@@ -126,11 +126,11 @@ def test_progress_inside_a_long_epoch_has_rate_and_eta(caplog, monkeypatch):
   now = [100.0]
   monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
   clock = train.Progress(total_steps=40, steps_per_epoch=20, num_epochs=2, every_s=60.0)
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # whatever an earlier test left it at
   for step in range(1, 23):
     clock.stepped(step)
     now[0] += 10.0  # 0.1 steps/s
-  lines = [r.getMessage() for r in caplog.records]
+  lines = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
   assert lines == ["epoch 1/2: step 7 of 20, 0.1 steps/s, ETA 0:05:30",
                    "epoch 1/2: step 13 of 20, 0.1 steps/s, ETA 0:04:30",
                    "epoch 1/2: step 19 of 20, 0.1 steps/s, ETA 0:03:30"]
