@@ -30,7 +30,6 @@ import zlib
 from typing import Iterable, Iterator
 
 import numpy as np
-from absl import logging
 
 MODES = ("auto", "memory", "disk", "off")
 FORMAT_VERSION = 1
@@ -71,11 +70,16 @@ class CacheKey:
 
   @property
   def short_side(self) -> int:
-    return train_short_side(self.image_size) if self.kind == "train" else self.image_size
+    return short_side(self.kind, self.image_size)
 
 
 def train_short_side(image_size: int) -> int:
   return int(1.1 * image_size)
+
+
+def short_side(kind: str, image_size: int) -> int:
+  """The shorter side a `kind` ("train" or "eval") image is resized to."""
+  return train_short_side(image_size) if kind == "train" else image_size
 
 
 def resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
@@ -326,8 +330,7 @@ def transform(images: np.ndarray, kind: str, image_size: int) -> np.ndarray:
   """The cached form of uint8 images (..., H, W, 3) of one shape: "train" resized, "eval"
   resized and center-cropped; uint8."""
   h, w = images.shape[-3:-1]
-  short = train_short_side(image_size) if kind == "train" else image_size
-  rh, rw = resized_shape(h, w, short)
+  rh, rw = resized_shape(h, w, short_side(kind, image_size))
   resized = resize(images, rh, rw)
   if kind == "eval":
     top, left = (rh - image_size) // 2, (rw - image_size) // 2
@@ -361,6 +364,3 @@ def progress_bar(iterable: Iterable, total: int, desc: str):
   return tqdm(iterable, total=total, desc=desc, unit="image", file=sys.stderr,
               mininterval=2.0, disable=None)
 
-
-def log(message: str) -> None:
-  logging.info("%s", message)

@@ -280,7 +280,7 @@ def _open_or_build(split: Split, key: image_cache.CacheKey, mode: str,
     load = mode == "memory" or (mode == "auto" and os.path.getsize(path) <= budget)
     try:
       cache = image_cache.read_file(path, key, load=load)
-      image_cache.log(f"image cache: {'loaded' if load else 'mapped'} {path}")
+      logging.info("image cache: %s %s", "loaded" if load else "mapped", path)
       return cache
     except image_cache.CorruptCache as e:
       logging.warning("image cache %s is unusable (%s): rebuilding it", path, e)
@@ -449,15 +449,3 @@ def prefetch_to_device(batches: Iterable[dict[str, np.ndarray]], mesh,
       yield queue.popleft()
   while queue:
     yield queue.popleft()
-
-
-_TF_NAMES = ("decode_image", "train_transform", "eval_transform", "train_crop", "eval_crop",
-             "normalize", "_RECORD_FEATURES")
-
-
-def __getattr__(name: str):
-  # The tf.data functions, for callers that know them from here; imports TensorFlow.
-  if name in _TF_NAMES:
-    from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
-    return getattr(tf_pipeline, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ so that this path and the cached one make the same draws.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -112,15 +112,18 @@ def eval_transform(image, config: ml_collections.ConfigDict) -> tf.Tensor:
   return normalize(eval_crop(image, config.image_size), config.mean, config.std)
 
 
-def _elements(images, rows: np.ndarray) -> tuple[tf.data.Dataset, bool]:
-  """The image of each of `rows`, in order, and whether elements still need decoding.
+def _elements(images, rows: np.ndarray) -> tuple[tf.data.Dataset, Callable]:
+  """The element of each of `rows`, in order, and the function (in the graph) that turns an
+  element into its uint8 RGB image.
 
-  In memory: uint8 images. From records: the serialized records, read in chunks.
+  In memory: the images themselves. From records: the serialized records, read in chunks,
+  parsed and decoded by that function (inside the caller's parallel map).
   """
   rows = np.asarray(rows, np.int64)
   if isinstance(images, np.ndarray):
     pixels = tf.constant(images)
-    return tf.data.Dataset.from_tensor_slices(rows).map(lambda i: tf.gather(pixels, i)), False
+    ds = tf.data.Dataset.from_tensor_slices(rows).map(lambda i: tf.gather(pixels, i))
+    return ds, lambda element: element
   source = images
 
   def read(chunk: np.ndarray) -> np.ndarray:
@@ -130,55 +133,53 @@ def _elements(images, rows: np.ndarray) -> tuple[tf.data.Dataset, bool]:
   ds = ds.map(lambda chunk: tf.ensure_shape(tf.numpy_function(read, [chunk], tf.string,
                                                                 stateful=False), (None,)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.unbatch(), True
+  def decode(record: tf.Tensor) -> tf.Tensor:
+    return decode_image(tf.io.parse_single_example(record, _RECORD_FEATURES)["image"])
+
+  return ds.unbatch(), decode
 
 
-def _decoder(needs_decoding: bool):
-  if not needs_decoding:
-    return lambda element: element
-  return lambda record: decode_image(tf.io.parse_single_example(record, _RECORD_FEATURES)["image"])
+def _batches(columns: tuple[tf.data.Dataset, ...], load: Callable,
+             local: int) -> Iterator[dict]:
+  """`load` of each element of the zipped `columns`, in parallel and in order, in batches of
+  `local`, as NumPy."""
+  ds = tf.data.Dataset.zip(columns)
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  yield from ds.as_numpy_iterator()
 
 
 def train_batches(images, rows: np.ndarray, words: np.ndarray, labels: np.ndarray,
                   config: ml_collections.ConfigDict, local: int) -> Iterator[dict]:
   """Batches of `local` uint8 crops of the images `rows`, with their labels."""
-  elements, needs_decoding = _elements(images, rows)
-  decode = _decoder(needs_decoding)
+  elements, decode = _elements(images, rows)
   size = config.image_size
 
   def load(element, word, label):
     return {"images": train_crop(decode(element), word, size), "labels": label}
 
-  ds = tf.data.Dataset.zip((elements, tf.data.Dataset.from_tensor_slices(words.astype(np.int64)),
-                            tf.data.Dataset.from_tensor_slices(labels)))
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  yield from ds.as_numpy_iterator()
+  yield from _batches((elements, tf.data.Dataset.from_tensor_slices(words.astype(np.int64)),
+                       tf.data.Dataset.from_tensor_slices(labels)), load, local)
 
 
 def eval_batches(images, rows: np.ndarray, labels: np.ndarray, mask: np.ndarray,
                  config: ml_collections.ConfigDict, local: int) -> Iterator[dict]:
   """Batches of `local` uint8 center crops of the images `rows`, with labels and mask."""
-  elements, needs_decoding = _elements(images, rows)
-  decode = _decoder(needs_decoding)
+  elements, decode = _elements(images, rows)
   size = config.image_size
 
   def load(element, label, valid):
     return {"images": eval_crop(decode(element), size), "labels": label, "mask": valid}
 
-  ds = tf.data.Dataset.zip((elements, tf.data.Dataset.from_tensor_slices(labels),
-                            tf.data.Dataset.from_tensor_slices(mask)))
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  yield from ds.as_numpy_iterator()
+  yield from _batches((elements, tf.data.Dataset.from_tensor_slices(labels),
+                       tf.data.Dataset.from_tensor_slices(mask)), load, local)
 
 
 def decoded(images, kind: str, image_size: int, rows: np.ndarray | None = None
             ) -> Iterator[np.ndarray]:
   """Every image (or those of `rows`) of a record source in a cache's form, in order: uint8."""
   rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-  elements, needs_decoding = _elements(images, rows)
-  decode = _decoder(needs_decoding)
+  elements, decode = _elements(images, rows)
   if kind == "train":
     prepare = lambda e: train_resize(decode(e), image_size)
   else:
@@ -189,8 +190,7 @@ def decoded(images, kind: str, image_size: int, rows: np.ndarray | None = None
 
 def decoded_shapes(images, rows: np.ndarray) -> np.ndarray:
   """(H, W) of the decoded images `rows` (for estimating a cache's size)."""
-  elements, needs_decoding = _elements(images, rows)
-  decode = _decoder(needs_decoding)
+  elements, decode = _elements(images, rows)
   ds = elements.map(lambda e: tf.shape(decode(e))[:2], num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)
   return np.array(list(ds.as_numpy_iterator()), np.int64).reshape(-1, 2)

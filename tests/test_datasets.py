@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hn_jax import datasets, input_pipeline, prepare
+from hn_jax import datasets, input_pipeline, prepare, tf_pipeline
 from hn_jax.tfds_builders import BUILDERS, LayoutError, fakes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_decoded_images_match_pil(prepared):
   for record in records:
     encoded = tf.io.parse_single_example(record, {"image": tf.io.FixedLenFeature([], tf.string)})
     data = encoded["image"].numpy()
-    ours = input_pipeline.decode_image(data).numpy()
+    ours = tf_pipeline.decode_image(data).numpy()
     with Image.open(io.BytesIO(data)) as image:
       modes.append((image.format, image.mode))
       theirs = np.asarray(image.convert("RGB"))

@@ -1,10 +1,11 @@
-"""Samplers (docs/protocol.md section 2), host slicing, augmentation draws and the transforms (section 3)."""
+"""Samplers (docs/protocol.md section 2), host slicing, augmentation draws, transforms (section 3)."""
 
 import ml_collections
 import numpy as np
 import pytest
 
 from hn_jax import input_pipeline as ip
+from hn_jax import tf_pipeline
 
 
 def _config(**overrides):
@@ -120,14 +121,14 @@ def test_train_transform_crops_flips_and_normalizes():
   words = ip.augment_words(0, np.arange(20))
   # A constant image stays constant through resize, crop and flip.
   image = np.full((10, 40, 3), 51, np.uint8)
-  out = ip.train_transform(image, words[7], config).numpy()
+  out = tf_pipeline.train_transform(image, words[7], config).numpy()
   assert out.shape == (16, 16, 3)
   np.testing.assert_allclose(out, 0.2, atol=1e-6)
   # Shorter side resized to int(1.1 * 16) = 17: a crop of a 17-row ramp keeps 16 of its rows.
   ramp = np.repeat(np.repeat(np.arange(17, dtype=np.uint8)[:, None, None] * 10, 17, 1), 3, 2)
-  crops = {tuple(ip.train_transform(ramp, w, config).numpy()[:, 0, 0].round(4)) for w in words}
+  crops = {tuple(tf_pipeline.train_transform(ramp, w, config).numpy()[:, 0, 0].round(4)) for w in words}
   assert len(crops) == 2, "a 17-pixel side leaves two vertical crop offsets"
-  flips = [ip.train_transform(ramp.transpose(1, 0, 2), w, config).numpy() for w in words]
+  flips = [tf_pipeline.train_transform(ramp.transpose(1, 0, 2), w, config).numpy() for w in words]
   increasing = [f[0, 0, 0] < f[0, -1, 0] for f in flips]
   assert any(increasing) and not all(increasing), "some crops are flipped, some are not"
 
@@ -136,7 +137,7 @@ def test_eval_transform_center_crop_and_normalization():
   config = _config(image_size=16)
   image = np.zeros((16, 32, 3), np.uint8)
   image[:, 8:24] = 255  # the central 16 columns are white
-  out = ip.eval_transform(image, config).numpy()
+  out = tf_pipeline.eval_transform(image, config).numpy()
   assert out.shape == (16, 16, 3)
   np.testing.assert_allclose(out, (1.0 - 0.5) / 0.25, atol=1e-4)
 
