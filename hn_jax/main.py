@@ -98,12 +98,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   --help and friends print the usage and exit with status 0.
   """
   argv = list(argv)
-  if cli.wants_help(argv):
-    try:
-      FLAGS(argv)
-    except SystemExit:
-      pass
-    sys.exit(0)
+  cli.exit_if_help(argv)
   try:
     rest = FLAGS(argv)
   except flags.Error as e:
