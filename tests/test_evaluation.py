@@ -107,40 +107,35 @@ def _ref_map_at_r(q, qy, g=None, gy=None):
   return {"MAP_R": float(np.mean(aps)), "RP": float(np.mean(rps))}
 
 
-def _min_gap_to_best(q, qy, g=None, gy=None):
-  """Smallest |s - best correct| over the other items: a margin for float32 vs float64."""
+def _gaps_to_best(q, qy, g=None, gy=None):
+  """Per query with a correct item: (|s - best correct| of every other item, whether each is
+  correct), float64."""
   self_retrieval = g is None
   if self_retrieval:
     g, gy = q, qy
   sims = _sims(q, g)
-  if self_retrieval:
-    np.fill_diagonal(sims, np.nan)
-  gaps = []
   for i in range(len(q)):
-    correct = (gy == qy[i]) & ~np.isnan(sims[i])
+    keep = np.ones(len(g), bool)
+    if self_retrieval:
+      keep[i] = False
+    s, correct = sims[i][keep], (gy == qy[i])[keep]
     if correct.any():
-      s = sims[i][~np.isnan(sims[i])]
-      d = np.abs(s - sims[i][correct].max())
-      gaps.append(np.sort(d)[1] if len(d) > 1 else 1.0)  # [0] is the best item itself
-  return min(gaps)
+      yield i, np.abs(s - s[correct].max()), correct
+
+
+def _min_gap_to_best(q, qy, g=None, gy=None):
+  """Smallest |s - best correct| over the other items: a margin for float32 vs float64."""
+  return min(np.sort(d)[1] if len(d) > 1 else 1.0  # [0] is the best item itself
+             for _, d, _ in _gaps_to_best(q, qy, g, gy))
 
 
 def _near_ties(q, qy, g=None, gy=None, eps=1e-6):
   """Per query: (some item within (0, eps] of its best correct similarity, some wrong item
   exactly tied with it), in float64. Near ties may rank either way in float32."""
-  self_retrieval = g is None
-  if self_retrieval:
-    g, gy = q, qy
-  sims = _sims(q, g)
-  if self_retrieval:
-    np.fill_diagonal(sims, np.nan)
   near, exact = np.zeros(len(q), bool), np.zeros(len(q), bool)
-  for i in range(len(q)):
-    correct = (gy == qy[i]) & ~np.isnan(sims[i])
-    if correct.any():
-      d = np.abs(sims[i] - sims[i][correct].max())
-      near[i] = np.any((d > 0) & (d <= eps))
-      exact[i] = np.any((d == 0) & ~correct & ~np.isnan(sims[i]))
+  for i, d, correct in _gaps_to_best(q, qy, g, gy):
+    near[i] = np.any((d > 0) & (d <= eps))
+    exact[i] = np.any((d == 0) & ~correct)
   return near, exact
 
 
