@@ -576,7 +576,8 @@ def plot(groups: Mapping[str, Sequence[Run]], out_path: PathLike) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+  """`value` with non-finite floats as None (JSON has no NaN)."""
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value
@@ -614,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"hn_jax.report: warning: {row['group']} {row['metric']}: runs end at "
             f"different steps {row['last_steps']}", file=sys.stderr)
   if args.json:
-    safe = [{k: _json_safe(v) for k, v in row.items()} for row in rows]
+    safe = [{k: json_safe(v) for k, v in row.items()} for row in rows]
     print(json.dumps(safe, indent=1, allow_nan=False))
   else:
     print(format_table(rows))

@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,9 @@ def config_for(config: ml_collections.ConfigDict, method: str, lr: str,
   return run
 
 
-def _finished(workdir: Path, config: ml_collections.ConfigDict, key: str) -> bool:
-  """Whether the run's event files already hold its final test recall."""
-  if not any(workdir.glob(report.EVENT_FILE_PREFIX + "*")):
-    return False
-  series = report.load_scalars(workdir).get(f"{key}_test_R_1", [])
+def _complete(scalars: Mapping[str, Any], config: ml_collections.ConfigDict, key: str) -> bool:
+  """Whether a run's scalars already hold its final test recall."""
+  series = scalars.get(f"{key}_test_R_1", [])
   return bool(series) and series[-1][0] == config.num_epochs
 
 
@@ -124,10 +122,12 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
   from hn_jax import train  # pylint: disable=g-import-not-at-top  (JAX only when training)
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  reused = _finished(workdir, config, key)
+  has_events = any(workdir.glob(report.EVENT_FILE_PREFIX + "*"))
+  scalars = report.load_scalars(workdir) if has_events else {}
+  reused = _complete(scalars, config, key)
   if not reused:
     train.train_and_evaluate(config, str(workdir))
-  scalars = report.load_scalars(workdir)
+    scalars = report.load_scalars(workdir)
   r1 = report.last_value(scalars.get(f"{key}_test_R_1"))
   result = {"r1": r1, "collapsed": report.is_collapsed(scalars),
             "mean_sim": report.last_value(scalars.get(report.COLLAPSE_SIM_KEY)),
@@ -264,7 +264,7 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
       "dataset": key, "root": str(root), "methods": list(methods), "lrs": list(lrs),
       "seeds": list(seeds), "search_seeds": list(search_seeds),
       "search": [dataclasses.asdict(r) for r in search], "chosen": chosen,
-      "rows": [{k: report._json_safe(v) for k, v in r.items()} for r in rows],  # pylint: disable=protected-access
+      "rows": [{k: report.json_safe(v) for k, v in r.items()} for r in rows],
       "search_table": search_table(search, chosen, search_seeds),
       "table": paper_table(rows, named, key),
   }
