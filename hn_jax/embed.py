@@ -230,11 +230,9 @@ def split_image(split: input_pipeline.Split, index: int) -> np.ndarray:
   """Image `index` of a split as uint8 RGB (H, W, 3), from memory or its records."""
   if isinstance(split.images, np.ndarray):
     return np.asarray(split.images[index], np.uint8)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
   (record,) = split.images.read([int(index)])
-  encoded = tf.io.parse_single_example(record, tf_pipeline._RECORD_FEATURES)["image"]  # pylint: disable=protected-access
-  return tf_pipeline.decode_image(encoded).numpy()
+  return tf_pipeline.decode_record(record).numpy()
 
 
 def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
@@ -246,7 +244,8 @@ def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
   if images is not None and not os.path.isdir(images):
     raise EmbedError(f"--images={images!r}: no such folder")
   config, graphdef, state, mesh = load_run(workdir)
-  record = {"workdir": os.fspath(run_config.workdir_path(workdir)), "embedding_dim": int(config.embedding_dim)}
+  record = {"workdir": os.fspath(run_config.workdir_path(workdir)),
+            "embedding_dim": int(config.embedding_dim)}
   if images is not None:
     paths, pixels = read_images(list_images(images))
     if not paths:

@@ -38,6 +38,11 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
   return tf.ensure_shape(image, (None, None, 3))
 
 
+def decode_record(record: tf.Tensor) -> tf.Tensor:
+  """A serialized record of a prepared split -> its image, uint8 RGB (H, W, 3)."""
+  return decode_image(tf.io.parse_single_example(record, _RECORD_FEATURES)["image"])
+
+
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
@@ -133,10 +138,7 @@ def _elements(images, rows: np.ndarray) -> tuple[tf.data.Dataset, Callable]:
   ds = ds.map(lambda chunk: tf.ensure_shape(tf.numpy_function(read, [chunk], tf.string,
                                                                 stateful=False), (None,)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  def decode(record: tf.Tensor) -> tf.Tensor:
-    return decode_image(tf.io.parse_single_example(record, _RECORD_FEATURES)["image"])
-
-  return ds.unbatch(), decode
+  return ds.unbatch(), decode_record
 
 
 def _batches(columns: tuple[tf.data.Dataset, ...], load: Callable,
