@@ -4,10 +4,10 @@
 
 Readers (all yield every record of every events.out.tfevents.* file below the folders):
   stub      tensorboard's pure-Python record reader (`tensorboard.compat.tensorflow_stub`),
-            both CRCs of every record checked: what hn_jax.report uses.
+            both CRCs of every record checked: what hn_jax.tools.report uses.
   loader    tensorboard's `RawEventFileLoader`, the layer under `EventFileLoader`: where
             TensorFlow is installed it imports it and reads with TensorFlow's reader.
-  report    hn_jax.report.load_scalars (the stub reader plus proto parsing and merging).
+  report    hn_jax.tools.report.load_scalars (the stub reader plus proto parsing and merging).
 The time includes the imports each needs; the table says whether TensorFlow was imported.
 """
 
@@ -44,7 +44,7 @@ elif which == "loader":
   for f in files:
     n += sum(1 for _ in event_file_loader.RawEventFileLoader(f).Load())
 else:
-  from hn_jax import report
+  from hn_jax.tools import report
   n = sum(len(v) for f in files for v in report.load_scalars(f).values())
 print(json.dumps({"reader": which, "files": len(files), "items": n,
                   "seconds": time.perf_counter() - t0,

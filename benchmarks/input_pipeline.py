@@ -3,7 +3,7 @@
   python benchmarks/input_pipeline.py [--images=2000] [--workers=N] [--cached_epochs=20]
 
 Writes CUB-like JPEGs (500 x 375 or 375 x 500, quality 90, cut from scikit-learn's two sample
-photos at random scales and offsets) in the CUB layout, prepares them with `hn_jax.prepare`,
+photos at random scales and offsets) in the CUB layout, prepares them with `hn_jax.tools.prepare`,
 then times training epochs of each pipeline on the same index stream (the `filled` sampler),
 batch 128, image size 256, the paper's transforms, in the form the step consumes:
 
@@ -88,7 +88,7 @@ def cpu_seconds() -> float:
 
 
 def time_hn_jax(config, dataset, epochs: int = 1, batches=None) -> dict[str, float]:
-  from hn_jax import input_pipeline
+  from hn_jax.data import input_pipeline, samplers, splits
 
   batches = batches or input_pipeline.train_batches
   # Warm up (and fill the cache) on epoch 1, timed apart; time the next `epochs`.
@@ -129,10 +129,10 @@ def legacy_batches(split, config, epoch: int):
   """The uncached tf.data path as it was before issue 13: TF stateless random crop offsets
   and flips, float32 normalized on the host."""
   import tensorflow as tf
-  from hn_jax import input_pipeline, tf_pipeline
+  from hn_jax.data import input_pipeline, samplers, splits, tf_pipeline
 
   size = config.image_size
-  rows = input_pipeline.host_rows(input_pipeline.epoch_indices(split.labels, config, epoch),
+  rows = samplers.host_rows(samplers.epoch_indices(split.labels, config, epoch),
                                   config.batch_size, 0, 1)
   positions = (epoch * len(rows) * config.batch_size + np.arange(rows.size)).astype(np.int64)
   elements, _ = tf_pipeline._elements(split.images, rows.reshape(-1))  # pylint: disable=protected-access
@@ -227,7 +227,8 @@ def main() -> None:
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from configs import cub
-  from hn_jax import datasets, input_pipeline, prepare
+  from hn_jax.data import datasets, input_pipeline, samplers, splits
+  from hn_jax.tools import prepare
 
   cores = os.cpu_count()
   used = {}  # pipeline -> cores it uses
@@ -244,10 +245,10 @@ def main() -> None:
     with open(os.path.join(root, "images.txt")) as f:
       all_paths = {int(i): os.path.join(root, "images", p.strip())
                    for i, p in (line.split(" ", 1) for line in f)}
-    from hn_jax.tfds_builders import HnCub
+    from hn_jax.data.tfds_builders import HnCub
     ids = HnCub(data_dir=config.data_dir).info.metadata["splits"]["train"]["image_ids"]
     paths = [all_paths[int(i)] for i in ids]
-    order = input_pipeline.epoch_indices(dataset.train.labels, config, 2)
+    order = samplers.epoch_indices(dataset.train.labels, config, 2)
     order = order[:len(order) // BATCH * BATCH]
     if not args.skip_torch:
       results[TORCH] = time_torch(paths, dataset.train.labels, order, args.workers)
@@ -262,7 +263,7 @@ def main() -> None:
       results[name] = time_hn_jax(config, cached, epochs=args.cached_epochs)
       used[name] = min(threads, cores)
     input_pipeline.CACHE_THREADS = default
-    flip = time_host_flip(input_pipeline.cached_images(cached.train, "train", config))
+    flip = time_host_flip(image_cache.cached_images(cached.train, "train", config))
 
   load = os.getloadavg()
   print(f"\n{platform.processor() or platform.machine()}, {cores} cores, "

@@ -4,7 +4,7 @@
   python benchmarks/train_loop.py --model=resnet50 --dtype=bfloat16 --batch=128,512
   python benchmarks/train_loop.py --tiny --check_no_tf # digits, seconds; what the test runs
 
-On a cached synthetic split (`hn_jax.datasets.synthetic_images` at the image size, its train
+On a cached synthetic split (`hn_jax.data.in_memory.synthetic_images` at the image size, its train
 cache built once in memory, timed apart) it times, for each batch size:
 - input alone: `input_pipeline.train_batches` (sampler, cached crops) through
   `input_pipeline.prefetch_to_device` (host -> device as uint8), no step;
@@ -79,11 +79,12 @@ def _config(args, batch: int):
 
 def measure(args, batch: int, split, build_s: float) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from hn_jax import input_pipeline, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from hn_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import input_pipeline, samplers, splits  # pylint: disable=g-import-not-at-top
 
   config = _config(args, batch)
   mesh = sharding.create_mesh()
-  steps_per_epoch = input_pipeline.steps_per_epoch(split.labels, config)
+  steps_per_epoch = samplers.steps_per_epoch(split.labels, config)
   if steps_per_epoch == 0:
     raise ValueError(f"batch {batch} is larger than an epoch; raise --classes")
   total = args.warmup + args.steps
@@ -112,7 +113,7 @@ def measure(args, batch: int, split, build_s: float) -> dict:
   stream.close()
 
   tx = train_step.create_optimizer(config, steps_per_epoch)
-  graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
+  graphdef, state = train_step.create_train_state(train_step.init_model(config), tx)
   state = sharding.replicate(state, mesh)
   step = train_step.make_train_step(graphdef, tx, config, mesh)
   stream = batches()
@@ -181,15 +182,15 @@ def main(argv=None) -> None:
         sys.modules[name] = None  # type: ignore[assignment]  # "not importable"
   sys.path.insert(0, REPO)
   import jax  # pylint: disable=g-import-not-at-top
-  from hn_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import input_pipeline, samplers, splits  # pylint: disable=g-import-not-at-top
 
-  from hn_jax import datasets  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   # One split and one cache for every batch size (they do not depend on it).
   config = _config(args, args.batch[0])
   split = datasets.load(config).train
   start = time.perf_counter()
-  input_pipeline.cached_images(split, "train", config)
+  image_cache.cached_images(split, "train", config)
   build_s = time.perf_counter() - start
   rows = []
   for batch in args.batch:

@@ -1,28 +1,19 @@
 """Cars196 as in the paper (docs/protocol.md section 5): ResNet50, 64-d, batch 128, 80 epochs.
 
 Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
-`python -m hn_jax.prepare --dataset=cars --manual_dir=/path/to/cars196
+`python -m hn_jax.tools.prepare --dataset=cars --manual_dir=/path/to/cars196
 --data_dir=/path/to/prepared` (the folder with cars_annos.mat and car_ims/, or the devkit
 layout), then train with `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR).
 The paper starts from ImageNet weights: add `--config.pretrained=/path/to/resnet50.pth`.
 """
 
-from configs import default
+from hn_jax import run_config
 
 
 def get_config():
-  config = default.get_config()
+  config = run_config.defaults()
   config.dataset = "cars"
   config.mean = (0.4853, 0.4965, 0.4295)
   config.std = (0.2237, 0.2193, 0.2568)
-  config.model = "resnet50"
-  config.image_size = 256
-  config.embedding_dim = 64
-  config.batch_size = 128
-  config.num_epochs = 80
-  config.sampler = "filled"
-  config.repeat = 1
-  config.lr_drop_epochs = (40,)
-  config.eval_every = 10
   config.learning_rate = 0.02  # sct; shn: 0.004
   return config

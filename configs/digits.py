@@ -4,12 +4,11 @@ Classes 0-4 train and 5-9 test. `python -m hn_jax.main --config=configs/digits.p
 --workdir=/tmp/hn_digits`.
 """
 
-from configs import default
+from hn_jax import run_config
 
 
 def get_config():
-  config = default.get_config()
-  config.dataset = "digits"
+  config = run_config.defaults()
   config.image_size = 32
   config.mean = (0.305, 0.305, 0.305)  # Of the training digits scaled to [0, 1].
   config.std = (0.378, 0.378, 0.378)

@@ -1,23 +1,21 @@
 """Hotels-50K as in the paper (docs/protocol.md section 5): ResNet50, 256-d, batch 512, 200 epochs.
 
 Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
-`python -m hn_jax.prepare --dataset=hotels50k --manual_dir=/path/to/hotels50k
+`python -m hn_jax.tools.prepare --dataset=hotels50k --manual_dir=/path/to/hotels50k
 --data_dir=/path/to/prepared` (the folder with input/dataset/*.csv and images/), then train
 with `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR). Logged as HOTEL: the test
 images are queries against the training images, by hotel and by chain. The paper starts
 from ImageNet weights: add `--config.pretrained=...`.
 """
 
-from configs import default
+from hn_jax import run_config
 
 
 def get_config():
-  config = default.get_config()
+  config = run_config.defaults()
   config.dataset = "hotels50k"
   config.mean = (0.5838, 0.5146, 0.4470)
   config.std = (0.6298, 0.6112, 0.4445)
-  config.model = "resnet50"
-  config.image_size = 256
   config.embedding_dim = 256
   config.batch_size = 512
   config.num_epochs = 200

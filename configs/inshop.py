@@ -1,30 +1,27 @@
 """In-shop Clothes Retrieval as in the paper (docs/protocol.md section 5): ResNet50, 512-d, batch 512.
 
 Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
-`python -m hn_jax.prepare --dataset=inshop --manual_dir=/path/to/inshop
+`python -m hn_jax.tools.prepare --dataset=inshop --manual_dir=/path/to/inshop
 --data_dir=/path/to/prepared` (the folder with Eval/ and img/), then train with
 `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR). Logged as ICR; queries are
 retrieved from the gallery. The paper starts from ImageNet weights: add
 `--config.pretrained=...`.
 """
 
-from configs import default
+from hn_jax import run_config
 
 
 def get_config():
-  config = default.get_config()
+  config = run_config.defaults()
   config.dataset = "inshop"
   config.mean = (0.8324, 0.8109, 0.8041)
   config.std = (0.2206, 0.2378, 0.2444)
-  config.model = "resnet50"
-  config.image_size = 256
   config.embedding_dim = 512
   config.batch_size = 512
   config.num_epochs = 200
   config.sampler = "sample"
   config.repeat = 5
   config.lr_drop_epochs = (100, 150)
-  config.eval_every = 10
   config.learning_rate = 0.1  # sct; shn: 0.3
   config.eval_batch_size = 512
   return config

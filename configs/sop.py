@@ -1,28 +1,25 @@
 """Stanford Online Products as in the paper (docs/protocol.md section 5): ResNet50, 512-d, batch 512.
 
 Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
-`python -m hn_jax.prepare --dataset=sop --manual_dir=/path/to/Stanford_Online_Products
+`python -m hn_jax.tools.prepare --dataset=sop --manual_dir=/path/to/Stanford_Online_Products
 --data_dir=/path/to/prepared`, then train with `--config.data_dir=/path/to/prepared` (or set
 HN_DATA_DIR). The paper starts from ImageNet weights: add `--config.pretrained=...`.
 """
 
-from configs import default
+from hn_jax import run_config
 
 
 def get_config():
-  config = default.get_config()
+  config = run_config.defaults()
   config.dataset = "sop"
   config.mean = (0.5807, 0.5396, 0.5044)
   config.std = (0.2901, 0.2974, 0.3095)
-  config.model = "resnet50"
-  config.image_size = 256
   config.embedding_dim = 512
   config.batch_size = 512
   config.num_epochs = 200
   config.sampler = "sample"
   config.repeat = 5
   config.lr_drop_epochs = (100, 150)
-  config.eval_every = 10
   config.learning_rate = 0.03  # sct; shn: 0.01
   config.eval_batch_size = 512
   return config

@@ -1,40 +1,198 @@
-"""What the absl command lines share: --help exits 0, a flag mistake is one line."""
+"""The one command-line path of every hn_jax command: absl flags, configs, one-line errors.
+
+Each command (hn_jax.main and hn_jax/tools/*) defines its flags on its own `FlagValues`
+(`command_flags()`, so that commands imported side by side, as in the tests, never clash)
+and runs through `run`: `--help` prints the usage and exits 0, a mistake on the command line
+(an unknown flag, a config file that does not exist or fails, a misspelt
+`--config.SETTING`) is one line, `PROG: error: ...`, exit status 2, before anything heavy is
+imported. A config file is given as `--config=FILE --config.KEY=VALUE` (ml_collections'
+`config_flags`); libraries' INFO logs are hidden unless `--verbosity` is given.
+"""
 
 from __future__ import annotations
 
+import difflib
+import glob
+import logging as py_logging
+import os
+import re
 import sys
+import traceback
 from typing import Callable, Sequence
 
-from absl import flags
+from absl import flags, logging
+from ml_collections import config_flags
 
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
+# absl's logging flags, shared by every command (--verbosity=0 shows libraries' INFO lines).
+_LOGGING_FLAGS = ("verbosity", "logtostderr", "alsologtostderr", "stderrthreshold",
+                  "log_dir", "showprefixforinfo")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+SETTINGS_HINT = "every setting is in configs/default.py"
+
+
+class UsageProblem(ValueError):
+  """A mistake on the command line; the message is one line naming it and the fix."""
+
+
+def command_flags() -> flags.FlagValues:
+  """A command's own flags, with absl's logging flags (`--verbosity`, ...) among them."""
+  flag_values = flags.FlagValues()
+  for name in _LOGGING_FLAGS:
+    if name in flags.FLAGS:
+      flag_values[name] = flags.FLAGS[name]
+  return flag_values
+
+
+def define_config(flag_values: flags.FlagValues, default: str | None = None,
+                  help_text: str = "A config file, e.g. configs/digits.py; " + SETTINGS_HINT
+                  + ".") -> None:
+  """`--config=FILE` and its `--config.KEY=VALUE` overrides on `flag_values`."""
+  config_flags.DEFINE_config_file("config", default, help_text, flag_values=flag_values,
+                                  lock_config=True)
 
 
 def wants_help(argv: Sequence[str]) -> bool:
-  return any(a.split("=", 1)[0] in HELP_FLAGS for a in argv[1:])
+  return any(a.split("=", 1)[0] in HELP_FLAGS for a in argv)
 
 
-def exit_if_help(argv: Sequence[str]) -> None:
-  """On --help and friends: absl's usage, then exit with status 0 (absl's own exit is 1)."""
+def _config_path_problem(path: str) -> str:
+  known = sorted(k for k in glob.glob(os.path.join("configs", "*.py"))
+                 if not k.endswith("__init__.py"))
+  close = difflib.get_close_matches(path, known, n=1)
+  hint = f"; did you mean {close[0]}?" if close else ""
+  listed = f" The configs: {', '.join(known)}." if known else ""
+  return f"--config={path}: no such file{hint}{listed}".rstrip()
+
+
+def _override_problem(error: BaseException) -> str:
+  """ml_collections' message for a bad `--config.KEY=VALUE`, as one line with the fix."""
+  text = " ".join(str(error).replace("\\n", " ").split()).strip("'\"")
+  key = re.match(r"'?([^'\s]+)'?", text)
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', text)
+  if hint:
+    return (f"--config.{hint.group(2)}: no such setting; did you mean --config.{hint.group(1)}? "
+            f"({SETTINGS_HINT})")
+  if isinstance(error, (KeyError, AttributeError)) and key:
+    return f"--config.{key.group(1)}: no such setting ({SETTINGS_HINT})"
+  return f"{text} ({SETTINGS_HINT})"
+
+
+def _config_file_problem(error: BaseException) -> str | None:
+  """`--config=FILE: line N: ...` for an error raised by the config file's own code."""
+  if isinstance(error, SyntaxError) and error.filename and error.filename.endswith(".py"):
+    where, line = error.filename, error.lineno
+  else:
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f.filename.endswith(".py") and "-packages" + os.sep not in f.filename
+              and not f.filename.startswith(_PACKAGE_DIR)]
+    if not frames:
+      return None
+    where, line = frames[-1].filename, frames[-1].lineno
+  message = " ".join(str(error).split())
+  return f"--config={where}: line {line}: {type(error).__name__}: {message}"
+
+
+def _check_config(flag_values: flags.FlagValues) -> None:
+  """Loads `--config` with its overrides now, turning each failure into a UsageProblem."""
+  config_flag = flag_values["config"]
+  if config_flag.value is None and not config_flag.present:
+    raise UsageProblem(f"--config is required, e.g. --config=configs/digits.py ({SETTINGS_HINT})")
+  path = config_flags.get_config_filename(config_flag)
+  if not os.path.isfile(path.split(":", 1)[0]):
+    raise UsageProblem(_config_path_problem(path))
+  try:
+    # Loads the file and applies the overrides; a failure is kept until the config is used.
+    config_flag.value.get("loss")
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    raise UsageProblem(_override_problem(e)) from e
+  except (OSError, SyntaxError) as e:
+    first = " ".join(str(e).split())
+    raise UsageProblem(f"--config={path} cannot be loaded: {first}") from e
+
+
+def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
+          required: Sequence[str] = (), positional: int = 0) -> list[str]:
+  """Parses `argv` (without the program name) into `flag_values`; the positional arguments.
+
+  Raises UsageProblem (one line) for any mistake: an unknown flag, a missing `required` one,
+  more than `positional` positional arguments, and, where the command has `--config`, a config
+  file or override that fails.
+  """
+  flag_values.unparse_flags()
+  if "config" in flag_values:
+    for name in [n for n in flag_values if n.startswith("config.")]:
+      delattr(flag_values, name)  # the overrides of an earlier parse (commands run in-process)
+    # config_flags finds the `--config.KEY` overrides in sys.argv unless told the argv.
+    flag_values["config"]._sys_argv = [prog, *argv]  # pylint: disable=protected-access
+  try:
+    rest = flag_values([prog, *argv])[1:]
+  except flags.Error as e:
+    raise UsageProblem(str(e).split("\n")[0]) from e
+  except Exception as e:  # pylint: disable=broad-except; loading runs the config file's code
+    raise UsageProblem(_config_file_problem(e) or _override_problem(e)) from e
+  if "config" in flag_values:
+    _check_config(flag_values)
+  for name in required:
+    if flag_values[name].value in (None, ""):
+      raise UsageProblem(f"--{name} is required: {flag_values[name].help}")
+  if len(rest) > positional:
+    extra = " ".join(rest[positional:])
+    hint = " (settings are given as --config.NAME=VALUE)" if "config" in flag_values else ""
+    raise UsageProblem(f"unexpected arguments: {extra}{hint}")
+  return rest
+
+
+def _print_help(flag_values: flags.FlagValues, prog: str, doc: str | None) -> None:
+  print(f"usage: python -m {prog} [flags]\n")
+  if doc:
+    print(doc.strip() + "\n")
+  print(flag_values.get_help())
+
+
+class _OnlyOurs(py_logging.Filter):
+  """Lets through warnings and errors, and INFO lines of hn_jax itself."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+
+
+def quiet_libraries(flag_values: flags.FlagValues) -> None:
+  """Hides the INFO chatter of libraries (Orbax, JAX, TensorFlow) unless --verbosity is given."""
+  if "verbosity" in flag_values and flag_values["verbosity"].present:
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OnlyOurs) for f in handler.filters):
+    handler.addFilter(_OnlyOurs())
+
+
+def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
+        argv: Sequence[str] | None, *, prog: str, doc: str | None = None,
+        required: Sequence[str] = (), positional: int = 0,
+        errors: tuple[type[BaseException], ...] = ()) -> int:
+  """Parses `argv` (default: the process's, without the program name), then `main(positional)`.
+
+  Returns the exit status: 0 on `--help` and on success (or `main`'s own status), 2 with
+  one line `PROG: error: ...` on a usage problem or one of `errors` raised by `main`.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
   if wants_help(argv):
-    try:
-      flags.FLAGS(list(argv))
-    except SystemExit:
-      pass
-    sys.exit(0)
-
-
-def flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
-  """An `app.run(flags_parser=...)`: usage on --help (status 0), `PROG: error: ...` otherwise."""
-
-  def parse(argv: Sequence[str]) -> list[str]:
-    exit_if_help(argv)
-    try:
-      rest = flags.FLAGS(list(argv))
-    except flags.Error as e:
-      sys.exit(f"{prog}: error: {str(e).splitlines()[0]}")
-    if len(rest) > 1:
-      sys.exit(f"{prog}: error: unexpected arguments: {' '.join(rest[1:])}")
-    return rest
-
-  return parse
+    _print_help(flag_values, prog, doc)
+    return 0
+  try:
+    rest = parse(flag_values, argv, prog=prog, required=required, positional=positional)
+  except UsageProblem as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  logging.use_absl_handler()
+  if not flag_values["verbosity"].present:
+    logging.set_verbosity(logging.INFO)  # absl's app.run does the same
+  quiet_libraries(flag_values)
+  try:
+    status = main(rest)
+  except errors as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  return 0 if status is None else status

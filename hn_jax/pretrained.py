@@ -33,7 +33,7 @@ or, with torchvision installed, `torchvision.models.ResNet50_Weights.IMAGENET1K_
 (it lands in `~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth`). Hosts without PyTorch
 can use a converted copy (no torch needed to read it)::
 
-  python -m hn_jax.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
+  python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
 
 Then point the training config at the file (.pth, .npz or .safetensors)::
 
@@ -239,7 +239,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise ImportError(
         f"reading {path!r} needs PyTorch (pip install torch). Without it, convert the file once "
-        "on a machine that has it: python -m hn_jax.convert_weights --input=X.pth "
+        "on a machine that has it: python -m hn_jax.tools.convert_weights --input=X.pth "
         "--output=X.npz (or .safetensors), and load that instead.") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(obj, Mapping):

@@ -1,7 +1,10 @@
-"""A workdir belongs to one run: its config is recorded there and checked on every resume.
+"""A run's config: its defaults, its validation, and the rule that ties a workdir to one run.
 
-`config.json` in the workdir holds the config the run uses now (what `embed`, `search` and
-a resume read). A run started again on the workdir compares its config with that file:
+`defaults()` holds every setting with a one-line comment; the files in configs/ change what
+differs (configs/default.py is the defaults alone). `validate` checks the values that cannot
+work, before anything compiles. A workdir belongs to one run: `config.json` in the workdir
+holds the config the run uses now (what `hn_jax.tools.embed`, `search` and a resume read,
+through `read`). A run started again on the workdir compares its config with that file:
 
 * a setting that shapes the run (model, dimension, loss and its parameters, dataset,
   batch, sampler, seed, learning rate and schedule, precision, image transforms, ...)
@@ -12,7 +15,8 @@ a resume read). A run started again on the workdir compares its config with that
   `{"time", "changes": {key: [old, new]}}`), so the run's history stays readable.
 
 A setting missing on one side (a config from an older version) counts as a difference
-unless it is changeable. Pure functions of config dicts, plus `record`'s file writes.
+unless it is changeable. `check_run` is both checks, once per entry point (hn_jax.main,
+or `train.train_and_evaluate` for library callers). No TensorFlow and no JAX are imported here.
 
 A workdir may be a local folder or a bucket URL (`gs://...`, as on a TPU pod): every file of
 it is reached through `workdir_path` (etils' epath, which Orbax uses too), never `open`/`os`.
@@ -46,6 +50,131 @@ CHANGEABLE = frozenset({
 _MISSING = "(not set)"
 
 
+def defaults() -> ml_collections.ConfigDict:
+  """Every setting of a run, with its default.
+
+  The model and schedule are the paper's CUB recipe on ResNet50 (ImageNet normalization; CUB's
+  own is in configs/cub.py); the data is the embedded digits set, so that the defaults run
+  anywhere. The configs in configs/ change what differs.
+  """
+  config = ml_collections.ConfigDict()
+  # Data.
+  config.dataset = "digits"  # digits, synthetic (no download) or cub, cars, sop, inshop, hotels50k.
+  config.data_dir = ""  # Where prepared datasets live; empty: $HN_DATA_DIR (unused by digits, synthetic).
+  # Decoded-image cache (README, "Datasets"): "auto" (memory if it fits cache_memory_gb, else a
+  # memory-mapped file if it fits the disk, else off), "memory", "disk" or "off".
+  config.cache = "auto"
+  config.cache_dir = ""  # Folder of cache files; empty: <data_dir>/image_cache (prepared sets).
+  config.cache_memory_gb = 0.0  # RAM "auto" may fill with decoded images; 0: a quarter of it.
+  config.synthetic_classes = 200  # synthetic: classes generated; the first half train, the rest test.
+  config.synthetic_images_per_class = 10  # synthetic: images per class.
+  config.image_size = 256  # Side of the square crop fed to the model.
+  config.mean = (0.485, 0.456, 0.406)  # Per-channel RGB mean of the dataset, images in [0, 1].
+  config.std = (0.229, 0.224, 0.225)  # Per-channel RGB standard deviation.
+  config.sampler = "filled"  # Batch sampler: "filled" (CUB, CARS) or "sample" (SOP, ...).
+  config.images_per_class = 2  # Images of each class in a batch, side by side.
+  config.repeat = 1  # Rounds over the classes per epoch ("sample" sampler only).
+  # Model.
+  config.model = "resnet50"  # Backbone: "resnet50", "resnet18" or "small" (tests, tiny images).
+  config.embedding_dim = 64  # Output dimension of the embedding head.
+  config.pretrained = ""  # Path of torchvision backbone weights; empty: random init.
+  config.half_precision = False  # Compute in bfloat16 (parameters, loss, optimizer stay float32).
+  # Loss.
+  config.loss = "sct"  # "hn" (hardest negative), "shn" (semi-hard) or "sct" (selective).
+  config.lam = 1.0  # Weight of sct's hard-triplet term.
+  config.temperature = 0.1  # Softmax temperature of the triplet term.
+  config.hard_threshold = 0.8  # sct: a negative more similar than this makes a hard triplet.
+  # Optimization.
+  config.learning_rate = 0.009  # SGD learning rate (sct on CUB; shn uses 0.002).
+  config.lr_drop_epochs = (40,)  # Epochs after which the learning rate is multiplied by 0.1.
+  config.momentum = 0.0  # SGD momentum (the release used none).
+  config.batch_size = 128  # Global batch size, over all devices and hosts.
+  config.num_epochs = 80  # Epochs of training.
+  config.seed = 0  # Seeds the initialization, the batch order and the augmentation.
+  # Evaluation and bookkeeping.
+  config.eval_every = 10  # Evaluate (and checkpoint) every this many epochs, and at epoch 0.
+  config.eval_batch_size = 256  # Global batch size when embedding for evaluation.
+  # Bytes of similarities in flight while ranking (over all devices); bounds evaluation memory.
+  config.eval_max_bytes = 2 * 1024**3
+  config.max_consecutive_skips = 10  # Stop after this many non-finite steps in a row.
+  config.checkpoints_to_keep = 2  # Orbax keeps this many of the latest checkpoints.
+  return config
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names it and says how to fix it."""
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int,
+             num_processes: int) -> None:
+  """Raises ConfigError on the first setting that cannot work, before anything compiles."""
+  # The names each setting may take, from the modules that define them (none imports TF).
+  from hn_jax import losses, models  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import datasets, image_cache, samplers  # pylint: disable=g-import-not-at-top
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise ConfigError(message)
+
+  need(config.loss in losses.METHODS,
+       f"config.loss={config.loss!r} is not a loss; use one of {', '.join(losses.METHODS)}")
+  need(config.dataset in datasets.DATASET_NAMES,
+       f"config.dataset={config.dataset!r} is not a dataset; use one of "
+       f"{', '.join(datasets.DATASET_NAMES)}")
+  need(config.model in models.MODEL_NAMES,
+       f"config.model={config.model!r} is not a model; use one of {', '.join(models.MODEL_NAMES)}")
+  need(config.sampler in samplers.SAMPLERS,
+       f"config.sampler={config.sampler!r} is not a sampler; use one of "
+       f"{', '.join(samplers.SAMPLERS)}")
+  for name in ("embedding_dim", "batch_size", "eval_batch_size", "images_per_class", "repeat",
+               "eval_every", "image_size", "eval_max_bytes"):
+    value = config[name]
+    need(isinstance(value, int) and value >= 1,
+         f"config.{name}={value!r} must be a positive integer")
+  need(config.images_per_class >= 2,
+       f"config.images_per_class={config.images_per_class} must be at least 2 (a positive "
+       "pair per class)")
+  need(config.image_size >= 16, f"config.image_size={config.image_size} must be at least 16")
+  need(isinstance(config.num_epochs, int) and config.num_epochs >= 0,
+       f"config.num_epochs={config.num_epochs!r} must be a non-negative integer")
+  m, b = config.images_per_class, config.batch_size
+  need(b % m == 0, f"config.batch_size={b} must be a multiple of config.images_per_class={m}; "
+       f"try --config.batch_size={max(m, b // m * m)}")
+  need(b % num_devices == 0, f"config.batch_size={b} is not divisible by the {num_devices} "
+       f"devices; use a multiple of {num_devices}, e.g. --config.batch_size="
+       f"{max(1, b // num_devices) * num_devices}")
+  need((b // num_processes) % m == 0,
+       f"config.batch_size={b} splits into {b // num_processes} images per process, which is "
+       f"not a multiple of config.images_per_class={m}; use a multiple of {m * num_processes}")
+  need(config.eval_batch_size % num_devices == 0,
+       f"config.eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} "
+       f"devices; use a multiple of {num_devices}")
+  need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
+  need(config.temperature > 0, f"config.temperature={config.temperature} must be positive")
+  need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1)")
+  need(all(isinstance(e, int) and e >= 1 for e in config.lr_drop_epochs),
+       f"config.lr_drop_epochs={tuple(config.lr_drop_epochs)!r} must be positive epoch numbers")
+  if config.pretrained:
+    need(config.model in ("resnet18", "resnet50"),
+         f"config.pretrained is set but config.model={config.model!r} has no torchvision "
+         "weights; use resnet18 or resnet50")
+    need(os.path.isfile(config.pretrained),
+         f"config.pretrained={config.pretrained!r}: no such file; give the path of torchvision "
+         "weights (.pth, .npz or .safetensors), see hn_jax/pretrained.py")
+  need("cache_images" not in config,
+       "config.cache_images was replaced by config.cache (auto, memory, disk or off); use "
+       "--config.cache=memory for cache_images=True, or leave the default (auto)")
+  need(config.get("cache", "auto") in image_cache.MODES,
+       f"config.cache={config.get('cache')!r} is not a cache mode; use one of "
+       f"{', '.join(image_cache.MODES)}")
+  need(config.get("cache_memory_gb", 0) >= 0,
+       f"config.cache_memory_gb={config.get('cache_memory_gb')} must be >= 0 (0: a quarter of "
+       "this host's memory)")
+  need(len(config.mean) == 3 and len(config.std) == 3 and min(config.std) > 0,
+       f"config.mean={tuple(config.mean)} and config.std={tuple(config.std)} must be 3 values "
+       "each, std positive")
+
+
 class ConfigMismatch(ValueError):
   """The config differs from the workdir's in settings a run cannot change; one line."""
 
@@ -62,6 +191,29 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   if "://" in os.fspath(workdir):
     return epath.Path(workdir)
   return epath.Path(os.path.abspath(workdir))
+
+
+def from_plain(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A config from its JSON form: lists back to tuples where the default is a tuple, and the
+  settings of older versions carried over (`cache_images` became `cache`)."""
+  values = dict(values)
+  if "cache_images" in values:  # runs from before config.cache: the cache is free to use
+    del values["cache_images"]
+    values.setdefault("cache", "auto")
+  template = defaults()
+  for key, value in values.items():
+    if isinstance(template.get(key), tuple) and isinstance(value, list):
+      values[key] = tuple(value)
+  return ml_collections.ConfigDict(values)
+
+
+def read(workdir: str) -> ml_collections.ConfigDict:
+  """The workdir's recorded config; ConfigError if it has none."""
+  recorded = load(workdir)
+  if recorded is None:
+    path = workdir_path(workdir) / CONFIG_FILE
+    raise ConfigError(f"{path}: no such file; is {workdir!r} the workdir of a training run?")
+  return from_plain(recorded)
 
 
 def load(workdir: str) -> dict[str, Any] | None:
@@ -103,6 +255,13 @@ def check(config: ml_collections.ConfigDict | Mapping[str, Any], workdir: str
         f"mid-run: use a new --workdir, or drop the overrides to resume the run as it was "
         f"(its settings: {os.path.join(workdir, CONFIG_FILE)})")
   return {k: v for k, v in changed.items() if k in CHANGEABLE}
+
+
+def check_run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int,
+              num_processes: int) -> dict[str, tuple[Any, Any]]:
+  """`validate`, then `check`: the changeable settings that differ from the workdir's."""
+  validate(config, num_devices=num_devices, num_processes=num_processes)
+  return check(config, workdir)
 
 
 def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:

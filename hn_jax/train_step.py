@@ -21,6 +21,10 @@ from jax.sharding import Mesh
 from hn_jax import losses, models, pretrained, sharding
 
 
+class TrainingStopped(RuntimeError):
+  """The run cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a resumed run needs besides the config: step, weights, optimizer."""
@@ -35,11 +39,13 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
   return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
-def create_model(config: ml_collections.ConfigDict) -> models.ResNetEmbedding:
-  """The config's model: seeded by `config.seed`, backbone from `config.pretrained` if set."""
+def init_model(config: ml_collections.ConfigDict, *,
+               read_weights: bool = True) -> models.ResNetEmbedding:
+  """The config's model: seeded by `config.seed`, its backbone read from `config.pretrained`
+  when set (and `read_weights`: a checkpoint's restore needs only the shapes)."""
   model = models.create_model(config.model, config.embedding_dim, dtype=compute_dtype(config),
                               rngs=nnx.Rngs(config.seed))
-  if config.pretrained:
+  if config.pretrained and read_weights:
     pretrained.load_torchvision_weights(model, config.pretrained)
   return model
 
@@ -79,6 +85,19 @@ def create_train_state(model: models.ResNetEmbedding,
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                      opt_state=tx.init(params))
   return graphdef, state
+
+
+def init_state(config: ml_collections.ConfigDict, steps_per_epoch: int = 1, *,
+               read_weights: bool = True
+               ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+  """(graphdef, a fresh TrainState, the optimizer) of the config's model and optimizer.
+
+  `steps_per_epoch` places the learning-rate drops; it does not shape the state, so a
+  checkpoint's restore may pass 1.
+  """
+  tx = create_optimizer(config, steps_per_epoch)
+  graphdef, state = create_train_state(init_model(config, read_weights=read_weights), tx)
+  return graphdef, state, tx
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:

@@ -7,7 +7,7 @@
 #     --config.loss=<method> --config.learning_rate=<lr> --config.seed=<seed> \
 #     --config.batch_size=<batch> --config.repeat=<repeat> --config.embedding_dim=<dim> \
 #     --config.lam=<lam> [EXTRA...]
-# which is the release's layout, so `python -m hn_jax.report $ROOT/${DATA}_R50` tabulates it.
+# which is the release's layout, so `python -m hn_jax.tools.report $ROOT/${DATA}_R50` tabulates it.
 #
 # Usage: launch/sweep.sh [options] [--] [EXTRA args passed to hn_jax.main...]
 # Every option also reads an environment variable of the same name (the flag wins):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hn_jax import analysis, losses
+from hn_jax import losses
+from hn_jax.tools import analysis
 
 
 def reference_term(x, method, lam=1.0, t=0.1, thr=0.8):

@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from hn_jax import losses, models, pretrained
+from hn_jax.testing import torch_reference
 
 torch = pytest.importorskip("torch")
 
@@ -109,7 +110,7 @@ def test_torch_loss_equals_hn_jax(method):
     assert float(aux["num_hard"]) > 0 and float(aux["num_easy"]) > 0, aux
 
   ft = torch.tensor(f, requires_grad=True)
-  loss_t, aux_t = bench.triplet_loss_torch(ft, torch.tensor(y), method=method, with_aux=True)
+  loss_t, aux_t = torch_reference.triplet_loss_torch(ft, torch.tensor(y), method=method, with_aux=True)
   loss_t.backward()
   np.testing.assert_allclose(loss_t.item(), float(loss), rtol=1e-5)
   np.testing.assert_allclose(ft.grad.numpy(), np.asarray(grad), rtol=1e-4,
@@ -119,14 +120,14 @@ def test_torch_loss_equals_hn_jax(method):
                                err_msg=key)
   # What the benchmark's step calls: the loss alone, same value.
   np.testing.assert_allclose(
-      bench.triplet_loss_torch(torch.tensor(f), torch.tensor(y), method=method).item(),
+      torch_reference.triplet_loss_torch(torch.tensor(f), torch.tensor(y), method=method).item(),
       float(loss), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["small", "resnet50"])
 def test_torch_resnet_has_hn_jax_layout(name):
   """Every key and shape of the script's torch ResNet maps onto hn_jax's model."""
-  model, impl = bench.build_torch_resnet(name, 512, impl="script")
+  model, impl = torch_reference.build_torch_resnet(name, 512, impl="script")
   assert "this file" in impl
   abstract = nnx.eval_shape(lambda: models.create_model(name, 512, rngs=nnx.Rngs(0)))
   _, params, batch_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)

@@ -1,10 +1,11 @@
-"""Dataset.evaluate: the logged keys of each protocol, MAP@R, chains and saved neighbours."""
+"""RetrievalEvaluator.run: the logged keys of each protocol, MAP@R, chains and saved neighbours."""
 
 import numpy as np
 import pytest
 
-from hn_jax import datasets, evaluation
-from hn_jax.input_pipeline import Split
+from hn_jax import evaluation, evaluators
+from hn_jax.data import datasets
+from hn_jax.data.splits import Split
 
 
 def _split(labels, chains=None):
@@ -19,7 +20,7 @@ def test_self_retrieval_keys_and_values():
   embeddings = {id(train): rng.normal(size=(30, 8)), id(test): rng.normal(size=(48, 8))}
   dataset = datasets.Dataset(key="CUB", train=train, test=test, test_ks=(1, 2, 4, 8),
                              train_recall=True)
-  metrics = dataset.evaluate(lambda split: embeddings[id(split)])
+  metrics = evaluators.RetrievalEvaluator(dataset).run(lambda split: embeddings[id(split)])
   assert sorted(metrics) == sorted(["CUB_test_R_1", "CUB_test_R_2", "CUB_test_R_4",
                                     "CUB_test_R_8", "CUB_test_MAP_R", "CUB_test_RP",
                                     "CUB_train_R_1"])
@@ -28,20 +29,23 @@ def test_self_retrieval_keys_and_values():
   assert metrics["CUB_train_R_1"] == evaluation.recall_at_k(embeddings[id(train)],
                                                             train.labels, [1])[1]
   # The memory budget reaches every metric: a tiny one changes nothing but the block count.
-  assert dataset.evaluate(lambda split: embeddings[id(split)], max_bytes=1000) == metrics
+  assert evaluators.RetrievalEvaluator(dataset, max_bytes=1000).run(
+      lambda split: embeddings[id(split)]) == metrics
   with pytest.raises(ValueError, match="max_bytes must be positive"):
-    dataset.evaluate(lambda split: embeddings[id(split)], max_bytes=0)
+    evaluators.RetrievalEvaluator(dataset, max_bytes=0).run(lambda split: embeddings[id(split)])
 
 
-def test_hotels_chain_recall_and_saved_neighbours():
+def test_hotels_chain_recall_and_saved_neighbours(tmp_path):
   rng = np.random.default_rng(1)
   gallery = _split(np.repeat(np.arange(40), 3), np.repeat(np.arange(40) % 7 - 1, 3))
   queries = _split(np.arange(30), np.arange(30) % 7 - 1)
   embeddings = {id(gallery): rng.normal(size=(120, 8)), id(queries): rng.normal(size=(30, 8))}
   dataset = datasets.Dataset(key="HOTEL", train=gallery, test=queries, test_ks=(1, 10, 100),
                              train_recall=False, gallery=gallery, chain_ks=(1, 3, 5))
-  saved = []
-  metrics = dataset.evaluate(lambda split: embeddings[id(split)], saved.append)
+  evaluator = evaluators.RetrievalEvaluator(dataset, neighbours_dir=tmp_path)
+  metrics = evaluator.run(lambda split: embeddings[id(split)], epoch=3)
+  saved = [np.load(p) for p in sorted(tmp_path.iterdir())]
+  assert [p.name for p in tmp_path.iterdir()] == ["epoch_3.npy"]
   assert len(saved) == 1 and saved[0].shape == (30, 100)
   top = saved[0]
   sims = embeddings[id(queries)] @ embeddings[id(gallery)].T

@@ -1,6 +1,6 @@
 """The five builders on tiny fakes of their published layouts: prepare, load, stream, evaluate.
 
-Each fake (hn_jax/tfds_builders/fakes.py) holds a missing file, a truncated JPEG, a file that
+Each fake (hn_jax/testing/fake_datasets.py) holds a missing file, a truncated JPEG, a file that
 is not an image, a grayscale and a CMYK JPEG, a PNG, a class with a single image and an
 empty class. No test touches the network: sockets are refused while TFDS runs.
 """
@@ -15,8 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hn_jax import datasets, input_pipeline, prepare, tf_pipeline
-from hn_jax.tfds_builders import BUILDERS, LayoutError, fakes
+from hn_jax import evaluators
+from hn_jax.data import datasets, input_pipeline, samplers, splits, tf_pipeline
+from hn_jax.data.tfds_builders import BUILDERS, LayoutError
+from hn_jax.testing import fake_datasets as fakes
+from hn_jax.tools import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["cub", "cars", "sop", "inshop", "hotels50k"]
@@ -125,7 +128,7 @@ def test_pipeline_streams_prepared_splits(prepared, name):
   dataset = datasets.load(config)
   assert dataset.key == datasets.KEYS[name]
   batches = list(input_pipeline.train_batches(dataset.train, config, epoch=1))
-  assert len(batches) == input_pipeline.steps_per_epoch(dataset.train.labels, config) > 0
+  assert len(batches) == samplers.steps_per_epoch(dataset.train.labels, config) > 0
   for batch in batches:
     assert batch["images"].shape == (8, 16, 16, 3) and batch["images"].dtype == np.uint8
     assert np.all(batch["labels"][0::2] == batch["labels"][1::2])
@@ -221,10 +224,11 @@ def test_cache_gives_the_same_batches(prepared, mode, tmp_path):
 
 def test_second_evaluation_and_embed_decode_no_image(prepared, tmp_path):
   """A run's first evaluation decodes the split and leaves its caches; evaluating again, in
-  this process or another (a fresh dataset), and hn_jax.embed read no record."""
+  this process or another (a fresh dataset), and hn_jax.tools.embed read no record."""
   import jax
   from configs import cub
-  from hn_jax import embed, sharding, train, train_step
+  from hn_jax import sharding, train, train_step
+  from hn_jax.tools import embed
   _, data_dir, _ = prepared["cub"]
   config = cub.get_config()
   # The embed step's program is tests/test_train.py's (shapes, normalization): compiled once.
@@ -232,22 +236,24 @@ def test_second_evaluation_and_embed_decode_no_image(prepared, tmp_path):
                      batch_size=8, eval_batch_size=512, num_epochs=0, cache="auto",
                      mean=(0.305, 0.305, 0.305), std=(0.378, 0.378, 0.378)))
   workdir = str(tmp_path / "run")
-  before = input_pipeline.RecordSource.records_read
+  before = splits.RecordSource.records_read
   first = train.train_and_evaluate(config, workdir)  # epoch 0's evaluation, checkpoint 0
-  assert input_pipeline.RecordSource.records_read > before
-  read = input_pipeline.RecordSource.records_read
+  assert splits.RecordSource.records_read > before
+  read = splits.RecordSource.records_read
   dataset = datasets.load(config)
   mesh = sharding.create_mesh()
   graphdef, state = train_step.create_train_state(
-      train_step.create_model(config), train_step.create_optimizer(config, 1))
+      train_step.init_model(config), train_step.create_optimizer(config, 1))
   state = sharding.replicate(state, mesh)
   embed_fn = train_step.make_embed_step(graphdef, mesh, config)
+  evaluator = evaluators.RetrievalEvaluator.from_config(config, dataset, mesh=mesh)
   for _ in range(2):
-    again = train.evaluate(embed_fn, state, dataset, config, mesh, workdir, 0)
+    again = evaluator.run(lambda split: evaluators.embed_split(embed_fn, state, split, config,
+                                                               mesh))
     assert again == pytest.approx(first)
   record = embed.embed_to_file(workdir, str(tmp_path / "test.npz"), split="test",
                                progress=False)
-  assert input_pipeline.RecordSource.records_read == read
+  assert splits.RecordSource.records_read == read
   assert len(record["embeddings"]) == len(dataset.test)
   assert jax.device_count() == mesh.size
 
@@ -261,7 +267,7 @@ def _embed_by_label(split):
 def test_evaluate_reports_the_protocol_keys(prepared, name):
   _, data_dir, _ = prepared[name]
   dataset = datasets.load(_config(name, data_dir))
-  metrics = dataset.evaluate(_embed_by_label)
+  metrics = evaluators.RetrievalEvaluator(dataset).run(_embed_by_label)
   key = datasets.KEYS[name]
   expected = {f"{key}_test_R_{k}" for k in datasets.TEST_KS[name]}
   expected |= {f"{key}_test_MAP_R", f"{key}_test_RP"}
@@ -284,7 +290,7 @@ def test_hotels_chain_recall_counts_the_chain_not_the_hotel(prepared):
     chains = np.asarray(split.chains)
     return np.eye(16, dtype=np.float32)[np.where(chains < 0, 15, chains % 15)]
 
-  metrics = dataset.evaluate(by_chain)
+  metrics = evaluators.RetrievalEvaluator(dataset).run(by_chain)
   assert metrics["HOTEL_test_chain_R_1"] == 1.0
   assert metrics["HOTEL_test_R_1"] < 1.0  # hotels 100 and 101 are confused
 
@@ -295,7 +301,7 @@ def test_load_without_prepared_data_names_the_command(tmp_path, name, monkeypatc
   with pytest.raises(datasets.DataNotPreparedError) as error:
     datasets.load(_config(name, str(tmp_path)))
   message = str(error.value)
-  assert "\n" not in message and f"python -m hn_jax.prepare --dataset={name}" in message
+  assert "\n" not in message and f"python -m hn_jax.tools.prepare --dataset={name}" in message
   (tmp_path / f"hn_{name}" / "1.0.0").mkdir(parents=True)  # prepared by an older hn_jax
   with pytest.raises(datasets.DataNotPreparedError, match="the copy there is of version 1.0.0"):
     datasets.load(_config(name, str(tmp_path)))
@@ -336,7 +342,7 @@ def test_missing_annotation_or_folder_stops_at_once(tmp_path, name, remove, name
 def test_prepare_command_line(tmp_path):
   expected = fakes.write_sop(str(tmp_path / "raw"))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  command = [sys.executable, "-m", "hn_jax.prepare", "--dataset=sop",
+  command = [sys.executable, "-m", "hn_jax.tools.prepare", "--dataset=sop",
              f"--manual_dir={expected.root}", f"--data_dir={tmp_path / 'data'}"]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -353,7 +359,7 @@ def test_prepare_command_line(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0
   last = bad.stderr.strip().splitlines()[-1]
-  assert last.startswith("hn_jax.prepare: error: missing folder") and "Traceback" not in bad.stderr
+  assert last.startswith("hn_jax.tools.prepare: error: missing folder") and "Traceback" not in bad.stderr
 
 
 def test_other_image_formats_are_converted(tmp_path):

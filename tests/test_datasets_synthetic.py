@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from configs import synthetic
-from hn_jax import datasets, evaluation, report, train
+from hn_jax import evaluation, train
+from hn_jax.data import datasets
+from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,21 +33,21 @@ def tiny_config(**overrides):
 
 
 def test_synthetic_is_deterministic_and_class_disjoint():
-  images, labels = datasets.synthetic_images(200, 10, 32)
+  images, labels = in_memory.synthetic_images(200, 10, 32)
   assert images.shape == (2000, 32, 32, 3) and images.dtype == np.uint8
   assert np.bincount(labels).tolist() == [10] * 200
-  datasets.synthetic_images.cache_clear()
-  again, _ = datasets.synthetic_images(200, 10, 32)
+  in_memory.synthetic_images.cache_clear()
+  again, _ = in_memory.synthetic_images(200, 10, 32)
   np.testing.assert_array_equal(images, again)
   dataset = datasets.load(synthetic.get_config())
   assert dataset.key == "SYNTHETIC"
   assert len(dataset.train) == len(dataset.test) == 1000
   assert not set(dataset.train.labels) & set(dataset.test.labels)
-  assert datasets.synthetic_images(4, 2, 64)[0].shape == (8, 64, 64, 3)
+  assert in_memory.synthetic_images(4, 2, 64)[0].shape == (8, 64, 64, 3)
 
 
 def test_raw_pixels_retrieve_poorly():
-  images, labels = datasets.synthetic_images(200, 10, 32)
+  images, labels = in_memory.synthetic_images(200, 10, 32)
   test = labels >= 100
   pixels = images[test].reshape(test.sum(), -1).astype(np.float32) / 255 - 0.5
   recall = evaluation.recall_at_k(pixels, labels[test], [1])[1]
@@ -71,6 +73,6 @@ def test_main_without_prepared_data_names_the_prepare_command(tmp_path):
       text=True, timeout=120)
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("hn_jax: error: ") and "python -m hn_jax.prepare --dataset=cars" in last
+  assert last.startswith("hn_jax: error: ") and "python -m hn_jax.tools.prepare --dataset=cars" in last
   assert "Traceback" not in result.stderr
   assert not workdir.exists() or not any(workdir.iterdir())

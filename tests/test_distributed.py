@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from hn_jax import report, sharding, train
+from hn_jax import sharding, train
+from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/digits.py", "--config.image_size=16", "--config.embedding_dim=16",

@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from hn_jax import datasets, embed, search, train
+from hn_jax import train
+from hn_jax.data import datasets
+from hn_jax.tools import embed, search
 
 
 def tiny_config():
@@ -92,15 +94,14 @@ def test_bad_queries_are_reported_and_skipped(run, tmp_path, capsys):
   assert f"query {good} (unknown label)" in captured.out
 
 
-def test_index_of_another_dimension_is_refused(run, tmp_path):
+def test_index_of_another_dimension_is_refused(run, tmp_path, capsys):
   workdir, index_path, folder, _ = run
   index = search.load_index(str(index_path))
   index["embeddings"] = np.ones((5, 8), np.float32)
   index["embedding_dim"] = 8
   other = tmp_path / "other.npz"
   np.savez(other, **index)
-  with pytest.raises(SystemExit) as e:
-    search.main([f"--index={other}", f"--query={folder}", f"--workdir={workdir}"])
-  message = str(e.value.code)
-  assert message.startswith("hn_jax.search: error:") and "dimension 8" in message
+  assert search.main([f"--index={other}", f"--query={folder}", f"--workdir={workdir}"]) == 2
+  message = capsys.readouterr().err.strip()
+  assert message.startswith("hn_jax.tools.search: error:") and "dimension 8" in message
   assert "dimension 16" in message and "\n" not in message

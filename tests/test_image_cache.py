@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hn_jax import image_cache, input_pipeline as ip, sharding, train_step
+from hn_jax import sharding, train_step
+from hn_jax.data import image_cache, input_pipeline, samplers, splits
 
 
 def _config(**overrides):
@@ -24,7 +25,7 @@ def _config(**overrides):
 def _split(n=20, seed=0, name="toy-train"):
   rng = np.random.default_rng(seed)
   shape = (30, 44) if seed % 2 == 0 else (44, 30)
-  return ip.Split(rng.integers(0, 256, (n, *shape, 3), dtype=np.uint8), np.arange(n) % 5,
+  return splits.Split(rng.integers(0, 256, (n, *shape, 3), dtype=np.uint8), np.arange(n) % 5,
                   name=name)
 
 
@@ -89,7 +90,7 @@ def test_full_disk_leaves_nothing_and_says_what_to_do(tmp_path, monkeypatch):
 def test_disk_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, caplog):
   split = _split()
   config = _config(cache_dir=str(tmp_path))
-  first = list(ip.train_batches(split, config, epoch=1))
+  first = list(input_pipeline.train_batches(split, config, epoch=1))
   (name,) = os.listdir(tmp_path)
   assert name.startswith("toy-train-train16-") and name.endswith(".hnimg")
   ((mode, key),) = [k for k in split.cache if isinstance(k, tuple)]
@@ -99,7 +100,7 @@ def test_disk_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, capl
   real = image_cache.transform
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(image_cache, "transform", lambda *a: calls.append(1) or real(*a))
-    again = list(ip.train_batches(_split(), config, epoch=1))
+    again = list(input_pipeline.train_batches(_split(), config, epoch=1))
     assert calls == []
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a["images"], b["images"])
@@ -109,7 +110,7 @@ def test_disk_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, capl
   data[100] ^= 0xFF
   path.write_bytes(bytes(data))
   with caplog.at_level("WARNING"):
-    rebuilt = list(ip.train_batches(_split(), config, epoch=1))
+    rebuilt = list(input_pipeline.train_batches(_split(), config, epoch=1))
   assert any("unusable" in r.getMessage() and "rebuilding" in r.getMessage()
              for r in caplog.records)
   for a, b in zip(first, rebuilt):
@@ -119,38 +120,38 @@ def test_disk_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, capl
 
 def test_a_changed_setting_or_dataset_never_reuses_a_file(tmp_path):
   config = _config(cache_dir=str(tmp_path))
-  ip.cached_images(_split(), "train", config)
-  ip.cached_images(_split(), "eval", config)
-  ip.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), image_size=20))
-  ip.cached_images(_split(seed=2), "train", config)  # other pixels, same name
+  image_cache.cached_images(_split(), "train", config)
+  image_cache.cached_images(_split(), "eval", config)
+  image_cache.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), image_size=20))
+  image_cache.cached_images(_split(seed=2), "train", config)  # other pixels, same name
   assert len(os.listdir(tmp_path)) == 4
-  eval_cache = ip.cached_images(_split(), "eval", config)
+  eval_cache = image_cache.cached_images(_split(), "eval", config)
   assert eval_cache.stacked.shape == (20, 16, 16, 3)
 
 
 def test_auto_picks_memory_then_disk_then_off(tmp_path, monkeypatch, caplog):
   split = _split()
   size = 20 * 17 * 25 * 3  # 20 images of 30 x 44 resized to 17 x 25 (shorter side 17)
-  cache = ip.cached_images(split, "train", _config(cache="auto", cache_dir=str(tmp_path)))
+  cache = image_cache.cached_images(split, "train", _config(cache="auto", cache_dir=str(tmp_path)))
   assert cache.in_memory and cache.nbytes == size
   assert len(os.listdir(tmp_path)) == 1, "memory: also saved for later runs"
   tiny = dict(cache="auto", cache_memory_gb=1e-9)
-  cache = ip.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), **tiny))
+  cache = image_cache.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), **tiny))
   assert not cache.in_memory, "over the memory budget: memory-mapped"
   monkeypatch.setattr(ip, "_free_bytes", lambda folder: 0)
   other = _split(seed=4)
   with caplog.at_level("WARNING"):
-    assert ip.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
+    assert image_cache.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
   assert any("reading them uncached" in r.getMessage() for r in caplog.records)
   with pytest.raises(image_cache.CacheError, match="GB free"):
-    ip.cached_images(other, "train", _config(cache_dir=str(tmp_path)))
+    image_cache.cached_images(other, "train", _config(cache_dir=str(tmp_path)))
   # A disk that fills up while auto writes: the images are read uncached, nothing is left.
   monkeypatch.setattr(ip, "_free_bytes", lambda folder: 1 << 40)
   monkeypatch.setattr(image_cache.os, "fsync", _no_space)
-  assert ip.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
+  assert image_cache.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
   assert len(os.listdir(tmp_path)) == 1
   with pytest.raises(image_cache.CacheError, match="set --config.cache_dir"):
-    ip.cached_images(_split(), "train", _config())  # disk, but no folder
+    image_cache.cached_images(_split(), "train", _config())  # disk, but no folder
 
 
 def _no_space(fd):
@@ -161,7 +162,7 @@ def test_normalization_in_the_step_equals_the_host_float_pipeline():
   """The jitted normalization of uint8 pixels equals what tf.data computed on the host (and a
   float64 NumPy reference) to 1e-6."""
   import tensorflow as tf
-  from hn_jax import tf_pipeline
+  from hn_jax.data import tf_pipeline
   config = _config()
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
@@ -185,17 +186,17 @@ def test_training_on_uint8_batches_gives_the_losses_of_host_normalized_batches()
   comes from (or goes to) the persistent compilation cache.
   """
   from configs import digits
-  from hn_jax import datasets
+  from hn_jax.data import datasets
   config = digits.get_config()
   config.update(dict(image_size=16, embedding_dim=16, batch_size=64, eval_batch_size=512,
                      num_epochs=2, eval_every=1, lr_drop_epochs=(2,)))
   split = datasets.load(config).train
-  batches = list(ip.train_batches(split, config, epoch=1))[:3]
+  batches = list(input_pipeline.train_batches(split, config, epoch=1))[:3]
   mesh = sharding.create_mesh()
   losses = {}
   for form in ("uint8", "float32"):
     tx = train_step.create_optimizer(config, 920 // 64)
-    graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
+    graphdef, state = train_step.create_train_state(train_step.init_model(config), tx)
     state = sharding.replicate(state, mesh)
     step = train_step.make_train_step(graphdef, tx, config, mesh)
     losses[form] = []
@@ -220,7 +221,7 @@ def test_prefetch_to_device_keeps_order_and_values():
   n = jax.device_count()
   batches = [{"images": np.full((n, 2, 2, 3), i, np.uint8), "labels": np.arange(n) + i}
              for i in range(5)]
-  out = list(ip.prefetch_to_device(iter(batches), mesh))
+  out = list(input_pipeline.prefetch_to_device(iter(batches), mesh))
   assert len(out) == 5
   for i, batch in enumerate(out):
     assert isinstance(batch["images"], jax.Array) and batch["images"].dtype == np.uint8
@@ -229,20 +230,21 @@ def test_prefetch_to_device_keeps_order_and_values():
 
 
 def test_the_old_cache_images_key_is_refused_with_its_replacement(tmp_path):
-  from hn_jax import embed, train
+  from hn_jax import train
+  from hn_jax.tools import embed
   from configs import digits
   config = digits.get_config()
   config.cache_images = True
-  with pytest.raises(train.ConfigError, match="--config.cache=memory"):
-    train.check_config(config, num_devices=1, num_processes=1)
+  with pytest.raises(run_config.ConfigError, match="--config.cache=memory"):
+    run_config.validate(config, num_devices=1, num_processes=1)
   config = digits.get_config()
   config.cache = "ram"
-  with pytest.raises(train.ConfigError, match="auto, memory, disk, off"):
-    train.check_config(config, num_devices=1, num_processes=1)
+  with pytest.raises(run_config.ConfigError, match="auto, memory, disk, off"):
+    run_config.validate(config, num_devices=1, num_processes=1)
   # A run from before config.cache still embeds: its config.json's old key is dropped.
   old = digits.get_config().to_dict()
   old.pop("cache")
   old["cache_images"] = False
   (tmp_path / "config.json").write_text(ml_collections.ConfigDict(old).to_json())
-  loaded = embed.load_config(str(tmp_path))
+  loaded = run_config.read(str(tmp_path))
   assert "cache_images" not in loaded and loaded.cache == "auto"

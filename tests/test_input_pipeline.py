@@ -4,8 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hn_jax import input_pipeline as ip
-from hn_jax import tf_pipeline
+from hn_jax.data import input_pipeline, samplers, splits
+from hn_jax.data import tf_pipeline
 
 
 def _config(**overrides):
@@ -24,7 +24,7 @@ def _labels(sizes):
 def test_filled_epoch(m):
   sizes = [3, 5, 2, 7, 1]
   labels = _labels(sizes)
-  stream = ip.filled_epoch(labels, m, np.random.default_rng(0))
+  stream = samplers.filled_epoch(labels, m, np.random.default_rng(0))
   length = -(-max(sizes) // m) * m
   assert len(stream) == len(sizes) * length
   groups = labels[stream].reshape(-1, m)
@@ -41,7 +41,7 @@ def test_filled_epoch(m):
 def test_sample_epoch():
   sizes = [1, 2, 3, 5, 4]
   labels = _labels(sizes)
-  stream = ip.sample_epoch(labels, 2, 3, np.random.default_rng(0))
+  stream = samplers.sample_epoch(labels, 2, 3, np.random.default_rng(0))
   eligible = sum(n >= 2 for n in sizes)
   assert len(stream) == 3 * eligible * 2
   pairs = stream.reshape(-1, 2)
@@ -57,23 +57,23 @@ def test_epoch_streams_are_seeded():
   labels = _labels([4, 6, 3, 8])
   for sampler in ("filled", "sample"):
     config = _config(sampler=sampler, repeat=2)
-    a = ip.epoch_indices(labels, config, 3)
-    np.testing.assert_array_equal(a, ip.epoch_indices(labels, config, 3))
-    assert not np.array_equal(a, ip.epoch_indices(labels, config, 4))
+    a = samplers.epoch_indices(labels, config, 3)
+    np.testing.assert_array_equal(a, samplers.epoch_indices(labels, config, 3))
+    assert not np.array_equal(a, samplers.epoch_indices(labels, config, 4))
     config.seed = 1
-    assert not np.array_equal(a, ip.epoch_indices(labels, config, 3))
+    assert not np.array_equal(a, samplers.epoch_indices(labels, config, 3))
 
 
 def test_steps_per_epoch_drops_incomplete_batch():
   labels = _labels([3, 5, 2, 7])  # filled: 4 classes x 8 = 32 images
-  assert ip.steps_per_epoch(labels, _config(batch_size=12)) == 2
-  assert ip.steps_per_epoch(labels, _config(batch_size=8)) == 4
+  assert samplers.steps_per_epoch(labels, _config(batch_size=12)) == 2
+  assert samplers.steps_per_epoch(labels, _config(batch_size=8)) == 4
 
 
 def test_host_rows_partition_global_batches_without_splitting_pairs():
   labels = _labels([6, 6, 6, 6, 6])
-  stream = ip.filled_epoch(labels, 2, np.random.default_rng(1))
-  parts = [ip.host_rows(stream, 8, p, 4) for p in range(4)]
+  stream = samplers.filled_epoch(labels, 2, np.random.default_rng(1))
+  parts = [samplers.host_rows(stream, 8, p, 4) for p in range(4)]
   np.testing.assert_array_equal(np.concatenate(parts, axis=1).reshape(-1),
                                 stream[:len(stream) // 8 * 8])
   for part in parts:
@@ -83,22 +83,22 @@ def test_host_rows_partition_global_batches_without_splitting_pairs():
 def _split(n=30, classes=5, size=(12, 20)):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(n, *size, 3), dtype=np.uint8)
-  return ip.Split(images, np.arange(n) % classes)
+  return splits.Split(images, np.arange(n) % classes)
 
 
 @pytest.mark.parametrize("cache", ["off", "memory"])
 def test_train_batches_shapes_pairs_and_determinism(cache):
   split = _split()
   config = _config(cache=cache)
-  batches = list(ip.train_batches(split, config, epoch=1))
-  assert len(batches) == ip.steps_per_epoch(split.labels, config)
+  batches = list(input_pipeline.train_batches(split, config, epoch=1))
+  assert len(batches) == samplers.steps_per_epoch(split.labels, config)
   for b in batches:
     assert b["images"].shape == (8, 16, 16, 3) and b["images"].dtype == np.uint8
     assert np.all(b["labels"][0::2] == b["labels"][1::2])
-  again = list(ip.train_batches(split, config, epoch=1))
+  again = list(input_pipeline.train_batches(split, config, epoch=1))
   for a, b in zip(batches, again):
     np.testing.assert_array_equal(a["images"], b["images"])
-  other_epoch = next(ip.train_batches(split, config, epoch=2))
+  other_epoch = next(input_pipeline.train_batches(split, config, epoch=2))
   assert not np.array_equal(other_epoch["images"], batches[0]["images"])
 
 
@@ -106,19 +106,19 @@ def test_train_batches_shapes_pairs_and_determinism(cache):
 def test_train_batches_host_slices_and_resume_offset_match_single_process(cache):
   split = _split()
   config = _config(cache=cache)
-  full = list(ip.train_batches(split, config, epoch=1))
-  halves = [list(ip.train_batches(split, config, epoch=1, process_index=p, process_count=2))
+  full = list(input_pipeline.train_batches(split, config, epoch=1))
+  halves = [list(input_pipeline.train_batches(split, config, epoch=1, process_index=p, process_count=2))
             for p in range(2)]
   for i, b in enumerate(full):
     joined = np.concatenate([halves[0][i]["images"], halves[1][i]["images"]])
     np.testing.assert_array_equal(joined, b["images"])
-  tail = list(ip.train_batches(split, config, epoch=1, first_step=2))
+  tail = list(input_pipeline.train_batches(split, config, epoch=1, first_step=2))
   np.testing.assert_array_equal(tail[0]["images"], full[2]["images"])
 
 
 def test_train_transform_crops_flips_and_normalizes():
   config = _config(image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-  words = ip.augment_words(0, np.arange(20))
+  words = samplers.augment_words(0, np.arange(20))
   # A constant image stays constant through resize, crop and flip.
   image = np.full((10, 40, 3), 51, np.uint8)
   out = tf_pipeline.train_transform(image, words[7], config).numpy()
@@ -145,12 +145,12 @@ def test_eval_transform_center_crop_and_normalization():
 def test_eval_batches_keep_order_and_mark_padding():
   split = _split(n=21)
   config = _config(eval_batch_size=8)
-  batches = list(ip.eval_batches(split, config))
+  batches = list(input_pipeline.eval_batches(split, config))
   labels = np.concatenate([b["labels"] for b in batches])
   mask = np.concatenate([b["mask"] for b in batches])
   assert len(labels) == 24 and mask.sum() == 21 and not mask[21:].any()
   np.testing.assert_array_equal(labels[:21], split.labels)
-  halves = [list(ip.eval_batches(split, config, process_index=p, process_count=2))
+  halves = [list(input_pipeline.eval_batches(split, config, process_index=p, process_count=2))
             for p in range(2)]
   for i, b in enumerate(batches):
     np.testing.assert_array_equal(
@@ -158,15 +158,15 @@ def test_eval_batches_keep_order_and_mark_padding():
 
 
 def test_augment_words_are_uniform_and_keyed_by_seed_and_position():
-  words = ip.augment_words(0, np.arange(20000))
+  words = samplers.augment_words(0, np.arange(20000))
   assert words.shape == (20000, 3) and words.min() >= 0 and words.max() < 2**32
-  np.testing.assert_array_equal(words[5:9], ip.augment_words(0, np.arange(5, 9)))
-  assert not np.array_equal(words[:100], ip.augment_words(1, np.arange(100)))
-  offsets = ip.crop_offsets(words[:, 0], 26)
+  np.testing.assert_array_equal(words[5:9], samplers.augment_words(0, np.arange(5, 9)))
+  assert not np.array_equal(words[:100], samplers.augment_words(1, np.arange(100)))
+  offsets = samplers.crop_offsets(words[:, 0], 26)
   assert offsets.min() == 0 and offsets.max() == 25
   counts = np.bincount(offsets, minlength=26)
   assert counts.min() > 0.8 * 20000 / 26 and counts.max() < 1.2 * 20000 / 26
-  assert (ip.crop_offsets(words[:, 1], 1) == 0).all(), "a side of the crop's size: offset 0"
+  assert (samplers.crop_offsets(words[:, 1], 1) == 0).all(), "a side of the crop's size: offset 0"
   flips = words[:, 2] >> 31
   assert 0.48 < flips.mean() < 0.52
   assert abs(np.corrcoef(words[:, 0], words[:, 1])[0, 1]) < 0.03
@@ -176,7 +176,7 @@ def test_augment_words_are_uniform_and_keyed_by_seed_and_position():
 def test_numpy_resize_matches_tensorflow(shape):
   """The cache's NumPy resize of in-memory images is tf.image.resize's antialiased bilinear."""
   import tensorflow as tf
-  from hn_jax import image_cache
+  from hn_jax.data import image_cache
   rng = np.random.default_rng(sum(shape))
   image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
   for short in (17, 281, 5):
@@ -191,7 +191,7 @@ def test_numpy_resize_matches_tensorflow(shape):
 
 def test_cached_and_uncached_batches_are_the_same_uint8():
   split = _split(n=30, size=(40, 50))
-  for kind, batches in (("train", ip.train_batches), ("eval", ip.eval_batches)):
+  for kind, batches in (("train", input_pipeline.train_batches), ("eval", input_pipeline.eval_batches)):
     kwargs = {"epoch": 1} if kind == "train" else {}
     off = list(batches(split, _config(cache="off"), **kwargs))
     cached = list(batches(split, _config(cache="memory"), **kwargs))

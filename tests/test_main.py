@@ -36,32 +36,32 @@ def test_main_mistakes_are_one_line(tmp_path, args, message):
   assert not (tmp_path / "wd").exists()
 
 
-@pytest.mark.parametrize("module", ["hn_jax.main", "hn_jax.prepare", "hn_jax.search",
-                                    "hn_jax.report", "hn_jax.convert_weights"])
+@pytest.mark.parametrize("module", ["hn_jax.main", "hn_jax.tools.prepare", "hn_jax.tools.search",
+                                    "hn_jax.tools.report", "hn_jax.tools.convert_weights"])
 def test_help_exits_zero(module):
   result = _run(module, "--help")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "usage" in (result.stdout + result.stderr).lower() or "--" in result.stdout
   if module == "hn_jax.main":
     assert "configs/default.py" in result.stdout and "docs/protocol.md" in result.stdout
-  if module == "hn_jax.prepare":
+  if module == "hn_jax.tools.prepare":
     assert "docs/datasets.md" in result.stdout
 
 
 def test_prepare_flag_mistake_is_one_line():
-  result = _run("hn_jax.prepare", "--datset=cub")
+  result = _run("hn_jax.tools.prepare", "--datset=cub")
   assert result.returncode != 0
   assert result.stderr.strip().splitlines() == [
-      "hn_jax.prepare: error: Unknown command line flag 'datset'. Did you mean: dataset ?"]
+      "hn_jax.tools.prepare: error: Unknown command line flag 'datset'. Did you mean: dataset ?"]
 
 
 def test_library_info_is_hidden_ours_and_warnings_are_not():
-  from hn_jax import main
+  from hn_jax import cli
 
   def record(path, level):
     return logging.LogRecord("absl", level, path, 1, "message", None, None)
 
-  only_ours = main._OnlyOurs()
+  only_ours = cli._OnlyOurs()
   orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
   assert not only_ours.filter(record(orbax, logging.INFO))
   assert only_ours.filter(record(orbax, logging.WARNING))

@@ -1,7 +1,7 @@
-"""Tests for loading torchvision ResNet weights (hn_jax.pretrained, hn_jax.convert_weights).
+"""Tests for loading torchvision ResNet weights (hn_jax.pretrained, hn_jax.tools.convert_weights).
 
 The reference networks are plain PyTorch with torchvision's module layout and state-dict keys
-(benchmarks/train_step.py's; no torchvision needed). Tests that need PyTorch skip without it; the rest
+(hn_jax.testing.torch_reference's; no torchvision needed). Tests that need PyTorch skip without it; the rest
 (key checking, file handling) run anywhere.
 """
 
@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hn_jax import convert_weights, pretrained
+from hn_jax import pretrained
+from hn_jax.tools import convert_weights
 from hn_jax.models import create_model
+from hn_jax.testing import torch_reference
 
 EMBEDDING_DIM = 16
 IMAGE_SIZE = 64
@@ -31,17 +33,13 @@ TORCHVISION_NUM_KEYS = {"resnet18": 122, "resnet50": 320}
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain-PyTorch ResNets with torchvision's layout: benchmarks/train_step.py's (its layout is
-# checked against hn_jax's in tests/test_benchmark_train_step.py).
+# Plain-PyTorch ResNets with torchvision's layout: hn_jax.testing.torch_reference's (its layout
+# is checked against hn_jax's in tests/test_benchmark_train_step.py).
 
 
 def _torch_resnet(name: str):
   pytest.importorskip("torch")
-  spec = importlib.util.spec_from_file_location(
-      "benchmark_train_step", os.path.join(REPO_ROOT, "benchmarks", "train_step.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  model, _ = bench.build_torch_resnet(name, 1000, impl="script")  # fc as torchvision's
+  model, _ = torch_reference.build_torch_resnet(name, 1000, impl="script")  # fc as torchvision's
   return model
 
 
@@ -316,7 +314,7 @@ def test_imports_need_neither_torch_nor_tensorflow():
   and import neither torch, safetensors nor tensorflow."""
   code = (
       "import importlib.util, sys\n"
-      "import hn_jax.pretrained, hn_jax.convert_weights\n"
+      "import hn_jax.pretrained, hn_jax.tools.convert_weights\n"
       "spec = importlib.util.spec_from_file_location('pretrained_check', "
       "'benchmarks/pretrained_check.py')\n"
       "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"

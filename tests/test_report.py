@@ -1,4 +1,4 @@
-"""Tests for hn_jax.report: the published CUB table, synthetic logs, the CLI and sweep.sh."""
+"""Tests for hn_jax.tools.report: the published CUB table, synthetic logs, the CLI and sweep.sh."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hn_jax import report
+from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINAL_LOGS = Path(__file__).resolve().parents[2] / "shared/reference/original-logs"
@@ -45,7 +45,7 @@ needs_original_logs = pytest.mark.skipif(
 
 def _run_module(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "hn_jax.report", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "hn_jax.tools.report", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
 
 

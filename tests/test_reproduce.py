@@ -1,8 +1,8 @@
-"""hn_jax.reproduce's choice, table and argument checks (its runs: tests/test_sweep.py)."""
+"""hn_jax.tools.reproduce's choice, table and argument checks (its runs: tests/test_sweep.py)."""
 
 import pytest
 
-from hn_jax import reproduce
+from hn_jax.tools import reproduce
 
 @pytest.mark.parametrize("args,words", [
     (["--methods=hn,xx"], "--methods"), (["--lrs=0.1,-1"], "--lrs"),

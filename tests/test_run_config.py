@@ -104,7 +104,8 @@ def test_a_bucket_workdir_is_written_in_the_bucket_not_on_local_disk(bucket, tmp
                                                                       monkeypatch):
   """`gs://` workdirs (TPU pods) keep their URL: config.json, its history, the checkpoint
   folder and the neighbour lists go to the bucket, never to a local `./gs:/...` folder."""
-  from hn_jax import embed, train  # pylint: disable=g-import-not-at-top
+  from hn_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
   workdir = "gs://bkt/runs/r1"
   monkeypatch.chdir(tmp_path)
   config = digits.get_config()
@@ -115,7 +116,7 @@ def test_a_bucket_workdir_is_written_in_the_bucket_not_on_local_disk(bucket, tmp
   run_config.record(config, workdir, changes)
   history = json.loads((tmp_path / "bkt/runs/r1/config_history.json").read_text())
   assert history[0]["changes"] == {"num_epochs": [20, 25]}
-  assert embed.load_config(workdir).num_epochs == 25
+  assert run_config.read(workdir).num_epochs == 25
   assert not (tmp_path / "gs:").exists()
   assert {name for name, path in bucket.calls} >= {"open", "exists"}
 
@@ -129,7 +130,7 @@ def test_a_bucket_workdir_is_written_in_the_bucket_not_on_local_disk(bucket, tmp
     folders.append(str(directory))
     raise Stop
 
-  monkeypatch.setattr(train.ocp, "CheckpointManager", manager)
+  monkeypatch.setattr(checkpoints.ocp, "CheckpointManager", manager)
   with pytest.raises(Stop):
     embed.load_run(workdir)
   assert folders == ["gs://bkt/runs/r1/checkpoints"]

@@ -1,5 +1,5 @@
 """A tiny sweep on the embedded default (2 methods x 2 seeds), made by the table command
-(hn_jax.reproduce), read back by the report and checked against the event files."""
+(hn_jax.tools.reproduce), read back by the report and checked against the event files."""
 
 import contextlib
 import io
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hn_jax import report, reproduce
+from hn_jax.tools import report, reproduce
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [f"--config={REPO}/configs/digits.py", "--methods=sct,hn", "--lrs=0.05", "--seeds=0,1",
@@ -38,7 +38,7 @@ def sweep(made):
 
 
 def test_report_table_matches_the_event_files(sweep):
-  result = subprocess.run([sys.executable, "-m", "hn_jax.report", str(sweep), "--json"],
+  result = subprocess.run([sys.executable, "-m", "hn_jax.tools.report", str(sweep), "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
   rows = json.loads(result.stdout)
   by_key = {(r["group"], r["metric"]): r for r in rows}
@@ -56,14 +56,14 @@ def test_report_table_matches_the_event_files(sweep):
       assert row["n"] == 2
       assert row["mean"] == pytest.approx(np.mean(finals), abs=1e-9)
       assert row["std"] == pytest.approx(np.std(finals, ddof=1), abs=1e-9)
-  text = subprocess.run([sys.executable, "-m", "hn_jax.report", str(sweep)], cwd=REPO,
+  text = subprocess.run([sys.executable, "-m", "hn_jax.tools.report", str(sweep)], cwd=REPO,
                         capture_output=True, text=True, timeout=120, check=True).stdout
   assert "sct_B128_R1_D16_lr0.05_lam1.0" in text and "DIGITS_test_R_8" in text
 
 
 def test_report_plot(sweep, tmp_path):
   out = tmp_path / "sweep.png"
-  subprocess.run([sys.executable, "-m", "hn_jax.report", str(sweep), "--plot", str(out)],
+  subprocess.run([sys.executable, "-m", "hn_jax.tools.report", str(sweep), "--plot", str(out)],
                  cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
   with Image.open(out) as image:
     assert image.format == "PNG" and image.width >= 600 and image.height >= 300
@@ -109,4 +109,4 @@ def test_table_command_again_reuses_runs_and_refuses_another_config(made, capsys
   assert reproduce.main([*argv, "--config.temperature=0.2"]) == 2
   err = capsys.readouterr().err.strip()
   assert "another config" in err and "temperature" in err and "\n" not in err
-  assert err.startswith("hn_jax.reproduce: error:")
+  assert err.startswith("hn_jax.tools.reproduce: error:")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from hn_jax import report, run_config, sharding, train, train_step
+from hn_jax import run_config, sharding, train, train_step
+from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_progress_inside_a_long_epoch_has_rate_and_eta(caplog, monkeypatch):
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
   config = tiny_config(learning_rate=1e30, max_consecutive_skips=3, num_epochs=1)
-  with pytest.raises(train.TrainingStopped, match="not finite for 3 steps in a row"):
+  with pytest.raises(train_step.TrainingStopped, match="not finite for 3 steps in a row"):
     train.train_and_evaluate(config, str(tmp_path))
   scalars = report.load_scalars(tmp_path)
   # Step 1 updates the weights to huge values; steps 2-4 have non-finite gradients and
@@ -172,7 +173,7 @@ def test_same_seed_same_run_other_seed_other_run(two_epoch_run, tmp_path):
 def _step_on(devices, config, images, labels):
   mesh = sharding.create_mesh(devices)
   tx = train_step.create_optimizer(config, steps_per_epoch=10)
-  graphdef, state = train_step.create_train_state(train_step.create_model(config), tx)
+  graphdef, state = train_step.create_train_state(train_step.init_model(config), tx)
   state = sharding.replicate(state, mesh)
   step = train_step.make_train_step(graphdef, tx, config, mesh)
   batch = sharding.global_batch({"images": images, "labels": labels}, mesh)
@@ -217,19 +218,19 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
 def test_check_config_names_the_problem(overrides, message):
-  with pytest.raises(train.ConfigError) as error:
-    train.check_config(tiny_config(**overrides), num_devices=8, num_processes=1)
+  with pytest.raises(run_config.ConfigError) as error:
+    run_config.validate(tiny_config(**overrides), num_devices=8, num_processes=1)
   assert message in str(error.value)
   assert "\n" not in str(error.value)
 
 
 def test_check_config_names_process_split():
-  with pytest.raises(train.ConfigError, match="per process"):
-    train.check_config(tiny_config(batch_size=16), num_devices=1, num_processes=16)
+  with pytest.raises(run_config.ConfigError, match="per process"):
+    run_config.validate(tiny_config(batch_size=16), num_devices=1, num_processes=16)
 
 
 def test_epoch_shorter_than_a_batch_is_refused(tmp_path):
-  with pytest.raises(train.ConfigError, match="fewer images than config.batch_size=2048"):
+  with pytest.raises(run_config.ConfigError, match="fewer images than config.batch_size=2048"):
     train.train_and_evaluate(tiny_config(batch_size=2048), str(tmp_path))
   assert not any(tmp_path.iterdir())
 
@@ -255,7 +256,7 @@ def test_config_pretrained_fills_the_backbone(tmp_path):
   from hn_jax import pretrained
   from flax import nnx
   config = tiny_config(model="resnet18", embedding_dim=8)
-  fresh = train_step.create_model(config)
+  fresh = train_step.init_model(config)
   _, params, batch_stats = nnx.split(fresh, nnx.Param, nnx.BatchStat)
   shapes = pretrained.expected_torchvision_shapes(params, batch_stats)
   rng = np.random.default_rng(0)
@@ -263,8 +264,8 @@ def test_config_pretrained_fills_the_backbone(tmp_path):
   weights = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
   np.savez(tmp_path / "r18.npz", **weights)
   config.pretrained = str(tmp_path / "r18.npz")
-  train.check_config(config, num_devices=8, num_processes=1)
-  model = train_step.create_model(config)
+  run_config.validate(config, num_devices=8, num_processes=1)
+  model = train_step.init_model(config)
   np.testing.assert_array_equal(np.asarray(model.conv1.kernel[...]),
                                 weights["conv1.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(np.asarray(model.layer1[0].bn1.mean[...]),

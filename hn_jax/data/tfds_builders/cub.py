@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from hn_jax.tfds_builders import common
+from hn_jax.data.tfds_builders import common
 
 LAYOUT = ("the folder CUB_200_2011/ with images.txt, image_class_labels.txt, classes.txt and "
           "images/<class folder>/<file>.jpg")

@@ -2,8 +2,8 @@
 
 Run once on a machine that has PyTorch, then copy the output to hosts that do not::
 
-  python -m hn_jax.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
-  python -m hn_jax.convert_weights --input=resnet50-0676ba61.pth \
+  python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
+  python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth \
       --output=resnet50-0676ba61.safetensors --model=resnet50
 
 Keys are kept verbatim and arrays stay in torch's layout (the transposition to the model's
@@ -15,14 +15,14 @@ against `hn_jax.models.create_model(model)` before writing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Mapping, Sequence
 
 import numpy as np
+from absl import flags
 
-from hn_jax import pretrained
+from hn_jax import cli, pretrained
 
 OUTPUT_EXTENSIONS = (".npz", ".safetensors")
 
@@ -76,24 +76,33 @@ def convert(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
   return state_dict
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m hn_jax.convert_weights",
-      description="Convert a torchvision ResNet state dict to .npz / .safetensors.")
-  parser.add_argument("--input", required=True,
-                      help="torchvision weights: .pth/.pt (needs PyTorch), .npz or .safetensors")
-  parser.add_argument("--output", required=True, help="output file: .npz or .safetensors")
-  parser.add_argument("--model", default=None, choices=("resnet18", "resnet50"),
-                      help="optionally check every key and shape against this architecture")
-  args = parser.parse_args(argv)
+PROG = "hn_jax.tools.convert_weights"
+FLAGS = cli.command_flags()
+flags.DEFINE_string("input", None, "torchvision weights: .pth/.pt (needs PyTorch), .npz or "
+                    ".safetensors.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "Output file: .npz or .safetensors.", flag_values=FLAGS)
+flags.DEFINE_enum("model", None, ["resnet18", "resnet50"], "Optionally check every key and "
+                  "shape against this architecture.", flag_values=FLAGS)
+
+
+class ConvertError(ValueError):
+  """A file that cannot be converted; the message names it."""
+
+
+def _convert(_: list[str]) -> int:
   try:
-    state_dict = convert(args.input, args.output, args.model)
+    state_dict = convert(FLAGS.input, FLAGS.output, FLAGS.model)
   except (ValueError, FileNotFoundError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    raise ConvertError(str(e)) from e
   n_values = sum(int(v.size) for v in state_dict.values())
-  print(f"wrote {len(state_dict)} arrays ({n_values:,} values) to {args.output}")
+  print(f"wrote {len(state_dict)} arrays ({n_values:,} values) to {FLAGS.output}")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (without the program name); returns the exit status."""
+  return cli.run(_convert, FLAGS, argv, prog=PROG, doc=__doc__, required=("input", "output"),
+                 errors=(ConvertError,))
 
 
 if __name__ == "__main__":

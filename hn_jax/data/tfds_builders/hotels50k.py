@@ -13,7 +13,7 @@ import os
 
 from etils import epath
 
-from hn_jax.tfds_builders import common
+from hn_jax.data.tfds_builders import common
 
 LAYOUT = ("a folder with input/dataset/hotel_info.csv, train_set.csv, test_set.csv and "
           "images/train/<chain>/<hotel>/<source>/<image_id>.<ext>, "

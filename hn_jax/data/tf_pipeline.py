@@ -8,7 +8,7 @@ tf.data map. Output pixels are uint8, rounded after the resize, exactly as the c
 them: a batch is the same whether it comes from here or from a cache, up to the rare pixel
 whose resized value lies within float rounding of a half grey level.
 
-The random crop and flip of each image come from `input_pipeline.augment_words` (NumPy),
+The random crop and flip of each image come from `samplers.augment_words` (NumPy),
 so that this path and the cached one make the same draws.
 """
 
@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hn_jax import image_cache
+from hn_jax.data import image_cache
 
 try:  # the input pipeline never needs an accelerator; leave its memory to JAX
   tf.config.set_visible_devices([], "GPU")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from hn_jax.tfds_builders import common
+from hn_jax.data.tfds_builders import common
 
 LAYOUT = ("the folder Stanford_Online_Products/ with Ebay_train.txt, Ebay_test.txt "
           "(image_id class_id super_class_id path) and the <category>_final/ image folders")

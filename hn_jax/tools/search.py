@@ -1,8 +1,8 @@
-"""Nearest gallery images of query images, from an index that `hn_jax.embed` wrote.
+"""Nearest gallery images of query images, from an index that `hn_jax.tools.embed` wrote.
 
-    python -m hn_jax.search --index=INDEX.npz --query=IMAGE_OR_FOLDER [--query=...] --k=10 \
+    python -m hn_jax.tools.search --index=INDEX.npz --query=IMAGE_OR_FOLDER [--query=...] --k=10 \
         [--sheet=OUT.png] [--workdir=RUN]
-    python -m hn_jax.search --index=INDEX.npz --query_split=test --query_indices=0,50,100 ...
+    python -m hn_jax.tools.search --index=INDEX.npz --query_split=test --query_indices=0,50,100 ...
 
 Queries are image files (a folder: its jpg/jpeg/png files, sorted), embedded by the run
 (`--workdir`, default the run recorded in the index); their labels are unknown. Or they are
@@ -21,12 +21,14 @@ query's label is unknown, the neighbours are framed grey.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
+from absl import flags
+
+from hn_jax import cli
 
 FRAME = 4
 COLORS = {"query": (40, 90, 220), "correct": (30, 170, 60), "wrong": (210, 40, 40),
@@ -38,7 +40,7 @@ class SearchError(ValueError):
 
 
 def load_index(path: str) -> dict:
-  """The arrays and strings of an index written by `hn_jax.embed`."""
+  """The arrays and strings of an index written by `hn_jax.tools.embed`."""
   if not os.path.isfile(path):
     raise SearchError(f"--index={path!r}: no such file")
   with np.load(path, allow_pickle=False) as data:
@@ -56,7 +58,7 @@ def check_dimension(index: dict, config, index_path: str, workdir: str) -> None:
     raise SearchError(
         f"the index {index_path} holds embeddings of dimension {index['embeddings'].shape[1]} "
         f"but the run {workdir} embeds in dimension {config.embedding_dim}; embed the gallery "
-        "with the same run (python -m hn_jax.embed)")
+        "with the same run (python -m hn_jax.tools.embed)")
 
 
 def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +121,7 @@ class Gallery:
     self._config = config
 
   def image(self, i: int) -> np.ndarray:
-    from hn_jax import embed  # pylint: disable=g-import-not-at-top
+    from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
     if self.index["kind"] == "folder":
       image = embed.read_image(str(self.index["ids"][i]))
       return np.zeros((8, 8, 3), np.uint8) if image is None else image
@@ -138,7 +140,7 @@ def _describe(index: dict, i: int) -> str:
 
 
 def _query_paths(queries: Sequence[str]) -> list[str]:
-  from hn_jax import embed  # pylint: disable=g-import-not-at-top
+  from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
   paths = []
   for query in queries:
     if os.path.isdir(query):
@@ -158,15 +160,16 @@ def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | N
 
   Returns {"ids", "labels", "top", "sims", "images"} of the queries kept.
   """
-  from hn_jax import embed  # pylint: disable=g-import-not-at-top
+  from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
   out = sys.stdout if out is None else out
   index = load_index(index_path)
   workdir = workdir or index.get("workdir")
   if not workdir:
     raise SearchError(f"the index {index_path} records no run: give --workdir")
+  from hn_jax import run_config  # pylint: disable=g-import-not-at-top
   try:
-    config = embed.load_config(workdir)
-  except embed.EmbedError as e:
+    config = run_config.read(workdir)
+  except run_config.ConfigError as e:
     raise SearchError(str(e)) from e
   check_dimension(index, config, index_path, workdir)
   config, graphdef, state, mesh = embed.load_run(workdir)
@@ -224,52 +227,54 @@ def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | N
           "embeddings": query_embeddings}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m hn_jax.search",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--index", required=True, help="The .npz of hn_jax.embed.")
-  parser.add_argument("--query", action="append", default=[],
-                      help="A query image or a folder of them (repeatable).")
-  parser.add_argument("--query_split", default=None,
-                      help="Queries from this split (train, test, gallery) of a dataset.")
-  parser.add_argument("--query_dataset", default=None,
-                      help="Dataset of --query_split (default: the index's, else the run's).")
-  parser.add_argument("--query_indices", default=None,
-                      help="Comma-separated indices into --query_split (default: all).")
-  parser.add_argument("--k", type=int, default=10, help="Neighbours per query.")
-  parser.add_argument("--sheet", default=None, help="Write a contact sheet PNG here.")
-  parser.add_argument("--thumb", type=int, default=96, help="Thumbnail size in pixels.")
-  parser.add_argument("--exclude_self", action="store_true",
-                      help="Leave a --query_split query out of its own neighbours when the "
-                      "index holds that split.")
-  parser.add_argument("--workdir", default=None,
-                      help="The run that embeds the queries (default: the index's).")
-  return parser.parse_args(argv)
+PROG = "hn_jax.tools.search"
+FLAGS = cli.command_flags()
+flags.DEFINE_string("index", None, "The .npz of hn_jax.tools.embed.", flag_values=FLAGS)
+flags.DEFINE_multi_string("query", [], "A query image or a folder of them (repeatable).",
+                          flag_values=FLAGS)
+flags.DEFINE_string("query_split", None,
+                    "Queries from this split (train, test, gallery) of a dataset.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("query_dataset", None,
+                    "Dataset of --query_split (default: the index's, else the run's).",
+                    flag_values=FLAGS)
+flags.DEFINE_list("query_indices", None, "Comma-separated indices into --query_split "
+                  "(default: all).", flag_values=FLAGS)
+flags.DEFINE_integer("k", 10, "Neighbours per query.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("sheet", None, "Write a contact sheet PNG here.", flag_values=FLAGS)
+flags.DEFINE_integer("thumb", 96, "Thumbnail size in pixels.", flag_values=FLAGS)
+flags.DEFINE_bool("exclude_self", False, "Leave a --query_split query out of its own "
+                  "neighbours when the index holds that split.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "The run that embeds the queries (default: the index's).",
+                    flag_values=FLAGS)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  args = parse_args(argv)
+def _search(_: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
-  from hn_jax import embed  # pylint: disable=g-import-not-at-top
-  if not args.query and args.query_split is None:
-    sys.exit("hn_jax.search: error: give --query (image or folder) or --query_split")
-  if args.k < 1:
-    sys.exit(f"hn_jax.search: error: --k={args.k} must be at least 1")
+  if not FLAGS.query and FLAGS.query_split is None:
+    raise SearchError("give --query (image or folder) or --query_split")
   try:
-    indices = (None if args.query_indices is None
-               else [int(i) for i in args.query_indices.split(",") if i.strip()])
-  except ValueError:
-    sys.exit(f"hn_jax.search: error: --query_indices={args.query_indices!r}: give integers "
-             "separated by commas")
+    indices = (None if FLAGS.query_indices is None
+               else [int(i) for i in FLAGS.query_indices if i.strip()])
+  except ValueError as e:
+    raise SearchError(f"--query_indices={','.join(FLAGS.query_indices)!r}: give integers "
+                      "separated by commas") from e
+  from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
   try:
-    search(args.index, queries=args.query, query_split=args.query_split,
-           query_dataset=args.query_dataset, query_indices=indices, k=args.k,
-           sheet=args.sheet, workdir=args.workdir, thumb=args.thumb,
-           exclude_self=args.exclude_self)
-  except (SearchError, embed.EmbedError) as e:
-    sys.exit(f"hn_jax.search: error: {e}")
+    search(FLAGS.index, queries=FLAGS.query, query_split=FLAGS.query_split,
+           query_dataset=FLAGS.query_dataset, query_indices=indices, k=FLAGS.k,
+           sheet=FLAGS.sheet, workdir=FLAGS.workdir, thumb=FLAGS.thumb,
+           exclude_self=FLAGS.exclude_self)
+  except embed.EmbedError as e:
+    raise SearchError(str(e)) from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (without the program name); returns the exit status."""
+  return cli.run(_search, FLAGS, argv, prog=PROG, doc=__doc__, required=("index",),
+                 errors=(SearchError,))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

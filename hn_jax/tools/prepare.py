@@ -1,9 +1,9 @@
 """Builds a benchmark's TFDS dataset, once, from the published layout a user already has.
 
-  python -m hn_jax.prepare --dataset=cub --manual_dir=/data/CUB_200_2011 --data_dir=/data/tfds
+  python -m hn_jax.tools.prepare --dataset=cub --manual_dir=/data/CUB_200_2011 --data_dir=/data/tfds
 
 reads the layout in `manual_dir` (each dataset's layout and expected counts are in
-docs/datasets.md; the readers are in `hn_jax/tfds_builders/`), checks every
+docs/datasets.md; the readers are in `hn_jax/data/tfds_builders/`), checks every
 image, and writes ArrayRecord files (random access by index, which the samplers need) under
 `data_dir/hn_<dataset>/<version>/`. It ends with a summary: images written per split,
 classes, files skipped and why; the same summary is saved there as `prepare_report.txt`.
@@ -18,16 +18,22 @@ import shutil
 import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from hn_jax import cli
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", None, "One of: cub, cars, sop, inshop, hotels50k.")
-flags.DEFINE_string("manual_dir", None, "Folder of the published layout, as downloaded (see docs/datasets.md).")
-flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR.")
-flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.")
-flags.DEFINE_integer("workers", None, "Threads checking images (default: 2 per core, <= 32).")
+PROG = "hn_jax.tools.prepare"
+FLAGS = cli.command_flags()
+flags.DEFINE_string("dataset", None, "One of: cub, cars, sop, inshop, hotels50k.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("manual_dir", None, "Folder of the published layout, as downloaded (see "
+                    "docs/datasets.md).", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR.",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("workers", None, "Threads checking images (default: 2 per core, <= 32).",
+                     flag_values=FLAGS)
 
 ALIASES = {"car": "cars", "hotel": "hotels50k", "hotels": "hotels50k"}
 REPORT_FILE = "prepare_report.txt"
@@ -39,20 +45,12 @@ class PrepareError(ValueError):
 
 
 def canonical_name(dataset: str) -> str:
-  from hn_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   name = ALIASES.get(dataset, dataset)
   if name not in tfds_builders.BUILDERS:
     raise PrepareError(f"unknown dataset {dataset!r}; use one of "
                        f"{', '.join(tfds_builders.BUILDERS)}")
   return name
-
-
-def command(dataset: str, data_dir: str | None = None) -> str:
-  """The command line that prepares `dataset` (for error messages)."""
-  folder = {"cub": "CUB_200_2011", "cars": "cars196", "sop": "Stanford_Online_Products",
-            "inshop": "inshop", "hotels50k": "hotels50k"}.get(dataset, dataset)
-  return (f"python -m hn_jax.prepare --dataset={dataset} --manual_dir=/path/to/{folder} "
-          f"--data_dir={data_dir or '/path/to/prepared'}")
 
 
 def summary(builder, *, full: bool = False) -> str:
@@ -88,7 +86,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
             workers: int | None = None, progress: bool = True):
   """Builds `dataset` from `manual_dir` into `data_dir`; returns the TFDS builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from hn_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
 
   name = canonical_name(dataset)
   if not manual_dir:
@@ -138,23 +136,27 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
   return builder
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv  # checked by cli.flags_parser
+def _prepare(_: list[str]) -> None:
   if not FLAGS.dataset:
-    sys.exit("hn_jax.prepare: error: --dataset is required (cub, cars, sop, inshop, hotels50k)")
+    raise PrepareError("--dataset is required (cub, cars, sop, inshop, hotels50k)")
   logging.set_verbosity(logging.ERROR)  # TFDS's info lines would drown the progress bar
-  from hn_jax.tfds_builders import LayoutError  # pylint: disable=g-import-not-at-top
+  from hn_jax.data.tfds_builders import LayoutError  # pylint: disable=g-import-not-at-top
   data_dir = FLAGS.data_dir or os.environ.get("HN_DATA_DIR", "")
   try:
     name = canonical_name(FLAGS.dataset)
     builder = prepare(name, FLAGS.manual_dir, data_dir, overwrite=FLAGS.overwrite,
                       workers=FLAGS.workers)
-  except (PrepareError, LayoutError) as e:
-    sys.exit(f"hn_jax.prepare: error: {e}")
+  except LayoutError as e:
+    raise PrepareError(str(e)) from e
   if not builder.progress:  # nothing was built
     print(f"{name} is already prepared (--overwrite rebuilds it).")
   print(summary(builder))
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (without the program name); returns the exit status."""
+  return cli.run(_prepare, FLAGS, argv, prog=PROG, doc=__doc__, errors=(PrepareError,))
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser("hn_jax.prepare"))
+  sys.exit(main())

@@ -1,7 +1,7 @@
 """Embeds images with a trained run: a dataset split, or a folder of image files, to `.npz`.
 
-    python -m hn_jax.embed --workdir=RUN --split=test --out=test.npz [--dataset=NAME]
-    python -m hn_jax.embed --workdir=RUN --images=FOLDER --out=folder.npz
+    python -m hn_jax.tools.embed --workdir=RUN --split=test --out=test.npz [--dataset=NAME]
+    python -m hn_jax.tools.embed --workdir=RUN --images=FOLDER --out=folder.npz
 
 The run's `config.json` and latest checkpoint give the model; images go through the eval
 transform of the input pipeline (resize the shorter side, center crop; the embed step
@@ -17,7 +17,7 @@ cache that training left (`config.cache`), so it decodes nothing again. The `.np
   embedding_dim  int
   source         str, e.g. "dataset digits, split test" or "folder /path"
   kind           "dataset" or "folder"; dataset, split, data_dir: where the images are
-  workdir        the run that embedded them (hn_jax.search uses it to embed queries)
+  workdir        the run that embedded them (hn_jax.tools.search uses it to embed queries)
 
 Folder images: .jpg, .jpeg, .png (any case), sorted by path, decoded by PIL to RGB; an
 unreadable one is reported on stderr (one line, naming it) and skipped. Single process.
@@ -25,68 +25,32 @@ unreadable one is reported on stderr (one line, naming it) and skipped. Single p
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from tqdm import tqdm
+from absl import flags
 
-from hn_jax import (datasets, evaluation, image_cache, input_pipeline, run_config, sharding,
-                    train_step)
+from hn_jax import checkpoints, cli, evaluation, evaluators, run_config, train_step
+from hn_jax.data import datasets, image_cache, input_pipeline
+from hn_jax.data.splits import Split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-# The config entries that were tuples: JSON turns them into lists.
-_TUPLE_KEYS = ("mean", "std", "lr_drop_epochs")
+PROG = "hn_jax.tools.embed"
 
 
 class EmbedError(ValueError):
   """A problem the command line reports in one line (no traceback)."""
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config.json as a ConfigDict (its tuples restored)."""
-  path = run_config.workdir_path(workdir) / run_config.CONFIG_FILE
-  if not path.is_file():
-    raise EmbedError(f"{path}: no such file; is {workdir!r} the workdir of a training run?")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  for key in _TUPLE_KEYS:
-    if key in config and isinstance(config[key], list):
-      config[key] = tuple(config[key])
-  if "cache_images" in config:  # runs from before config.cache: the cache is free to use
-    with config.unlocked():
-      del config["cache_images"]
-      config.cache = "auto"
-  return config
-
-
 def load_run(workdir: str, mesh=None):
-  """(config, graphdef, state, mesh) of the latest checkpoint of the run in `workdir`.
-
-  `state` is the `train_step.TrainState`, replicated on `mesh` (default: every device).
-  """
-  config = load_config(workdir)
-  mesh = sharding.create_mesh() if mesh is None else mesh
-  model_config = ml_collections.ConfigDict(config.to_dict())
-  model_config.pretrained = ""  # The checkpoint holds the weights.
-  tx = train_step.create_optimizer(model_config, 1)  # The schedule does not shape the state.
-  graphdef, state = train_step.create_train_state(train_step.create_model(model_config), tx)
-  state = sharding.replicate(state, mesh)
-  folder = run_config.workdir_path(workdir) / "checkpoints"
-  checkpoints = ocp.CheckpointManager(folder)
-  step = checkpoints.latest_step()
-  if step is None:
-    raise EmbedError(f"no checkpoint in {folder}")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = checkpoints.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
-  checkpoints.close()
-  return config, graphdef, restored.state, mesh
+  """(config, graphdef, state, mesh) of the latest checkpoint of the run in `workdir`."""
+  try:
+    return checkpoints.restore_run(workdir, mesh)
+  except (run_config.ConfigError, checkpoints.NoCheckpoint) as e:
+    raise EmbedError(str(e)) from e
 
 
 _EMBED_STEPS: dict = {}
@@ -99,28 +63,15 @@ def _embed_step(graphdef, mesh, config):
   return _EMBED_STEPS[key][2]
 
 
-def _embed_batches(config: ml_collections.ConfigDict, batches: Iterable[np.ndarray],
-                   num_batches: int, n: int, graphdef, state, mesh,
-                   progress: bool) -> np.ndarray:
-  step = _embed_step(graphdef, mesh, config)
-  outputs = []
-  batches = input_pipeline.prefetch_to_device(({"images": b} for b in batches), mesh)
-  for batch in tqdm(batches, total=num_batches, desc="embedding", unit="batch",
-                    disable=not progress, file=sys.stderr):
-    outputs.append(step(state, batch["images"]))
-  if not outputs:
-    return np.zeros((0, 0), np.float32)
-  embeddings = np.concatenate([sharding.to_host(o) for o in outputs])[:n]
+def _normalized(embeddings: np.ndarray) -> np.ndarray:
   return np.asarray(evaluation.l2_normalize(embeddings), np.float32)
 
 
-def embed_split(config: ml_collections.ConfigDict, graphdef, state, mesh,
-                split: input_pipeline.Split, *, progress: bool = True) -> np.ndarray:
+def embed_split(config: ml_collections.ConfigDict, graphdef, state, mesh, split: Split, *,
+                progress: bool = True) -> np.ndarray:
   """L2-normalized float32 embeddings of a dataset split, in its order."""
-  num_batches = -(-len(split) // config.eval_batch_size)
-  batches = (b["images"] for b in input_pipeline.eval_batches(split, config))
-  return _embed_batches(config, batches, num_batches, len(split), graphdef, state, mesh,
-                        progress)
+  step = _embed_step(graphdef, mesh, config)
+  return _normalized(evaluators.embed_split(step, state, split, config, mesh, progress=progress))
 
 
 def embed_images(config: ml_collections.ConfigDict, graphdef, state, mesh,
@@ -134,14 +85,16 @@ def embed_images(config: ml_collections.ConfigDict, graphdef, state, mesh,
   size, batch = config.image_size, config.eval_batch_size
   n = len(images)
 
-  def batches():
+  def image_batches():
     for start in range(0, n, batch):
       chunk = np.zeros((batch, size, size, 3), np.uint8)
       for i, image in enumerate(images[start:start + batch]):
         chunk[i] = image_cache.transform(np.asarray(image, np.uint8), "eval", size)
       yield chunk
 
-  return _embed_batches(config, batches(), -(-n // batch), n, graphdef, state, mesh, progress)
+  step = _embed_step(graphdef, mesh, config)
+  return _normalized(evaluators.embed_batches(step, state, image_batches(), n, mesh, progress=progress,
+                                              total=-(-n // batch)))
 
 
 def warn(message: str) -> None:
@@ -196,7 +149,7 @@ def dataset_config(config: ml_collections.ConfigDict, dataset: str | None,
 _PREPARED_SPLITS = {("inshop", "test"): "query", ("hotels50k", "gallery"): "train"}
 
 
-def get_split(config: ml_collections.ConfigDict, split: str) -> input_pipeline.Split:
+def get_split(config: ml_collections.ConfigDict, split: str) -> splits.Split:
   """`split` (train, test or gallery) of `config.dataset`."""
   if split not in ("train", "test", "gallery"):
     raise EmbedError(f"--split={split!r}: use train, test or gallery")
@@ -215,7 +168,7 @@ def split_ids(config: ml_collections.ConfigDict, split: str, n: int) -> np.ndarr
   """The image_ids of a prepared split (from its metadata), else the indices as strings."""
   if config.dataset in datasets.PREPARED:
     try:
-      from hn_jax import tfds_builders  # pylint: disable=g-import-not-at-top
+      from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
       builder = tfds_builders.BUILDERS[config.dataset](data_dir=datasets.data_dir(config))
       name = _PREPARED_SPLITS.get((config.dataset, split), split)
       ids = builder.info.metadata["splits"][name]["image_ids"]
@@ -226,11 +179,11 @@ def split_ids(config: ml_collections.ConfigDict, split: str, n: int) -> np.ndarr
   return np.asarray([str(i) for i in range(n)], dtype=str)
 
 
-def split_image(split: input_pipeline.Split, index: int) -> np.ndarray:
+def split_image(split: splits.Split, index: int) -> np.ndarray:
   """Image `index` of a split as uint8 RGB (H, W, 3), from memory or its records."""
   if isinstance(split.images, np.ndarray):
     return np.asarray(split.images[index], np.uint8)
-  from hn_jax import tf_pipeline  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
   (record,) = split.images.read([int(index)])
   return tf_pipeline.decode_record(record).numpy()
 
@@ -272,31 +225,33 @@ def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
   return record
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m hn_jax.embed", description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="The training run (config.json, checkpoints).")
-  parser.add_argument("--dataset", default=None, help="Dataset name (default: the run's).")
-  parser.add_argument("--split", default=None, help="train, test or gallery.")
-  parser.add_argument("--data_dir", default=None, help="Prepared data (default: the run's).")
-  parser.add_argument("--images", default=None, help="A folder of jpg/jpeg/png images instead.")
-  parser.add_argument("--out", required=True, help="The .npz to write.")
-  parser.add_argument("--no_progress", action="store_true", help="No progress bar.")
-  return parser.parse_args(argv)
+FLAGS = cli.command_flags()
+flags.DEFINE_string("workdir", None, "The training run (config.json, checkpoints).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dataset", None, "Dataset name (default: the run's).", flag_values=FLAGS)
+flags.DEFINE_string("split", None, "train, test or gallery.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "Prepared data (default: the run's).", flag_values=FLAGS)
+flags.DEFINE_string("images", None, "A folder of jpg/jpeg/png images instead.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "The .npz to write.", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "A progress bar on stderr (--noprogress: none).",
+                  flag_values=FLAGS)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  args = parse_args(argv)
+def _embed(_: list[str]) -> None:
   if "tensorflow" in sys.modules:  # keep TensorFlow off the accelerator, if anything loaded it
     sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
-  try:
-    record = embed_to_file(args.workdir, args.out, dataset=args.dataset, split=args.split,
-                           images=args.images, data_dir=args.data_dir,
-                           progress=not args.no_progress)
-  except EmbedError as e:
-    sys.exit(f"hn_jax.embed: error: {e}")
-  print(f"{args.out}: {len(record['ids'])} embeddings of dimension {record['embedding_dim']} "
+  record = embed_to_file(FLAGS.workdir, FLAGS.out, dataset=FLAGS.dataset, split=FLAGS.split,
+                         images=FLAGS.images, data_dir=FLAGS.data_dir, progress=FLAGS.progress)
+  print(f"{FLAGS.out}: {len(record['ids'])} embeddings of dimension {record['embedding_dim']} "
         f"({record['source']})")
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (without the program name); returns the exit status."""
+  return cli.run(_embed, FLAGS, argv, prog=PROG, doc=__doc__, required=("workdir", "out"),
+                 errors=(EmbedError,))
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

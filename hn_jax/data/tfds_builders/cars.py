@@ -12,7 +12,7 @@ import numpy as np
 import scipy.io
 from etils import epath
 
-from hn_jax.tfds_builders import common
+from hn_jax.data.tfds_builders import common
 
 LAYOUT = ("a folder with cars_annos.mat and car_ims/, or the devkit layout: cars_train/, "
           "cars_test/, devkit/cars_train_annos.mat and cars_test_annos_withlabels.mat")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m hn_jax.reproduce --root=/tmp/hn_table [--config=configs/synthetic.py]
+    python -m hn_jax.tools.reproduce --root=/tmp/hn_table [--config=configs/synthetic.py]
         [--methods=hn,shn,sct] [--lrs=0.3,1,3] [--seeds=0,1,2,3,4] [--search_seeds=0,1]
         [--figures=docs/synthetic] [--json=FILE.json] [--config.KEY=VALUE ...]
 
@@ -15,12 +15,12 @@ Usage::
 3. Seeds: the chosen rate of each method with every seed of ``--seeds`` (the search runs of
    those seeds are reused: same config, same seed, the same run).
 4. The table (mean +- sample std over seeds of the final test R@1/2/4/8, in percent, or
-   ``collapse`` where every seed collapsed; `hn_jax.report`'s rule) and, with
+   ``collapse`` where every seed collapsed; `hn_jax.tools.report`'s rule) and, with
    ``--figures=PREFIX``, ``PREFIX_hn_ratio.png`` and ``PREFIX_recall.png``.
 
 Every run is an ordinary hn_jax run in the release's layout,
 ``ROOT/<DATA>_R50/<method>_B<batch>_R<repeat>_D<dim>_lr<lr>_lam<lam>/<seed>/``, run in this
-process one after another; `python -m hn_jax.report ROOT/<DATA>_R50` reads them too. Running
+process one after another; `python -m hn_jax.tools.report ROOT/<DATA>_R50` reads them too. Running
 the command again on the same root skips finished runs and resumes interrupted ones (or
 lengthens them, for a larger ``--config.num_epochs``); a root holding runs of another config
 is refused (`hn_jax.run_config`'s rule). Compiled programs are cached in ``ROOT/xla_cache``
@@ -29,10 +29,7 @@ is refused (`hn_jax.run_config`'s rule). Compiled programs are cached in ``ROOT/
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -43,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
 
-from hn_jax import report
+from hn_jax import cli
+from hn_jax.tools import report
 
 PAPER_KS = (1, 2, 4, 8)
 
@@ -63,35 +62,6 @@ class SearchResult:
   r1: float
   collapsed: bool
   r1_per_seed: tuple[float, ...] = ()
-
-
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, with ``KEY=VALUE`` overrides (Python literals)."""
-  if not os.path.isfile(path):
-    raise ReproduceError(f"--config={path}: no such file; give a config file such as "
-                         "configs/synthetic.py")
-  spec = importlib.util.spec_from_file_location("_hn_reproduce_config", path)
-  module = importlib.util.module_from_spec(spec)
-  repo = str(Path(path).resolve().parents[1])
-  if repo not in sys.path:  # config files import `configs.default`
-    sys.path.insert(0, repo)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep or key not in config:
-      raise ReproduceError(f"--config.{item}: not a KEY=VALUE of a setting in {path}")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    if isinstance(config[key], float) and isinstance(value, int):
-      value = float(value)
-    try:
-      config[key] = value
-    except (TypeError, ValueError) as e:
-      raise ReproduceError(f"--config.{item}: {e}") from e
-  return config
 
 
 def group_name(config: ml_collections.ConfigDict, method: str, lr: str) -> str:
@@ -117,7 +87,7 @@ def _complete(scalars: Mapping[str, Any], config: ml_collections.ConfigDict, key
 
 
 def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
-              log: Any = print) -> dict[str, Any]:
+              log: Any = print, changes: dict | None = None) -> dict[str, Any]:
   """Trains one run (or resumes, or skips it when finished); its final figures."""
   from hn_jax import train  # pylint: disable=g-import-not-at-top  (JAX only when training)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +96,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
   scalars = report.load_scalars(workdir) if has_events else {}
   reused = _complete(scalars, config, key)
   if not reused:
-    train.train_and_evaluate(config, str(workdir))
+    train.train_and_evaluate(config, str(workdir), changes=changes)
     scalars = report.load_scalars(workdir)
   r1 = report.last_value(scalars.get(f"{key}_test_R_1"))
   result = {"r1": r1, "collapsed": report.is_collapsed(scalars),
@@ -203,7 +173,8 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
               seeds: Sequence[int] = (0, 1, 2, 3, 4), search_seeds: Sequence[int] = (0, 1),
               figures: str | None = None, log: Any = print) -> dict[str, Any]:
   """Search, seeds, table and figures (see the module docstring); returns it all as data."""
-  from hn_jax import datasets, losses, run_config  # pylint: disable=g-import-not-at-top
+  from hn_jax import losses, run_config  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
   unknown = [m for m in methods if m not in losses.METHODS]
   if unknown or not methods:
     raise ReproduceError(f"--methods: {','.join(unknown) or 'none given'}; use some of "
@@ -217,12 +188,12 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
       raise ReproduceError(f"--lrs: {lr!r} is not a positive learning rate")
   if not lrs or not seeds or not search_seeds:
     raise ReproduceError("--lrs, --seeds and --search_seeds need at least one value each")
-  from hn_jax import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   for method in methods:  # every setting checked before anything compiles
-    train.check_config(config_for(config, method, lrs[0], seeds[0]))
+    run_config.validate(config_for(config, method, lrs[0], seeds[0]),
+                        num_devices=jax.device_count(), num_processes=jax.process_count())
   key = datasets.KEYS[config.dataset]
   base = Path(root) / f"{key}_R50"
-  import jax  # pylint: disable=g-import-not-at-top
   if not jax.config.jax_compilation_cache_dir:
     # The seeds of a method compile the same programs: compile them once.
     jax.config.update("jax_compilation_cache_dir", str(Path(root).resolve() / "xla_cache"))
@@ -231,10 +202,12 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   def workdir(method: str, lr: str, seed: int) -> Path:
     return base / group_name(config, method, lr) / str(seed)
 
+  changes = {}  # workdir -> its changeable settings that differ (checked once, here)
   for method in methods:  # a root of another config is refused before anything runs
     for lr in lrs:
       for seed in {*search_seeds, *seeds}:
-        run_config.check(config_for(config, method, lr, seed), str(workdir(method, lr, seed)))
+        folder = workdir(method, lr, seed)
+        changes[folder] = run_config.check(config_for(config, method, lr, seed), str(folder))
   total = len(methods) * (len(lrs) * len(search_seeds)
                           + len([s for s in seeds if s not in search_seeds]))
   log(f"search: {', '.join(methods)} at learning rates {', '.join(lrs)}, seeds "
@@ -244,7 +217,7 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   for method in methods:
     for lr in lrs:
       done = [train_run(config_for(config, method, lr, seed), workdir(method, lr, seed), key,
-                        log) for seed in search_seeds]
+                        log, changes[workdir(method, lr, seed)]) for seed in search_seeds]
       r1s = tuple(math.nan if d["r1"] is None else d["r1"] for d in done)
       search.append(SearchResult(method, lr, float(sum(r1s) / len(r1s)),
                                  any(d["collapsed"] for d in done), r1s))
@@ -252,7 +225,8 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   log("chosen: " + ", ".join(f"{m} lr {lr}" for m, lr in chosen.items()))
   for method, lr in chosen.items():
     for seed in seeds:
-      train_run(config_for(config, method, lr, seed), workdir(method, lr, seed), key, log)
+      train_run(config_for(config, method, lr, seed), workdir(method, lr, seed), key, log,
+                changes[workdir(method, lr, seed)])
 
   groups = report.load_groups([base / group_name(config, m, lr) for m, lr in chosen.items()])
   # Only the chosen seeds: a search seed outside --seeds is not averaged.
@@ -280,51 +254,46 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(
-      prog="python -m hn_jax.reproduce", description=__doc__.split("\n\n", 1)[0],
-      epilog=__doc__[__doc__.index("1. Search"):],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--root", required=True, help="where the runs go (release layout)")
-  parser.add_argument("--config", default="configs/synthetic.py", help="config file")
-  parser.add_argument("--methods", default="hn,shn,sct", help="comma-separated losses")
-  parser.add_argument("--lrs", default="0.3,1,3",
-                      help="learning rates searched, comma-separated, as typed in folder names")
-  parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the table")
-  parser.add_argument("--search_seeds", default="0,1", help="the seeds of the search runs")
-  parser.add_argument("--figures", metavar="PREFIX",
-                      help="write PREFIX_hn_ratio.png and PREFIX_recall.png")
-  parser.add_argument("--json", metavar="FILE", help="also write everything as JSON here")
-  args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config."):
-      parser.error(f"unrecognized argument {item}; settings are --config.KEY=VALUE")
-    overrides.append(item[len("--config."):])
+PROG = "hn_jax.tools.reproduce"
+# The study's default config: configs/synthetic.py of this source tree.
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "synthetic.py")
+FLAGS = cli.command_flags()
+flags.DEFINE_string("root", None, "Where the runs go (the release's layout).", flag_values=FLAGS)
+cli.define_config(FLAGS, DEFAULT_CONFIG, "The config file of the study (default: "
+                  "configs/synthetic.py); --config.KEY=VALUE overrides its settings.")
+flags.DEFINE_list("methods", ["hn", "shn", "sct"], "The losses, comma-separated.",
+                  flag_values=FLAGS)
+flags.DEFINE_list("lrs", ["0.3", "1", "3"], "Learning rates searched, comma-separated, as "
+                  "typed in folder names.", flag_values=FLAGS)
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "The seeds of the table.",
+                  flag_values=FLAGS)
+flags.DEFINE_list("search_seeds", ["0", "1"], "The seeds of the search runs.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("figures", None, "Write PREFIX_hn_ratio.png and PREFIX_recall.png.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write everything as JSON to this file.",
+                    flag_values=FLAGS)
+
+
+def _reproduce(_: list[str]) -> int:
   try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    search_seeds = [int(s) for s in args.search_seeds.split(",") if s.strip()]
-  except ValueError:
-    parser.error(f"--seeds={args.seeds}, --search_seeds={args.search_seeds}: give integers, "
-                 "e.g. --seeds=0,1,2")
-  if args.json and not Path(args.json).resolve().parent.is_dir():
-    print(f"hn_jax.reproduce: error: --json={args.json}: its folder does not exist; create it "
-          "first", file=sys.stderr)
-    return 2
+    seeds = [int(s) for s in FLAGS.seeds if s.strip()]
+    search_seeds = [int(s) for s in FLAGS.search_seeds if s.strip()]
+  except ValueError as e:
+    raise ReproduceError(f"--seeds={','.join(FLAGS.seeds)}, --search_seeds="
+                         f"{','.join(FLAGS.search_seeds)}: give integers, e.g. --seeds=0,1,2"
+                         ) from e
+  if FLAGS.json and not Path(FLAGS.json).resolve().parent.is_dir():
+    raise ReproduceError(f"--json={FLAGS.json}: its folder does not exist; create it first")
   from absl import logging  # pylint: disable=g-import-not-at-top
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)  # each run's console lines: one line per run instead
   try:
-    config = load_config(args.config, overrides)
-    result = reproduce(config, args.root,
-                       methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                       lrs=[x.strip() for x in args.lrs.split(",") if x.strip()],
-                       seeds=seeds, search_seeds=search_seeds, figures=args.figures,
+    result = reproduce(ml_collections.ConfigDict(FLAGS.config.to_dict()), FLAGS.root,
+                       methods=[m.strip() for m in FLAGS.methods if m.strip()],
+                       lrs=[x.strip() for x in FLAGS.lrs if x.strip()],
+                       seeds=seeds, search_seeds=search_seeds, figures=FLAGS.figures,
                        log=lambda s: print(s, file=sys.stderr, flush=True))
-  except (ReproduceError, report.ReportError, ValueError) as e:  # train.ConfigError too
-    print(f"hn_jax.reproduce: error: {e}", file=sys.stderr)
-    return 2
   finally:
     logging.set_verbosity(verbosity)
   print(f"Learning-rate search (final test R@1 in percent, mean over the search seeds "
@@ -332,11 +301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{result['search_table']}\n\n{result['dataset']}: final test recall in percent, "
         f"mean +- std over {len(seeds)} seeds:\n\n{result['table']}")
   print(f"\n{result['seconds'] / 60:.1f} minutes in all", file=sys.stderr)
-  if args.json:
-    Path(args.json).write_text(json.dumps(result, indent=1, allow_nan=False))
+  if FLAGS.json:
+    Path(FLAGS.json).write_text(json.dumps(result, indent=1, allow_nan=False))
   for f in result.get("figures", []):
-    print(f"hn_jax.reproduce: wrote {f}", file=sys.stderr)
+    print(f"{PROG}: wrote {f}", file=sys.stderr)
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (without the program name); returns the exit status."""
+  return cli.run(_reproduce, FLAGS, argv, prog=PROG, doc=__doc__, required=("root",),
+                 errors=(ReproduceError, report.ReportError, ValueError))
 
 
 if __name__ == "__main__":

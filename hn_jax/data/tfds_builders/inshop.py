@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from hn_jax.tfds_builders import common
+from hn_jax.data.tfds_builders import common
 
 LAYOUT = ("a folder with Eval/list_eval_partition.txt (image_name item_id evaluation_status) "
           "and img/")

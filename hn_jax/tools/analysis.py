@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m hn_jax.analysis gradient_field --loss=hn|shn|sct [--lr=0.1] [--projection=0.0]
+    python -m hn_jax.tools.analysis gradient_field --loss=hn|shn|sct [--lr=0.1] [--projection=0.0]
         [--grid=20] [--lam=1.0] [--temperature=0.1] [--hard_threshold=0.8]
         --out=FILE.png [--json=FILE.json]
 
@@ -24,7 +24,6 @@ field need not by itself explain what a whole batch does (e.g. hn's collapse).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -33,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from hn_jax import losses
+from hn_jax import cli, losses
 
 
 class AnalysisError(ValueError):
@@ -194,43 +194,47 @@ def plot_field(field: dict[str, Any], out_path: str | Path) -> None:
   plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(prog="python -m hn_jax.analysis",
-                                   description=__doc__.split("\n\n", 1)[0],
-                                   epilog=__doc__[__doc__.index("For every"):],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest="command", required=True)
-  field = commands.add_parser("gradient_field", help="the similarity field of one step")
-  field.add_argument("--loss", required=True, help="hn, shn or sct")
-  field.add_argument("--lr", type=float, default=0.1, help="step size")
-  field.add_argument("--projection", type=float, default=0.0,
-                     help="cosine between the parts of p and n orthogonal to a")
-  field.add_argument("--grid", type=int, default=20, help="points per axis over [0, 1]")
-  field.add_argument("--lam", type=float, default=1.0, help="sct's hard-term weight")
-  field.add_argument("--temperature", type=float, default=0.1, help="t")
-  field.add_argument("--hard_threshold", type=float, default=0.8, help="sct's threshold")
-  field.add_argument("--out", required=True, metavar="FILE.png", help="the figure")
-  field.add_argument("--json", metavar="FILE.json", help="the field as JSON")
-  args = parser.parse_args(argv)
-  try:
-    check_arguments(args.loss, lr=args.lr, projection=args.projection, grid=args.grid,
-                    temperature=args.temperature)
-    for flag, path in (("--out", args.out), ("--json", args.json)):
-      if path and not Path(path).resolve().parent.is_dir():
-        raise AnalysisError(f"{flag}={path}: its folder does not exist; create it first")
-  except AnalysisError as e:
-    print(f"hn_jax.analysis: error: {e}", file=sys.stderr)
-    return 2
-  result = gradient_field(args.loss, lr=args.lr, projection=args.projection, grid=args.grid,
-                          lam=args.lam, temperature=args.temperature,
-                          hard_threshold=args.hard_threshold)
-  plot_field(result, args.out)
-  if args.json:
-    Path(args.json).write_text(json.dumps(result, allow_nan=False))
-  print(f"hn_jax.analysis: wrote {args.out}" + (f" and {args.json}" if args.json else ""),
+PROG = "hn_jax.tools.analysis"
+COMMANDS = ("gradient_field",)
+FLAGS = cli.command_flags()
+flags.DEFINE_string("loss", None, "hn, shn or sct.", flag_values=FLAGS)
+flags.DEFINE_float("lr", 0.1, "Step size.", flag_values=FLAGS)
+flags.DEFINE_float("projection", 0.0, "Cosine between the parts of p and n orthogonal to a.",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("grid", 20, "Points per axis over [0, 1].", flag_values=FLAGS)
+flags.DEFINE_float("lam", 1.0, "sct's hard-term weight.", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.1, "t.", flag_values=FLAGS)
+flags.DEFINE_float("hard_threshold", 0.8, "sct's threshold.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "The figure (FILE.png).", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "The field as JSON (FILE.json).", flag_values=FLAGS)
+
+
+def _analysis(commands: list[str]) -> int:
+  if commands != ["gradient_field"]:
+    raise AnalysisError(f"give one command, one of {', '.join(COMMANDS)}: python -m {PROG} "
+                        "gradient_field --loss=sct --out=FILE.png")
+  if not FLAGS.loss or not FLAGS.out:
+    raise AnalysisError("gradient_field needs --loss (hn, shn or sct) and --out=FILE.png")
+  check_arguments(FLAGS.loss, lr=FLAGS.lr, projection=FLAGS.projection, grid=FLAGS.grid,
+                  temperature=FLAGS.temperature)
+  for flag, path in (("--out", FLAGS.out), ("--json", FLAGS.json)):
+    if path and not Path(path).resolve().parent.is_dir():
+      raise AnalysisError(f"{flag}={path}: its folder does not exist; create it first")
+  result = gradient_field(FLAGS.loss, lr=FLAGS.lr, projection=FLAGS.projection, grid=FLAGS.grid,
+                          lam=FLAGS.lam, temperature=FLAGS.temperature,
+                          hard_threshold=FLAGS.hard_threshold)
+  plot_field(result, FLAGS.out)
+  if FLAGS.json:
+    Path(FLAGS.json).write_text(json.dumps(result, allow_nan=False))
+  print(f"{PROG}: wrote {FLAGS.out}" + (f" and {FLAGS.json}" if FLAGS.json else ""),
         file=sys.stderr)
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (without the program name): COMMAND [flags]; returns the exit status."""
+  return cli.run(_analysis, FLAGS, argv, prog=PROG, doc=__doc__, positional=1,
+                 errors=(AnalysisError,))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m hn_jax.report DIR... [--json] [--plot FILE.png] [--verbose]
+    python -m hn_jax.tools.report DIR... [--json] [--plot FILE.png] [--verbose]
 
 Layout. Every directory that directly holds ``events.out.tfevents.*`` files is one *run*
 (one seed), except that a directory named like a writer's sub-folder (``train``, ``eval``,
@@ -44,7 +44,6 @@ some collapsed runs is averaged over the others, and the table says how many col
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -57,10 +56,13 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+from absl import flags
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import types_pb2
 from tensorboard.compat.tensorflow_stub import errors as tb_errors
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+
+from hn_jax import cli
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
 # Folder names a writer may put below a run folder; such a folder belongs to its parent run.
@@ -422,7 +424,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 5) -> str:
           for line in lines]
   if any(row["n_collapsed"] for row in rows):
     text.append("collapsed runs are left out of the mean unless all of a group collapsed "
-                "(see `python -m hn_jax.report --help`)")
+                "(see `python -m hn_jax.tools.report --help`)")
   return "\n".join(text)
 
 
@@ -583,46 +585,45 @@ def json_safe(value: Any) -> Any:
   return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(
-      prog="python -m hn_jax.report",
-      description=__doc__.split("\n\n", 1)[0],
-      epilog=__doc__[__doc__.index("Layout."):],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories with event files")
-  parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
-  parser.add_argument("--plot", metavar="FILE.png", help="also write a figure here")
-  parser.add_argument("--verbose", "-v", action="store_true",
-                      help="print each run's read time to stderr")
-  args = parser.parse_args(argv)
+PROG = "hn_jax.tools.report"
+FLAGS = cli.command_flags()
+flags.DEFINE_bool("json", False, "Print JSON rows, not a table.", flag_values=FLAGS)
+flags.DEFINE_string("plot", None, "Also write a figure here (FILE.png).", flag_values=FLAGS)
+flags.DEFINE_bool("timings", False, "Print each run's read time to stderr.", flag_values=FLAGS)
+
+
+def _report(dirs: list[str]) -> int:
+  if not dirs:
+    raise ReportError("give at least one DIR with event files: python -m hn_jax.tools.report "
+                      "DIR... [--json] [--plot=FILE.png]")
   timings: dict[str, float] = {}
-  try:
-    groups = load_groups(args.dirs, timings)
-  except ReportError as e:
-    print(f"hn_jax.report: error: {e}", file=sys.stderr)
-    return 2
-  if args.verbose:
+  groups = load_groups(dirs, timings)
+  if FLAGS.timings:
     for run, seconds in timings.items():
       print(f"read {run} in {seconds:.3f} s", file=sys.stderr)
   rows = summarize(groups)
   for group, runs in groups.items():
     if not recall_metrics({k for r in runs for k in r.scalars}):
-      print(f"hn_jax.report: warning: no *_test_R_* scalars in group {group}",
-            file=sys.stderr)
+      print(f"{PROG}: warning: no *_test_R_* scalars in group {group}", file=sys.stderr)
   for row in rows:
     if len(row["last_steps"]) > 1:
-      print(f"hn_jax.report: warning: {row['group']} {row['metric']}: runs end at "
+      print(f"{PROG}: warning: {row['group']} {row['metric']}: runs end at "
             f"different steps {row['last_steps']}", file=sys.stderr)
-  if args.json:
+  if FLAGS.json:
     safe = [{k: json_safe(v) for k, v in row.items()} for row in rows]
     print(json.dumps(safe, indent=1, allow_nan=False))
   else:
     print(format_table(rows))
-  if args.plot:
-    plot(groups, args.plot)
-    print(f"hn_jax.report: wrote {args.plot}", file=sys.stderr)
+  if FLAGS.plot:
+    plot(groups, FLAGS.plot)
+    print(f"{PROG}: wrote {FLAGS.plot}", file=sys.stderr)
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (without the program name): DIR... [flags]; returns the exit status."""
+  return cli.run(_report, FLAGS, argv, prog=PROG, doc=__doc__, positional=10**6,
+                 errors=(ReportError,))
 
 
 if __name__ == "__main__":

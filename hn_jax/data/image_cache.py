@@ -13,6 +13,9 @@ stale file. A file is written to a temporary name, then checked (sizes, key, a C
 image in its footer) and renamed: a run that dies or fills the disk leaves nothing a later
 run would trust, and a truncated or corrupt file is reported in one line and rebuilt.
 
+`cached_images` applies the policy (`CachePolicy`, from the config): a file already there is
+read (or memory-mapped), else the cache is built in memory when it fits the budget, on disk
+when it fits there, and under `auto` not at all (the images then go through tf.data).
 This module reads and writes caches and resizes in-memory images (NumPy); decoding encoded
 records is `tf_pipeline`'s job (the only part that needs TensorFlow).
 """
@@ -23,13 +26,18 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
+import time
 import uuid
 import weakref
 import zlib
 from typing import Iterable, Iterator
 
 import numpy as np
+from absl import logging
+
+from hn_jax.data.splits import Split
 
 MODES = ("auto", "memory", "disk", "off")
 FORMAT_VERSION = 1
@@ -345,16 +353,6 @@ def transform_in_memory(images: np.ndarray, kind: str, image_size: int,
     yield from transform(images[start:start + chunk], kind, image_size)
 
 
-def fingerprint_arrays(*arrays: np.ndarray) -> str:
-  """A digest of in-memory arrays (their shapes, dtypes and bytes)."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(f"{a.shape}{a.dtype}".encode())
-    h.update(memoryview(a).cast("B"))
-  return "sha256:" + h.hexdigest()
-
-
 def progress_bar(iterable: Iterable, total: int, desc: str):
   """A tqdm bar on stderr when it is a terminal (and tqdm is installed)."""
   try:
@@ -364,3 +362,152 @@ def progress_bar(iterable: Iterable, total: int, desc: str):
   return tqdm(iterable, total=total, desc=desc, unit="image", file=sys.stderr,
               mininterval=2.0, disable=None)
 
+
+# ---------------------------------------------------------------------------------------------
+# The policy: where a split's cache lives (memory, a file, nowhere), chosen once per process.
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePolicy:
+  """How decoded images are kept: the config's `cache`, `cache_dir` and `cache_memory_gb`."""
+
+  mode: str = "auto"  # one of MODES
+  folder: str = ""  # cache files go here; "": the split's own cache_folder
+  memory_gb: float = 0.0  # what `auto` may hold in memory; 0: a quarter of the RAM
+
+  @classmethod
+  def from_config(cls, config) -> "CachePolicy":
+    mode = config.get("cache", "auto")
+    if mode not in MODES:
+      raise ValueError(f"config.cache={mode!r}; use one of {', '.join(MODES)}")
+    return cls(mode, config.get("cache_dir", ""), float(config.get("cache_memory_gb", 0.0)))
+
+
+# This process's caches of each live split, by (policy, CacheKey); None: read uncached.
+_OPENED: "weakref.WeakKeyDictionary[Split, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached_images(split: Split, kind: str, image_size: int,
+                  policy: CachePolicy) -> DecodedImages | None:
+  """The split's decoded images for `kind` ("train" or "eval") as `policy` says, built or
+  read once per process; None when the images go through tf.data instead."""
+  if policy.mode == "off" or len(split) == 0:
+    return None
+  key = CacheKey(split.identity, kind, int(image_size))
+  opened = _OPENED.setdefault(split, {})
+  if (policy, key) not in opened:
+    try:
+      opened[(policy, key)] = _open_or_build(split, key, policy)
+    except CacheError as e:
+      if policy.mode != "auto":
+        raise
+      logging.warning("image cache: %s; reading the images uncached", e)
+      opened[(policy, key)] = None
+  return opened[(policy, key)]
+
+
+def _open_or_build(split: Split, key: CacheKey, policy: CachePolicy) -> DecodedImages | None:
+  folder = policy.folder or split.cache_folder
+  path = os.path.join(folder, file_name(split.name, key)) if folder else None
+  budget = memory_budget(policy.memory_gb) - memory_in_use()
+  if path and os.path.exists(path):
+    cache = _read_existing(path, key, policy.mode, budget)
+    if cache is not None:
+      return cache
+  needed = _estimate_bytes(split, key)
+  free = _free_bytes(folder) if folder else 0
+  where = _choose(policy.mode, needed, budget, free, path)
+  if where is None:
+    logging.warning(
+        "image cache: %s's %s images (about %.1f GB decoded) fit neither the memory budget "
+        "(%.1f GB, config.cache_memory_gb) nor the free disk (%.1f GB in %s); reading them "
+        "uncached", split.name or "the split", key.kind, needed / 1e9, max(budget, 0) / 1e9,
+        free / 1e9, folder or "no cache folder")
+    return None
+  if where == "disk":
+    if not path:
+      raise CacheError(
+          "config.cache=disk needs a folder for the cache file: set --config.cache_dir (images "
+          "held in memory, as digits and synthetic, have no data_dir)")
+    if free < needed + DISK_MARGIN:
+      raise CacheError(
+          f"config.cache=disk: {split.name or 'the split'}'s {key.kind} cache needs about "
+          f"{needed / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free (or is not "
+          "writable); set --config.cache_dir to a local disk with room, or use "
+          "--config.cache=memory or off")
+    write_file(path, key, _decode_all(split, key, path), len(split), needed)
+    return read_file(path, key, load=False)
+  # Memory: through a file when there is room for one, so that later runs reuse it.
+  if path and free >= needed + DISK_MARGIN:
+    try:
+      write_file(path, key, _decode_all(split, key, f"memory, saved to {path}"), len(split),
+                 needed)
+      return read_file(path, key, load=True)
+    except CacheError as e:
+      logging.warning("image cache: %s; keeping the images in memory only", e)
+  return from_arrays(_decode_all(split, key, "memory"), len(split))
+
+
+def _read_existing(path: str, key: CacheKey, mode: str, budget: int) -> DecodedImages | None:
+  """The cache file at `path`, loaded or mapped; None (file removed) if it is unusable."""
+  load = mode == "memory" or (mode == "auto" and os.path.getsize(path) <= budget)
+  try:
+    cache = read_file(path, key, load=load)
+  except CorruptCache as e:
+    logging.warning("image cache %s is unusable (%s): rebuilding it", path, e)
+    os.remove(path)
+    return None
+  logging.info("image cache: %s %s", "loaded" if load else "mapped", path)
+  return cache
+
+
+def _choose(mode: str, needed: int, budget: int, free: int, path: str | None) -> str | None:
+  """"memory" or "disk" for a new cache of `needed` bytes; None: no cache (`auto` only)."""
+  if mode != "auto":
+    return mode
+  if needed <= budget:
+    return "memory"
+  if path and needed + max(DISK_MARGIN, free // 10) <= free:
+    return "disk"  # leaving a tenth of the free space to others
+  return None
+
+
+def _estimate_bytes(split: Split, key: CacheKey) -> int:
+  """The bytes of a split's cache: exact for eval and in-memory images, else from a sample."""
+  n = len(split)
+  if key.kind == "eval":
+    return n * key.image_size**2 * 3
+  if isinstance(split.images, np.ndarray):
+    h, w = resized_shape(*split.images.shape[1:3], key.short_side)
+    return n * h * w * 3
+  from hn_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
+  sample = np.unique(np.linspace(0, n - 1, min(n, 32)).astype(np.int64))
+  shapes = tf_pipeline.decoded_shapes(split.images, sample)
+  sizes = [np.prod(resized_shape(h, w, key.short_side)) * 3 for h, w in shapes]
+  return int(np.mean(sizes) * n * (1.0 if len(sample) == n else 1.05))
+
+
+def _decode_all(split: Split, key: CacheKey, where: str) -> Iterator[np.ndarray]:
+  """Every image of the split in the cache's form, in order, behind a progress bar."""
+  logging.info("image cache: decoding the %d images of %s for its %s cache (%s), once",
+               len(split), split.name or "a split", key.kind, where)
+  start = time.monotonic()
+  if isinstance(split.images, np.ndarray):
+    images = transform_in_memory(split.images, key.kind, key.image_size)
+  else:
+    from hn_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
+    images = tf_pipeline.decoded(split.images, key.kind, key.image_size)
+  desc = f"decoding {split.name or 'a split'} for its {key.kind} cache"
+  yield from progress_bar(images, len(split), desc)
+  logging.info("image cache: %s's %s cache built in %.1f s", split.name or "the split",
+               key.kind, time.monotonic() - start)
+
+
+def _free_bytes(folder: str) -> int:
+  try:
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+      return 0
+    return shutil.disk_usage(folder).free
+  except OSError:
+    return 0

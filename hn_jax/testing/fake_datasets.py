@@ -4,7 +4,7 @@ Each `write_*` function writes a few dozen small real image files (PIL) and anno
 files in the exact published format into a folder, and returns what a correct build must
 produce. Every copy holds a missing file, a truncated JPEG, a file that is not an image, a
 grayscale and a CMYK JPEG, an RGB PNG (one with alpha too), a class with a single image and an empty class. Tests use
-them; so can anyone who wants to try `python -m hn_jax.prepare` without the real data.
+them; so can anyone who wants to try `python -m hn_jax.tools.prepare` without the real data.
 """
 
 from __future__ import annotations

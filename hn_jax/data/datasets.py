@@ -1,0 +1,135 @@
+"""Datasets by name: their splits, logging key and evaluation protocol (docs/protocol.md section 6).
+
+- `digits`, `synthetic`: no download, held in memory (`in_memory`).
+- `cub`, `cars`, `sop`, `inshop`, `hotels50k`: the paper's benchmarks, prepared once by
+  `python -m hn_jax.tools.prepare` (TFDS builders in `hn_jax/data/tfds_builders/`) under
+  `config.data_dir` or the `HN_DATA_DIR` environment variable, and read by index from their
+  ArrayRecord files; labels (and Hotels-50K chains) come from the dataset's metadata, so
+  loading reads no image.
+
+A `Dataset` says what its evaluation retrieves (`hn_jax.evaluators` runs it): CUB, CARS and SOP retrieve within the test split (the query left out) and also
+report training-set R@1; In-shop retrieves the query split from the gallery split;
+Hotels-50K retrieves the test images (queries) from the training images (gallery), by
+hotel (instance) and by chain (`{KEY}_test_chain_R_{K}`, over queries of a known chain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from hn_jax.data.splits import RecordSource, Split
+
+IN_MEMORY = ("digits", "synthetic")
+PREPARED = ("cub", "cars", "sop", "inshop", "hotels50k")
+DATASET_NAMES = IN_MEMORY + PREPARED
+# The DATA prefix of the logged scalars (docs/protocol.md section 7) and the K of the test recalls.
+KEYS = {"digits": "DIGITS", "synthetic": "SYNTHETIC", "cub": "CUB", "cars": "CAR", "sop": "SOP",
+        "inshop": "ICR", "hotels50k": "HOTEL"}
+TEST_KS = {"cub": (1, 2, 4, 8), "cars": (1, 2, 4, 8), "sop": (1, 10, 100, 1000),
+           "inshop": (1, 10, 20, 30), "hotels50k": (1, 10, 100)}
+CHAIN_KS = (1, 3, 5)  # Hotels-50K chain recall
+DATA_DIR_ENV = "HN_DATA_DIR"
+CACHE_FOLDER = "image_cache"  # under the data_dir: decoded-image caches of prepared datasets
+
+
+class DataNotPreparedError(ValueError):
+  """The dataset is not prepared where the config points; the message says how to prepare it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A dataset ready for training and evaluation.
+
+  Queries are `test`; they are retrieved from `gallery` when there is one (In-shop: its
+  gallery split; Hotels-50K: the training split), else from the rest of `test`.
+  """
+
+  key: str  # the DATA prefix of the logged scalars, e.g. "CUB"
+  train: Split
+  test: Split
+  test_ks: tuple[int, ...]  # the K of the logged test recalls
+  train_recall: bool  # whether training-set R@1 is logged
+  gallery: Split | None = None
+  chain_ks: tuple[int, ...] = ()  # the K of the chain recalls (Hotels-50K)
+
+
+# The folder each dataset's published layout is usually unpacked to (for the commands we print).
+_LAYOUT_FOLDERS = {"cub": "CUB_200_2011", "cars": "cars196", "sop": "Stanford_Online_Products",
+                   "inshop": "inshop", "hotels50k": "hotels50k"}
+
+
+def prepare_command(dataset: str, data_dir: str | None = None) -> str:
+  """The command line that prepares `dataset` (for error messages)."""
+  folder = _LAYOUT_FOLDERS.get(dataset, dataset)
+  return (f"python -m hn_jax.tools.prepare --dataset={dataset} --manual_dir=/path/to/{folder} "
+          f"--data_dir={data_dir or '/path/to/prepared'}")
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  """Where prepared datasets live: config.data_dir, else $HN_DATA_DIR ("" if neither)."""
+  return config.get("data_dir", "") or os.environ.get(DATA_DIR_ENV, "")
+
+
+def _prepared(name: str, config: ml_collections.ConfigDict) -> Dataset:
+  from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+
+  root = data_dir(config)
+  if not root:
+    raise DataNotPreparedError(
+        f"config.dataset={name!r} needs prepared data: set --config.data_dir or {DATA_DIR_ENV} "
+        f"to where it was prepared, or prepare it with: {prepare_command(name)}")
+  builder = tfds_builders.BUILDERS[name](data_dir=root)
+  if not builder.is_prepared():
+    folder = os.path.dirname(builder.data_dir)
+    older = sorted(v for v in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if v != str(builder.version) and v[:1].isdigit())
+    also = (f" (the copy there is of version {', '.join(older)}; this hn_jax reads "
+            f"{builder.version}: {builder.RELEASE_NOTES[str(builder.version)]})" if older else "")
+    raise DataNotPreparedError(f"dataset {name} is not prepared in {root}{also}; prepare it "
+                               f"with: {prepare_command(name, root)}")
+  info = builder.info
+  if info.file_format is None or info.file_format.value != "array_record":
+    raise DataNotPreparedError(f"dataset {name} in {builder.data_dir} is not in ArrayRecord "
+                               f"files; prepare it again with: {prepare_command(name, root)} "
+                               "--overwrite")
+  tables = info.metadata["splits"]
+
+  def split(split_name: str) -> Split:
+    table = tables[split_name]
+    source = RecordSource([os.fspath(p) for p in info.splits[split_name].filepaths],
+                          num_records=len(table["labels"]))
+    chains = np.asarray(table["chains"], np.int64) if "chains" in table else None
+    # The decoded-image cache is keyed by the record files and what the metadata says of them.
+    described = json.dumps([name, str(info.version), table.get("image_ids"), table["labels"]])
+    fingerprint = (f"{source.fingerprint()}:"
+                   f"{hashlib.sha256(described.encode()).hexdigest()[:16]}")
+    return Split(source, np.asarray(table["labels"], np.int64), chains,
+                 name=f"{name}-{split_name}", fingerprint=fingerprint,
+                 cache_folder=os.path.join(root, CACHE_FOLDER))
+
+  key, ks = KEYS[name], TEST_KS[name]
+  if name == "inshop":
+    return Dataset(key=key, train=split("train"), test=split("query"), test_ks=ks,
+                   train_recall=False, gallery=split("gallery"))
+  if name == "hotels50k":
+    train = split("train")
+    return Dataset(key=key, train=train, test=split("test"), test_ks=ks, train_recall=False,
+                   gallery=train, chain_ks=CHAIN_KS)
+  return Dataset(key=key, train=split("train"), test=split("test"), test_ks=ks,
+                 train_recall=True)
+
+
+def load(config: ml_collections.ConfigDict) -> Dataset:
+  """The dataset `config.dataset` names; DataNotPreparedError if it is not prepared."""
+  if config.dataset in IN_MEMORY:
+    from hn_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+    return in_memory.digits() if config.dataset == "digits" else in_memory.synthetic(config)
+  if config.dataset in PREPARED:
+    return _prepared(config.dataset, config)
+  raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")

@@ -1,0 +1,1 @@
+"""What tests and benchmarks share: fakes of the benchmarks' layouts and PyTorch references."""
