@@ -1,64 +1,181 @@
 #!/usr/bin/env bash
-# Every GPU figure of issues 4, 8 and 13 in one call of a short device session (one H100):
-#   bash benchmarks/device_check.sh              # writes JSON and logs to $OUT (or /tmp/device_check)
-#   bash benchmarks/device_check.sh --smoke      # tiny sizes, on any machine, to test this script
-#   bash benchmarks/device_check.sh --loop       # step 4 alone (the whole script runs ~15 min)
-# Steps, each under its own time limit so that one slow step cannot starve the others:
-#   1. evaluation at the accelerator sizes (60,502 self; 17,954 x 1,027,871), ~2 min
-#   2. the JAX train step, float32 and bfloat16, batch 128 and 512, ~4 min
-#   3. the PyTorch step, eager then torch.compile, ~4 min
-#   4. the training loop (cached input, transfer, step) against the step alone: ResNet50
-#      bfloat16, batch 128 and 512, ~3 min
-# Only JAX (and PyTorch for step 3) are needed: nothing here imports TensorFlow, TFDS or CLU.
+# Every accelerator figure in one call of at most 8 minutes on one H100/H200 (issue 24):
+#   bash benchmarks/device_check.sh            # JSON, logs and the final table in $OUT (/tmp/device_check)
+#   bash benchmarks/device_check.sh --smoke    # tiny sizes, any CPU machine, a few minutes
+#   bash benchmarks/device_check.sh --plan     # print the steps and their limits, run nothing
+#   bash benchmarks/device_check.sh --only=train_loop,evaluation   # some steps alone
+#
+# Steps, in order of value, each under its own time limit (seconds; the limits add up to 450):
+#   env               15  GPU, versions, JAX's devices (and that TensorFlow, TFDS, CLU are absent)
+#   train_step_jax   145  JAX ResNet50 train step, 256 px: bf16 b128, f32 b128, bf16 b512 (one
+#                         process, in that order: the peak memory of each is then its own)
+#   train_step_torch 105  PyTorch beside it, batch 128, channels-last: eager f32, eager bf16,
+#                         torch.compile bf16 (one process, compile last)
+#   train_loop        95  the cached training loop against the step alone, bf16 b128 and b512
+#   evaluation        45  recall of 60,502 x 512 (self) and 17,954 x 1,027,871 x 256
+#   pretrained        35  hn_jax.pretrained against this machine's torchvision (resnet50, resnet18)
+#   summary           10  the final table: every figure beside its target
+# A step that ends early leaves its unused seconds to the steps after it (each step may run
+# for the sum of the limits so far minus the time already spent, never less than its own
+# limit unless an earlier step overran), so the whole run stays within the 450 s and a slow
+# step cannot starve the rest. Every step writes its JSON as it goes: a step cut by its
+# limit keeps the configurations it finished. Peak device memory of each configuration is in
+# the JSON and the table (JAX: memory_stats() peak_bytes_in_use; torch:
+# max_memory_allocated).
+#
+# Compiled programs are cached for the call (JAX_COMPILATION_CACHE_DIR, a fresh folder under
+# /tmp unless set; with it XLA's per-fusion autotuning results, so the loop's ResNet50 convs
+# reuse the tuning of step 2's). Every Python process runs with
+# benchmarks/device_check_hooks/sitecustomize.py, which records any import of tensorflow,
+# tensorflow_datasets or clu into $OUT/forbidden_imports.jsonl (the table reports them).
+# Exit status: 0 when every step exited 0 (targets missed are figures, not errors).
 set -uo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here/.." || exit 1
+
+mode=full
+only=""
+plan=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) mode=smoke ;;
+    --plan) plan=1 ;;
+    --only=*) only="${arg#--only=}" ;;
+    --loop) only=train_loop ;;  # the older spelling
+    -h | --help)
+      sed -n '2,/^set -uo/p' "$0" | sed '$d'
+      exit 0
+      ;;
+    *)
+      echo "unknown argument: $arg (see --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+# name, limit (full run), limit (--smoke)
+STEPS=(
+  "env 15 60"
+  "train_step_jax 145 300"
+  "train_step_torch 105 300"
+  "train_loop 95 300"
+  "evaluation 45 300"
+  "pretrained 35 300"
+  "summary 10 60"
+)
+
+selected() {  # selected NAME: whether --only (if given) names it
+  [[ -z "$only" || ",$only," == *",$1,"* || "$1" == summary ]]
+}
+
+if ((plan)); then
+  total=0
+  for entry in "${STEPS[@]}"; do
+    read -r name full smoke <<<"$entry"
+    selected "$name" || continue
+    limit=$full
+    [[ $mode == smoke ]] && limit=$smoke
+    printf '%-18s %4ds\n' "$name" "$limit"
+    total=$((total + limit))
+  done
+  printf '%-18s %4ds\n' total "$total"
+  exit 0
+fi
 
 out="${OUT:-/tmp/device_check}"
 mkdir -p "$out"
-cd "$(dirname "$0")/.." || exit 1
+out="$(cd "$out" && pwd)"
+: >"$out/steps.tsv"
+: >"$out/forbidden_imports.jsonl"
 
-smoke=0
-loop_only=0
-if [[ "${1:-}" == "--smoke" ]]; then
-  smoke=1
-elif [[ "${1:-}" == "--loop" ]]; then
-  loop_only=1
+if [[ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
+  JAX_COMPILATION_CACHE_DIR="$(mktemp -d /tmp/hn_device_check_xla_cache.XXXXXX)"
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
+export JAX_COMPILATION_CACHE_DIR
+export PYTHONPATH="$here/device_check_hooks${PYTHONPATH:+:$PYTHONPATH}"
+export HN_FORBIDDEN_IMPORTS_LOG="$out/forbidden_imports.jsonl"
+export PYTHONUNBUFFERED=1
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+if [[ $mode == smoke ]]; then
+  # A CPU smoke test: XLA's quickest backend optimization (the figures mean nothing anyway).
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"
 fi
 
-run() {  # run NAME SECONDS COMMAND...: logs to $out/NAME.log, never stops the script
-  local name="$1" seconds="$2"
+planned=0  # sum of the limits of the steps run so far
+failed=0
+step() {  # step NAME LIMIT COMMAND...: logs to $out/NAME.log; never stops the script
+  local name="$1" limit="$2"
   shift 2
-  echo "== $name (limit ${seconds}s): $*"
+  planned=$((planned + limit))
+  local allowed=$((planned - SECONDS))
+  ((allowed < 5)) && allowed=5
+  echo "== $name (limit ${limit}s, allowed ${allowed}s, at ${SECONDS}s): $*"
   local start=$SECONDS
-  timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+  timeout -k 5 "$allowed" "$@" >"$out/$name.log" 2>&1
   local status=$?
-  echo "== $name: exit $status after $((SECONDS - start))s"
-  tail -n 25 "$out/$name.log"
+  local took=$((SECONDS - start))
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$limit" "$allowed" "$status" "$took" >>"$out/steps.tsv"
+  local note=""
+  ((status == 124 || status == 137)) && note=" (TIME LIMIT)"
+  ((status != 0)) && failed=1
+  echo "== $name: exit $status after ${took}s$note"
+  [[ $name == summary ]] || tail -n 8 "$out/$name.log"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
-cat "$out/gpu.txt"
-python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/jax.txt"
+if [[ $mode == smoke ]]; then
+  torch_configs="torch:eager:float32:16,torch:eager:bfloat16:16"
+  if [[ "${SMOKE_TORCH_COMPILE:-0}" == 1 ]]; then  # a cold torch.compile: minutes on a CPU
+    torch_configs+=",torch:compile:bfloat16:16"
+  fi
+  jax_configs="jax:jit:bfloat16:16,jax:jit:float32:16,jax:jit:bfloat16:32"
+  step_args=(--tiny --steps=2 --warmup=1)
+  loop_args=(--model=small --image_size=32 "--batch=16,32" --classes=40 --steps=3 --warmup=1
+             --rounds=1)
+  eval_args=(--quick --device-loop)
+  pretrained_args=(--models=resnet18 --image_size=64 --batch=2)
+  summary_args=(--smoke --ratio_batch=16 --big_batch=32)
+else
+  torch_configs="torch:eager:float32:128,torch:eager:bfloat16:128,torch:compile:bfloat16:128"
+  jax_configs="jax:jit:bfloat16:128,jax:jit:float32:128,jax:jit:bfloat16:512"
+  step_args=(--steps=20 --warmup=3)
+  loop_args=(--model=resnet50 --image_size=256 "--batch=128,512" --classes=300 --steps=20
+             --warmup=3 --rounds=2)
+  eval_args=(--gpu-sizes)
+  pretrained_args=("--models=resnet50,resnet18" --image_size=224 --batch=8)
+  summary_args=(--ratio_batch=128 --big_batch=512)
+fi
 
-if ((smoke)); then
-  run evaluation 300 python benchmarks/evaluation.py --quick --device-loop \
-    --methods=ours,ours-jit,xla-gemm --json="$out/evaluation.json"
-  run train_step 300 python benchmarks/train_step.py --tiny --frameworks=jax \
-    --json="$out/train_step_jax.json"
-  run train_loop 300 python benchmarks/train_loop.py --image_size=32 --batch=16 --classes=40 \
-    --steps=3 --rounds=1 --json="$out/train_loop.json"
-  exit 0
-fi
-train_loop() {
-  run train_loop 300 python benchmarks/train_loop.py --model=resnet50 --dtype=bfloat16 \
-    --batch=128,512 --classes=400 --steps=20 --warmup=3 --json="$out/train_loop.json"
-}
-if ((loop_only)); then
-  train_loop
-  exit 0
-fi
-run evaluation 170 python benchmarks/evaluation.py --gpu-sizes --json="$out/evaluation.json"
-run train_step_jax 250 python benchmarks/train_step.py --frameworks=jax \
-  --json="$out/train_step_jax.json"
-run train_step_torch 170 python benchmarks/train_step.py --frameworks=torch \
-  --json="$out/train_step_torch.json"
-train_loop
+for entry in "${STEPS[@]}"; do
+  read -r name full smoke <<<"$entry"
+  selected "$name" || continue
+  limit=$full
+  [[ $mode == smoke ]] && limit=$smoke
+  case "$name" in
+    env)
+      step env "$limit" python benchmarks/device_summary.py env --json="$out/env.json" ;;
+    train_step_jax)
+      step train_step_jax "$limit" python benchmarks/train_step.py "${step_args[@]}" \
+        --configs="$jax_configs" --json="$out/train_step_jax.json" ;;
+    train_step_torch)
+      step train_step_torch "$limit" python benchmarks/train_step.py "${step_args[@]}" \
+        --configs="$torch_configs" --torch_channels_last=all --json="$out/train_step_torch.json" ;;
+    train_loop)
+      step train_loop "$limit" python benchmarks/train_loop.py "${loop_args[@]}" \
+        --dtype=bfloat16 --json="$out/train_loop.json" ;;
+    evaluation)
+      step evaluation "$limit" python benchmarks/evaluation.py "${eval_args[@]}" --methods=ours \
+        --json="$out/evaluation.json" ;;
+    pretrained)
+      step pretrained "$limit" python benchmarks/pretrained_check.py "${pretrained_args[@]}" \
+        --json="$out/pretrained.json" ;;
+    summary)
+      step summary "$limit" python benchmarks/device_summary.py table --out="$out" \
+        "${summary_args[@]}" ;;
+  esac
+done
+echo
+cat "$out/summary.log"
+echo "total ${SECONDS}s; logs and JSON in $out"
+exit "$failed"

@@ -270,6 +270,12 @@ def main():
   flags += ["--device-loop"] if args.device_loop else []
   print(machine(), flush=True)
   results = []
+
+  def write(complete: bool) -> None:  # after every result: a run cut short keeps what it has
+    if args.json:
+      Path(args.json).write_text(json.dumps(
+          {"machine": machine(), "results": results, "complete": complete}, indent=1))
+
   for name in names:
     for _ in range(args.rounds):
       for method in methods:
@@ -282,11 +288,11 @@ def main():
           result = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(result)
         print(json.dumps(result), flush=True)
+        write(complete=False)
   print(machine(), flush=True)
   print()
   print(table(results))
-  if args.json:
-    Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+  write(complete=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Imports neither tensorflow nor, until run, torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -60,8 +61,8 @@ def _rel(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
   return norm, peak
 
 
-def check(name: str, image_size: int, batch: int, weights: str | None, workdir: str) -> float:
-  """Runs one comparison, prints it, returns the highest-precision norm-wise relative error."""
+def check(name: str, image_size: int, batch: int, weights: str | None, workdir: str) -> dict:
+  """Runs one comparison, prints it, returns its errors (`rel_err_highest` decides)."""
   import torch  # pylint: disable=import-outside-toplevel
   import torchvision  # pylint: disable=import-outside-toplevel
 
@@ -106,7 +107,10 @@ def check(name: str, image_size: int, batch: int, weights: str | None, workdir: 
         f"rel err norm {err_default:.3e}, max {peak_default:.3e}")
   print(f"  torchvision float32 on cpu (for scale):      "
         f"rel err norm {err_tv32:.3e}, max {peak_tv32:.3e}")
-  return err_highest
+  return dict(name=name, weights=weights or "", image_size=image_size, batch=batch,
+              rel_err_highest=err_highest, max_rel_err_highest=peak_highest,
+              rel_err_default=err_default, max_rel_err_default=peak_default,
+              rel_err_torchvision_float32=err_tv32, load_s=load_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--weights", default=None,
                       help="a torchvision .pth to use instead of the random init (one model)")
   parser.add_argument("--tolerance", type=float, default=1e-4)
+  parser.add_argument("--json", default="",
+                      help="also write the errors here (after each model, so a run cut short "
+                           "keeps the models done)")
   args = parser.parse_args(argv)
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -127,10 +134,23 @@ def main(argv: list[str] | None = None) -> int:
   print(f"jax {jax.__version__} on {jax.devices()}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__} (reference on cpu, float64)")
   names = [n.strip() for n in args.models.split(",") if n.strip()]
-  worst = 0.0
+  results = []
+
+  def write(complete: bool) -> None:
+    if args.json:
+      worst = max((r["rel_err_highest"] for r in results), default=None)
+      Path(args.json).write_text(json.dumps(dict(
+          jax=jax.__version__, device=str(jax.devices()[0].device_kind), torch=torch.__version__,
+          torchvision=torchvision.__version__, tolerance=args.tolerance, models=results,
+          worst=worst, passed=None if worst is None else worst <= args.tolerance,
+          complete=complete), indent=1) + "\n")
+
   with tempfile.TemporaryDirectory() as workdir:
     for name in names:
-      worst = max(worst, check(name, args.image_size, args.batch, args.weights, workdir))
+      results.append(check(name, args.image_size, args.batch, args.weights, workdir))
+      write(complete=False)
+  write(complete=True)
+  worst = max(r["rel_err_highest"] for r in results)
   ok = worst <= args.tolerance
   print(f"{'PASS' if ok else 'FAIL'}: worst highest-precision relative error {worst:.3e} "
         f"(tolerance {args.tolerance:g})")

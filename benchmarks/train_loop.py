@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", default="128", help="global batch sizes, comma-separated")
   p.add_argument("--image_size", type=int, default=256)
   p.add_argument("--classes", type=int, default=200,
-                 help="synthetic classes generated (half train) at 10 images each")
+                 help="synthetic classes (half of them train, the only half generated) at 10 "
+                      "images each")
   p.add_argument("--steps", type=int, default=4, help="timed steps of each measurement")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
   p.add_argument("--rounds", type=int, default=2,
@@ -77,10 +78,30 @@ def _config(args, batch: int):
   return config
 
 
+def _train_split(args, config):
+  """The training split the loop reads: digits' (--tiny), or the training half of the
+  synthetic set (only that half is generated: the other is never read here)."""
+  if args.tiny:
+    from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    return datasets.load(config).train
+  from hn_jax.data import in_memory, splits  # pylint: disable=g-import-not-at-top
+  images, labels = in_memory.synthetic_images(
+      args.classes // 2, config.get("synthetic_images_per_class", 10), config.image_size)
+  return splits.Split(images, labels, name="synthetic-train",
+                      fingerprint=f"train_loop-synthetic-{args.classes}-{config.image_size}")
+
+
+def _peak_bytes() -> dict:
+  """Device 0's peak bytes in use so far in this process (nothing on hosts without it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
 def measure(args, batch: int, split, build_s: float) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from hn_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
-  from hn_jax.data import input_pipeline, samplers, splits  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import input_pipeline, samplers  # pylint: disable=g-import-not-at-top
 
   config = _config(args, batch)
   mesh = sharding.create_mesh()
@@ -171,6 +192,7 @@ def measure(args, batch: int, split, build_s: float) -> dict:
   row["loop_over_slower"] = row["loop_images_per_s"] / min(row["input_images_per_s"],
                                                            row["step_images_per_s"])
   row["loop_over_step"] = row["loop_images_per_s"] / row["step_images_per_s"]
+  row.update(_peak_bytes())  # the process's high-water mark: batch sizes run smallest first
   return row
 
 
@@ -182,22 +204,35 @@ def main(argv=None) -> None:
         sys.modules[name] = None  # type: ignore[assignment]  # "not importable"
   sys.path.insert(0, REPO)
   import jax  # pylint: disable=g-import-not-at-top
-  from hn_jax.data import input_pipeline, samplers, splits  # pylint: disable=g-import-not-at-top
-
-  from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   # One split and one cache for every batch size (they do not depend on it).
   config = _config(args, args.batch[0])
-  split = datasets.load(config).train
   start = time.perf_counter()
-  image_cache.cached_images(split, "train", config)
+  split = _train_split(args, config)
+  split_s = time.perf_counter() - start
+  start = time.perf_counter()
+  input_pipeline.cached_images(split, "train", config)
   build_s = time.perf_counter() - start
+  device = jax.devices()[0]
   rows = []
+
+  def write(complete: bool) -> None:
+    """The JSON after every batch size, so that a run cut short keeps the finished ones."""
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(dict(rows=rows, load=os.getloadavg(), device=str(device.device_kind),
+                       cores=os.cpu_count(), forbidden_loaded=_blocked_loaded(),
+                       split_s=split_s, train_images=len(split), complete=complete), f,
+                  indent=2)
+
+  print(f"{len(split)} training images of {args.image_size} px made in {split_s:.1f} s, cached "
+        f"in {build_s:.1f} s", flush=True)
   for batch in args.batch:
     rows.append(measure(args, batch, split, build_s))
     print(json.dumps(rows[-1]), flush=True)
+    write(complete=False)
   load = os.getloadavg()
-  device = jax.devices()[0]
   print(f"\n{platform.machine()}, {os.cpu_count()} cores, {device.platform} "
         f"{device.device_kind} x {jax.device_count()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
@@ -213,10 +248,7 @@ def main(argv=None) -> None:
   loaded = _blocked_loaded()
   if args.check_no_tf:
     print(f"check_no_tf: tensorflow, tensorflow_datasets and clu blocked; loaded: {loaded}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(rows=rows, load=load, device=str(device.device_kind),
-                     cores=os.cpu_count(), forbidden_loaded=loaded), f, indent=2)
+  write(complete=True)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,15 @@ float32 2,280 / -, bfloat16 3,938 / 4,590.
 
 Budget on the GPU: four JAX compilations (about a minute each at most) and four
 torch.compile compilations (typically one to a few minutes each for ResNet50 training); to
-fit a short device session split it, e.g. `--frameworks=jax` then `--frameworks=torch`, or
-`--torch_modes=eager` and `--torch_modes=compile`, with different `--json` files.
+fit a short device session pick configurations with `--configs` (in the order given, e.g.
+`--configs=jax:jit:bfloat16:128,jax:jit:float32:128,jax:jit:bfloat16:512`), or split with
+`--frameworks`, `--torch_modes`, and different `--json` files. benchmarks/device_check.sh
+runs the ones of its eight-minute call. Stopped by SIGTERM (`timeout`), the driver ends
+its worker and still prints and writes the configurations finished (the others: "stopped").
+
+Peak device memory per row: JAX `jax.local_devices()[0].memory_stats()["peak_bytes_in_use"]`,
+the worker process's high-water mark so far (run the configurations smallest first and each
+row's peak is its own); torch `torch.cuda.max_memory_allocated()`, reset per configuration.
 
 Ideas that matter on the GPU (notes; nothing here is switched on unless stated):
   * bfloat16 compute (`config.half_precision`) is the big one: tensor cores at full rate, half
@@ -80,6 +87,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -88,9 +96,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hn_jax.testing.torch_reference import build_torch_resnet, triplet_loss_torch
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # hn_jax from this checkout (the device machine installs none)
+
+from hn_jax.testing.torch_reference import build_torch_resnet, triplet_loss_torch  # noqa: E402
 
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
@@ -121,6 +130,26 @@ def _csv(choices: tuple[str, ...] | None = None):
   return parse
 
 
+def _configs(text: str) -> list[dict]:
+  """FRAMEWORK:MODE:DTYPE:BATCH,... -> plan entries, in the order given."""
+  out = []
+  for item in _csv()(text):
+    parts = item.split(":")
+    if len(parts) != 4:
+      raise argparse.ArgumentTypeError(f"{item!r}: want FRAMEWORK:MODE:DTYPE:BATCH")
+    framework, mode, dtype, batch = parts
+    modes = ("jit",) if framework == "jax" else TORCH_MODES
+    if framework not in FRAMEWORKS or mode not in modes or dtype not in DTYPES:
+      raise argparse.ArgumentTypeError(f"{item!r}: framework one of {FRAMEWORKS}, mode one of "
+                                       f"{modes}, dtype one of {DTYPES}")
+    try:
+      size = int(batch)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{item!r}: the batch is not a number") from None
+    out.append(dict(framework=framework, mode=mode, dtype=dtype, batch=size))
+  return out
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--frameworks", type=_csv(FRAMEWORKS), default="jax,torch")
   p.add_argument("--dtypes", type=_csv(DTYPES), default="float32,bfloat16")
   p.add_argument("--torch_modes", type=_csv(TORCH_MODES), default="eager,compile")
+  p.add_argument("--configs", type=_configs, default=[],
+                 help="instead of every framework x mode x dtype x batch: these, run in this "
+                      "order, as FRAMEWORK:MODE:DTYPE:BATCH (JAX's mode is jit), e.g. "
+                      "jax:jit:bfloat16:128,torch:compile:bfloat16:128")
   p.add_argument("--json", default="", help="write every row, versions and devices here")
   p.add_argument("--embedding_dim", type=int, default=512)
   p.add_argument("--loss", default="sct", choices=("hn", "shn", "sct"))
@@ -203,6 +236,16 @@ def _timings(first_s: float, times: list[float], window_s: float, steps: int,
   return dict(status="ok", compile_s=first_s, step_ms=1e3 * median,
               step_ms_min=1e3 * min(times), step_ms_mean=1e3 * statistics.fmean(times),
               images_per_s=batch / median, pipelined_images_per_s=batch * steps / window_s)
+
+
+def _jax_memory() -> dict[str, Any]:
+  """Device 0's peak and limit (bytes) so far in this process; nothing on hosts without them.
+
+  The peak is the process's high-water mark: run the configurations smallest first (as
+  device_check.sh does) and each row's peak is its own."""
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {k: stats[k] for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
 
 
 def _jax_worker(spec: dict, emit) -> None:
@@ -279,6 +322,7 @@ def _jax_worker(spec: dict, emit) -> None:
     except Exception as exc:  # pylint: disable=broad-except
       row.update(status="OOM" if _is_oom(exc) else "error",
                  error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+    row.update(_jax_memory())
     del state, step, images, labels, metrics
     gc.collect()
     emit(dict(kind="row", **row))
@@ -304,6 +348,10 @@ def _torch_worker(spec: dict, emit) -> None:
     row = dict(cfg, model=args["torch_model"], image_size=args["image_size"], device=device_name,
                devices=1)
     model = opt = images = labels = step = None
+    if cuda:
+      torch.cuda.synchronize()
+      torch.cuda.empty_cache()
+      torch.cuda.reset_peak_memory_stats()
     try:
       torch.manual_seed(args["seed"])
       bf16 = cfg["dtype"] == "bfloat16"
@@ -367,6 +415,9 @@ def _torch_worker(spec: dict, emit) -> None:
     except Exception as exc:  # pylint: disable=broad-except
       row.update(status="OOM" if _is_oom(exc) else "error",
                  error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+    if cuda:  # this configuration's own peak (reset above)
+      row.update(max_memory_allocated=torch.cuda.max_memory_allocated(),
+                 max_memory_reserved=torch.cuda.max_memory_reserved())
     del model, opt, images, labels, step
     gc.collect()
     if cuda:
@@ -425,7 +476,12 @@ def _cpu_model() -> str:
 
 
 def plan(args: argparse.Namespace) -> dict[str, list[dict]]:
+  """Configurations by framework, frameworks in the order they run."""
   configs: dict[str, list[dict]] = {}
+  if args.configs:
+    for cfg in args.configs:
+      configs.setdefault(cfg["framework"], []).append(dict(cfg))
+    return configs
   for framework in args.frameworks:
     modes = ["jit"] if framework == "jax" else list(args.torch_modes)
     configs[framework] = [dict(framework=framework, mode=mode, dtype=dtype, batch=batch)
@@ -438,12 +494,45 @@ def _key(row: dict) -> tuple:
   return row["framework"], row["mode"], row["dtype"], row["batch"]
 
 
+class Stopped(Exception):
+  """The driver got SIGTERM (e.g. from `timeout`): it stops and writes what it has."""
+
+
+def _on_sigterm(signum, frame) -> None:
+  del frame
+  # `timeout` signals the driver and then its whole process group: the second is ignored, so
+  # that it cannot cut short the writing of the results.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  raise Stopped(signal.Signals(signum).name)
+
+
+def _harvest(out: Path, records: list[dict], rows: list[dict]) -> set[tuple]:
+  """Adds a worker's records and rows to the lists; returns the keys of its rows."""
+  done = set()
+  if not out.exists():
+    return done
+  for line in out.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:  # the last line of a worker killed while writing it
+      continue
+    if record["kind"] == "row":
+      rows.append(record)
+      done.add(_key(record))
+    else:
+      records.append(record)
+  return done
+
+
 def run_framework(framework: str, configs: list[dict], args: argparse.Namespace,
-                  workdir: Path) -> tuple[list[dict], list[dict]]:
+                  workdir: Path, records: list[dict] | None = None,
+                  rows: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
   """Runs `configs` in worker processes; a crashed worker's configuration is marked, and a
-  fresh worker takes the rest. Returns (env and check records, rows)."""
+  fresh worker takes the rest. Returns (env and check records, rows), also appended to the
+  lists given; when the driver is stopped (`Stopped`), they hold the rows finished so far."""
   remaining = list(configs)
-  rows, records = [], []
+  rows = [] if rows is None else rows
+  records = [] if records is None else records
   attempt = 0
   while remaining:
     attempt += 1
@@ -457,19 +546,20 @@ def run_framework(framework: str, configs: list[dict], args: argparse.Namespace,
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--_worker_spec={spec_path}"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    for line in proc.stderr:
-      sys.stderr.write(line)
-      tail.append(line)
-    rc = proc.wait()
-    done = set()
-    if out.exists():
-      for line in out.read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "row":
-          rows.append(record)
-          done.add(_key(record))
-        else:
-          records.append(record)
+    try:
+      for line in proc.stderr:
+        sys.stderr.write(line)
+        tail.append(line)
+      rc = proc.wait()
+    finally:
+      if proc.poll() is None:  # stopped: the worker goes too
+        proc.terminate()
+        try:
+          proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+          proc.kill()
+          proc.wait()
+      done = _harvest(out, records, rows)
     remaining = [c for c in remaining if _key(c) not in done]
     if remaining:  # the worker died (or stopped early) at its first unfinished configuration
       crashed = remaining.pop(0)
@@ -520,7 +610,7 @@ def targets(rows: list[dict], ratio_rows: list[dict]) -> list[dict]:
 def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
   by_ratio = {(e["dtype"], e["batch"]): e for e in ratio_rows}
   header = ("framework", "mode", "dtype", "batch", "step ms", "images/s", "compile s",
-            "JAX/eager", "JAX/compiled")
+            "JAX/eager", "JAX/compiled", "peak GiB")
   lines = [header]
 
   def fmt(x, spec):
@@ -535,9 +625,11 @@ def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
     else:
       cells = (r.get("status", "error"), "-", "-")
     e = by_ratio.get((r["dtype"], r["batch"]), {}) if r["framework"] == "jax" else {}
+    peak = r.get("peak_bytes_in_use", r.get("max_memory_allocated"))
     lines.append((r["framework"], r["mode"], r["dtype"], str(r["batch"])) + cells
                  + (fmt(e.get("jax_over_torch_eager"), ".2f"),
-                    fmt(e.get("jax_over_torch_compile"), ".2f")))
+                    fmt(e.get("jax_over_torch_compile"), ".2f"),
+                    fmt(None if peak is None else peak / 2**30, ".1f")))
   widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
   text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
   text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -555,11 +647,18 @@ def main(argv: list[str] | None = None) -> int:
         f"loss {args.loss}, {args.warmup} warm-up + {args.steps} timed steps"
         + (" (--tiny: a smoke test, not a performance figure)" if args.tiny else ""), flush=True)
   records, rows = [], []
+  stopped = ""
+  signal.signal(signal.SIGTERM, _on_sigterm)
   with tempfile.TemporaryDirectory(prefix="hn_train_step_") as tmp:
-    for framework, configs in plan(args).items():
-      r, w = run_framework(framework, configs, args, Path(tmp))
-      records += r
-      rows += w
+    try:
+      for framework, configs in plan(args).items():
+        run_framework(framework, configs, args, Path(tmp), records, rows)
+    except Stopped as e:
+      stopped = str(e)
+      done = {_key(r) for r in rows}
+      rows += [dict(c, kind="row", status="stopped", error=f"{stopped}: not run or not finished")
+               for configs in plan(args).values() for c in configs if _key(c) not in done]
+      print(f"stopped by {stopped}: writing the configurations finished so far", flush=True)
   envs = {r["framework"]: {k: v for k, v in r.items() if k not in ("kind", "framework")}
           for r in records if r["kind"] == "env"}
   checks = [r for r in records if r["kind"] == "check_no_tf"]
@@ -594,11 +693,13 @@ def main(argv: list[str] | None = None) -> int:
       host=dict(hostname=platform.node(), nproc=os.cpu_count(), cpu=_cpu_model(),
                 python=platform.python_version()),
       env=envs, rows=rows, ratios=ratio_rows, targets=target_rows, check_no_tf=checks,
-      note="smoke test (--tiny), not a performance figure" if args.tiny else "")
+      stopped=stopped, note="smoke test (--tiny), not a performance figure" if args.tiny else "")
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")
+  if stopped:
+    return 128 + signal.SIGTERM
   if args.check_no_tf and any(c["loaded"] for c in checks):
     return 3
   return 0

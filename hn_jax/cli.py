@@ -31,6 +31,9 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 SETTINGS_HINT = "every setting is in configs/default.py"
 
 
+_CONFIG_DEFAULTS: dict[int, str | None] = {}  # id(FlagValues) -> its --config default
+
+
 class UsageProblem(ValueError):
   """A mistake on the command line; the message is one line naming it and the fix."""
 
@@ -50,6 +53,7 @@ def define_config(flag_values: flags.FlagValues, default: str | None = None,
   """`--config=FILE` and its `--config.KEY=VALUE` overrides on `flag_values`."""
   config_flags.DEFINE_config_file("config", default, help_text, flag_values=flag_values,
                                   lock_config=True)
+  _CONFIG_DEFAULTS[id(flag_values)] = default
 
 
 def wants_help(argv: Sequence[str]) -> bool:
@@ -120,7 +124,11 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
   file or override that fails.
   """
   flag_values.unparse_flags()
+  argv = list(argv)
   if "config" in flag_values:
+    default = _CONFIG_DEFAULTS.get(id(flag_values))
+    if default and not any(re.match(r"^--?config(=|$)", a) for a in argv):
+      argv.insert(0, f"--config={default}")  # its overrides need the file named first
     for name in [n for n in flag_values if n.startswith("config.")]:
       delattr(flag_values, name)  # the overrides of an earlier parse (commands run in-process)
     # config_flags finds the `--config.KEY` overrides in sys.argv unless told the argv.

@@ -92,7 +92,7 @@ def test_original_logs_single_group_and_seed_dirs():
 
 @needs_original_logs
 def test_does_not_import_tensorflow():
-  code = ("import sys; from hn_jax import report; "
+  code = ("import sys; from hn_jax.tools import report; "
           f"assert report.main([{str(ORIGINAL_LOGS)!r}]) == 0; "
           "bad = [m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.')]; "
           "assert not bad, bad")

@@ -406,6 +406,11 @@ def cached_images(split: Split, kind: str, image_size: int,
   return opened[(policy, key)]
 
 
+def opened(split: Split) -> dict:
+  """This process's caches of `split` so far: {(policy, CacheKey): DecodedImages or None}."""
+  return dict(_OPENED.get(split, {}))
+
+
 def _open_or_build(split: Split, key: CacheKey, policy: CachePolicy) -> DecodedImages | None:
   folder = policy.folder or split.cache_folder
   path = os.path.join(folder, file_name(split.name, key)) if folder else None

@@ -29,7 +29,10 @@ from hn_jax.data.splits import Split
 CACHE_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
-def _cache(split: Split, kind: str, config: ml_collections.ConfigDict):
+def cached_images(split: Split, kind: str, config: ml_collections.ConfigDict
+                  ) -> image_cache.DecodedImages | None:
+  """The split's decoded-image cache for `kind` as the config's cache settings say (None: the
+  images go through tf.data)."""
   return image_cache.cached_images(split, kind, config.image_size,
                                    image_cache.CachePolicy.from_config(config))
 
@@ -73,7 +76,7 @@ def train_batches(split: Split, config: ml_collections.ConfigDict, epoch: int, *
   labels = np.asarray(split.labels)[rows].astype(np.int32)
   words = samplers.augment_words(config.seed, positions)
   flips = (words[..., 2] >> 31).astype(bool)
-  cache = _cache(split, "train", config)
+  cache = cached_images(split, "train", config)
   if cache is None:
     from hn_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
     batches = tf_pipeline.train_batches(split.images, rows.reshape(-1), words.reshape(-1, 3),
@@ -107,7 +110,7 @@ def eval_batches(split: Split, config: ml_collections.ConfigDict, *, process_ind
   mask = rows < n
   rows = np.minimum(rows, n - 1)
   labels = np.asarray(split.labels)[rows].astype(np.int32)
-  cache = _cache(split, "eval", config)
+  cache = cached_images(split, "eval", config)
   if cache is None:
     from hn_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
     yield from tf_pipeline.eval_batches(split.images, rows.reshape(-1), labels.reshape(-1),

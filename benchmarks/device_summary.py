@@ -1,0 +1,292 @@
+"""The environment and the final table of benchmarks/device_check.sh (issue 24).
+
+    python benchmarks/device_summary.py env --json=OUT/env.json
+    python benchmarks/device_summary.py table --out=OUT [--smoke] [--ratio_batch=128 --big_batch=512]
+
+`env`: the accelerator (nvidia-smi), Python, the versions of the packages the check uses,
+whether TensorFlow, TFDS or CLU are installed (by distribution metadata: nothing is
+imported), and JAX's devices.
+
+`table`: reads the JSON that the steps wrote under OUT (any of them may be missing or
+partial: a step cut by its time limit) and prints every figure beside its target, then the
+peak device memory of every configuration, the compile times, the forbidden imports seen and
+each step's exit status and time; also writes OUT/summary.json. Only the standard library
+is imported, so the table prints even where JAX is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+# The targets (issues 4, 5, 8, 13; one H100/H200, ResNet50 at 256 px, embedding 512, sct).
+BF16_VS_COMPILE = 1.2
+BF16_IMAGES_PER_S = 5500.0
+F32_VS_EAGER = 1.5
+BF16_VS_EAGER = 1.5  # issue 8 (the same precision and batch)
+LOOP_OVER_STEP = 0.95
+EVAL_SECONDS = 0.5
+PARITY = 1e-4
+
+PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax",
+            "orbax-checkpoint", "numpy", "scipy", "torch", "torchvision", "triton")
+FORBIDDEN_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tf-nightly", "tensorflow-datasets",
+                           "tfds-nightly", "clu")
+EVAL_CASES = (("self-60502x512", "self-retrieval 60,502 x 512"),
+              ("17954x1027871x256", "17,954 x 1,027,871 x 256"))
+
+
+# ---------------------------------------------------------------------------------------------
+# env
+
+
+def _version(name: str) -> str | None:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def env(json_path: str) -> int:
+  info: dict = dict(python=platform.python_version(), executable=sys.executable,
+                    machine=platform.machine(), nproc=os.cpu_count())
+  try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                          "--format=csv,noheader"], capture_output=True, text=True, timeout=20,
+                         check=False)
+    info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+  except (OSError, subprocess.TimeoutExpired) as e:
+    info["nvidia_smi"] = f"unavailable: {e}"
+  info["packages"] = {name: _version(name) for name in PACKAGES}
+  info["forbidden_installed"] = [n for n in FORBIDDEN_DISTRIBUTIONS if _version(n)]
+  print(f"python {info['python']} ({info['executable']}), {info['nproc']} cores")
+  print(f"gpu: {info['nvidia_smi']}")
+  print("packages: " + ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v))
+  print(f"tensorflow/tfds/clu installed: {info['forbidden_installed'] or 'none'}")
+  status = 0
+  try:
+    import jax  # pylint: disable=import-outside-toplevel
+    devices = jax.devices()
+    info["jax_backend"] = jax.default_backend()
+    info["jax_devices"] = [str(d) for d in devices]
+    info["device_kind"] = devices[0].device_kind
+    print(f"jax {jax.__version__}: {jax.default_backend()}, {len(devices)} device(s): "
+          f"{devices[0].device_kind}")
+  except Exception as e:  # pylint: disable=broad-except
+    info["jax_error"] = f"{type(e).__name__}: {e}"
+    print(f"jax failed: {info['jax_error']}")
+    status = 1
+  Path(json_path).write_text(json.dumps(info, indent=1) + "\n")
+  return status
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+
+
+def _load(path: Path) -> dict | None:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _fmt(x, spec: str = ",.0f") -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def _gib(nbytes) -> str:
+  return "-" if nbytes is None else f"{nbytes / 2**30:.1f} GiB"
+
+
+def _verdict(value, goal: float, at_least: bool, smoke: bool) -> str:
+  if value is None:
+    return "missing"
+  if smoke:
+    return "(smoke)"
+  return "PASS" if (value >= goal if at_least else value < goal) else "FAIL"
+
+
+def _ok(row: dict | None) -> bool:
+  return row is not None and row.get("status", "ok") == "ok"
+
+
+def collect(out: Path, ratio_batch: int, big_batch: int, smoke: bool = False) -> dict:
+  """Every figure of the run in OUT, with its target and verdict."""
+  step_rows = []
+  for name in ("train_step_jax", "train_step_torch"):
+    step_rows += (_load(out / f"{name}.json") or {}).get("rows", [])
+  steps = {(r["framework"], r["mode"], r["dtype"], r["batch"]): r for r in step_rows}
+  loop_rows = {(r["dtype"], r["batch"]): r
+               for r in (_load(out / "train_loop.json") or {}).get("rows", [])}
+  evals = {r["case"]: r for r in (_load(out / "evaluation.json") or {}).get("results", [])
+           if r.get("method") == "ours" and "error" not in r}
+  pretrained = _load(out / "pretrained.json") or {}
+
+  def ips(framework, mode, dtype, batch):
+    row = steps.get((framework, mode, dtype, batch))
+    return row["images_per_s"] if _ok(row) else None
+
+  def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+  figures = []
+
+  def add(name, value, target, verdict, spec=",.0f", note=""):
+    figures.append(dict(figure=name, value=value, text=_fmt(value, spec) + note,
+                        target=target, verdict=verdict))
+
+  b, big = ratio_batch, big_batch
+  jax_bf16 = ips("jax", "jit", "bfloat16", b)
+  jax_f32 = ips("jax", "jit", "float32", b)
+  jax_big = ips("jax", "jit", "bfloat16", big)
+  compile_bf16 = ips("torch", "compile", "bfloat16", b)
+  eager_bf16 = ips("torch", "eager", "bfloat16", b)
+  eager_f32 = ips("torch", "eager", "float32", b)
+  add(f"JAX step bf16 b{b}, images/s", jax_bf16, "", "")
+  add(f"torch.compile bf16 channels-last b{b}, images/s", compile_bf16, "", "")
+  value = ratio(jax_bf16, compile_bf16)
+  add(f"JAX / torch.compile, bf16 b{b}", value, f">= {BF16_VS_COMPILE}",
+      _verdict(value, BF16_VS_COMPILE, True, smoke), ".2f")
+  add(f"torch eager bf16 channels-last b{b}, images/s", eager_bf16, "", "")
+  value = ratio(jax_bf16, eager_bf16)
+  add(f"JAX / torch eager, bf16 b{b}", value, f">= {BF16_VS_EAGER}",
+      _verdict(value, BF16_VS_EAGER, True, smoke), ".2f")
+  note, value = "", jax_big
+  loop_big = loop_rows.get(("bfloat16", big))
+  if value is None and loop_big is not None:  # the loop's step alone is the same step
+    value, note = loop_big["step_images_per_s"], " (train_loop's step alone)"
+  add(f"JAX step bf16 b{big}, images/s", value, f">= {BF16_IMAGES_PER_S:,.0f}",
+      _verdict(value, BF16_IMAGES_PER_S, True, smoke), note=note)
+  add(f"JAX step f32 b{b}, images/s", jax_f32, "", "")
+  add(f"torch eager f32 channels-last b{b}, images/s", eager_f32, "", "")
+  value = ratio(jax_f32, eager_f32)
+  add(f"JAX / torch eager, f32 b{b}", value, f">= {F32_VS_EAGER}",
+      _verdict(value, F32_VS_EAGER, True, smoke), ".2f")
+  for batch in (b, big):
+    row = loop_rows.get(("bfloat16", batch))
+    value = row.get("loop_over_step") if row else None
+    note = "" if row is None else (f" ({row['loop_images_per_s']:,.0f} vs "
+                                   f"{row['step_images_per_s']:,.0f} images/s)")
+    add(f"loop / step alone, bf16 b{batch}", value, f">= {LOOP_OVER_STEP}",
+        _verdict(value, LOOP_OVER_STEP, True, smoke), ".3f", note)
+  cases = EVAL_CASES if not smoke else tuple((c, c) for c in sorted(evals))
+  for case, label in cases:
+    r = evals.get(case, {})
+    value = r.get("steady_s")
+    note = "" if not r else (f" s (first call {_fmt(r.get('first_s'), '.2f')} s, ranking "
+                             f"alone {_fmt(r.get('device_s'), '.3f')} s)")
+    add(f"evaluation {label}, end to end", value, f"< {EVAL_SECONDS} s",
+        _verdict(value, EVAL_SECONDS, False, smoke), ".3f", note)
+  for model in pretrained.get("models", []):
+    value = model.get("rel_err_highest")
+    verdict = "missing" if value is None else ("PASS" if value <= PARITY else "FAIL")
+    add(f"torchvision {pretrained.get('torchvision', '?')} parity, {model['name']}", value,
+        f"<= {PARITY:g}", verdict, ".1e",
+        f" (default precision {_fmt(model.get('rel_err_default'), '.1e')})")
+  if not pretrained.get("models"):
+    add("torchvision parity", None, f"<= {PARITY:g}", "missing")
+
+  memory = []
+  for r in step_rows:
+    peak = r.get("peak_bytes_in_use", r.get("max_memory_allocated"))
+    memory.append(dict(what=f"{r['framework']} {r['mode']} {r['dtype']} b{r['batch']}",
+                       status=r.get("status"), peak=peak, compile_s=r.get("compile_s")))
+  for r in loop_rows.values():
+    memory.append(dict(what=f"loop {r['dtype']} b{r['batch']}", status="ok",
+                       peak=r.get("peak_bytes_in_use"), compile_s=r.get("compile_s")))
+  for case, r in evals.items():
+    mb = r.get("device_peak_mb")
+    memory.append(dict(what=f"evaluation {case}", status="ok",
+                       peak=None if mb is None else mb * 2**20, compile_s=None))
+
+  forbidden = []
+  log = out / "forbidden_imports.jsonl"
+  if log.exists():
+    for line in log.read_text().splitlines():
+      try:
+        forbidden.append(json.loads(line))
+      except ValueError:
+        pass
+  steps_run = []
+  tsv = out / "steps.tsv"
+  if tsv.exists():
+    for line in tsv.read_text().splitlines():
+      name, limit, allowed, status, took = line.split("\t")
+      steps_run.append(dict(step=name, limit=int(limit), allowed=int(allowed),
+                            status=int(status), seconds=int(took)))
+  return dict(smoke=smoke, figures=figures, memory=memory, forbidden_imports=forbidden,
+              steps=steps_run, env=_load(out / "env.json"))
+
+
+def format_table(result: dict) -> str:
+  lines = []
+  env_info = result.get("env") or {}
+  if env_info:
+    packages = env_info.get("packages", {})
+    lines.append(f"{env_info.get('nvidia_smi') or env_info.get('device_kind', '?')}; python "
+                 f"{env_info.get('python')}, jax {packages.get('jax')}, flax "
+                 f"{packages.get('flax')}, torch {packages.get('torch')}, torchvision "
+                 f"{packages.get('torchvision')}, numpy {packages.get('numpy')}")
+  if result["smoke"]:
+    lines.append("--smoke: tiny sizes; the figures test the script, they measure nothing")
+  rows = [("figure", "value", "target", "verdict")]
+  rows += [(f["figure"], f["text"], f["target"], f["verdict"]) for f in result["figures"]]
+  lines += _markdown(rows)
+  lines.append("")
+  rows = [("peak device memory", "peak", "compile s", "status")]
+  rows += [(m["what"], _gib(m["peak"]), _fmt(m["compile_s"], ".1f"), str(m["status"]))
+           for m in result["memory"]]
+  lines += _markdown(rows)
+  lines.append("(JAX: peak_bytes_in_use of the step's process, whose configurations run in "
+               "order of size; torch: max_memory_allocated per configuration)")
+  found = [f for f in result["forbidden_imports"] if f.get("found")]
+  tried = sorted({f"{f['module']} from {f['importer']}" for f in result["forbidden_imports"]})
+  lines.append(f"tensorflow/tfds/clu: {len(found)} import(s) that found the module, "
+               f"{len(result['forbidden_imports'])} attempt(s) in all"
+               + (": " + "; ".join(tried[:5]) if tried else ""))
+  steps = result["steps"]
+  if steps:
+    lines.append("steps: " + ", ".join(
+        f"{s['step']} {s['seconds']}/{s['allowed']}s"
+        + ("" if s["status"] == 0 else f" exit {s['status']}"
+           + (" TIME LIMIT" if s["status"] in (124, 137) else "")) for s in steps)
+                 + f"; {sum(s['seconds'] for s in steps)}s in all")
+  return "\n".join(lines)
+
+
+def _markdown(rows: list[tuple[str, ...]]) -> list[str]:
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  text = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+  text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  return text
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p_env = sub.add_parser("env")
+  p_env.add_argument("--json", required=True)
+  p_table = sub.add_parser("table")
+  p_table.add_argument("--out", required=True)
+  p_table.add_argument("--smoke", action="store_true")
+  p_table.add_argument("--ratio_batch", type=int, default=128)
+  p_table.add_argument("--big_batch", type=int, default=512)
+  args = parser.parse_args(argv)
+  if args.command == "env":
+    return env(args.json)
+  out = Path(args.out)
+  result = collect(out, args.ratio_batch, args.big_batch, args.smoke)
+  print(format_table(result))
+  (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
