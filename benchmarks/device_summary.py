@@ -191,7 +191,9 @@ def collect(out: Path, ratio_batch: int, big_batch: int, smoke: bool = False) ->
         f"<= {PARITY:g}", verdict, ".1e",
         f" (default precision {_fmt(model.get('rel_err_default'), '.1e')})")
   if not pretrained.get("models"):
-    add("torchvision parity", None, f"<= {PARITY:g}", "missing")
+    add("torchvision parity", None, f"<= {PARITY:g}",
+        "skipped" if pretrained.get("skipped") else "missing",
+        note=f" ({pretrained['skipped']})" if pretrained.get("skipped") else "")
 
   memory = []
   for r in step_rows:
@@ -214,6 +216,10 @@ def collect(out: Path, ratio_batch: int, big_batch: int, smoke: bool = False) ->
         forbidden.append(json.loads(line))
       except ValueError:
         pass
+  imported = sorted({f["module"] for f in forbidden if f.get("kind") in ("import", "loaded")})
+  figures.append(dict(figure="tensorflow/tfds/clu imported", value=len(imported),
+                      text=", ".join(imported) or "none", target="none",
+                      verdict="PASS" if not imported else "FAIL"))
   steps_run = []
   tsv = out / "steps.tsv"
   if tsv.exists():
@@ -230,7 +236,10 @@ def format_table(result: dict) -> str:
   env_info = result.get("env") or {}
   if env_info:
     packages = env_info.get("packages", {})
-    lines.append(f"{env_info.get('nvidia_smi') or env_info.get('device_kind', '?')}; python "
+    gpu = env_info.get("nvidia_smi") or ""
+    if not gpu or gpu.startswith("unavailable"):
+      gpu = f"no nvidia-smi; JAX on {env_info.get('device_kind', '?')}"
+    lines.append(f"{gpu}; python "
                  f"{env_info.get('python')}, jax {packages.get('jax')}, flax "
                  f"{packages.get('flax')}, torch {packages.get('torch')}, torchvision "
                  f"{packages.get('torchvision')}, numpy {packages.get('numpy')}")
@@ -246,11 +255,14 @@ def format_table(result: dict) -> str:
   lines += _markdown(rows)
   lines.append("(JAX: peak_bytes_in_use of the step's process, whose configurations run in "
                "order of size; torch: max_memory_allocated per configuration)")
-  found = [f for f in result["forbidden_imports"] if f.get("found")]
-  tried = sorted({f"{f['module']} from {f['importer']}" for f in result["forbidden_imports"]})
-  lines.append(f"tensorflow/tfds/clu: {len(found)} import(s) that found the module, "
-               f"{len(result['forbidden_imports'])} attempt(s) in all"
-               + (": " + "; ".join(tried[:5]) if tried else ""))
+  seen = result["forbidden_imports"]
+  imports = [f for f in seen if f.get("kind") in ("import", "loaded")]
+  probes = sorted({f"{f['module']} by {f['importer']}" for f in seen if f.get("kind") == "probe"})
+  where = sorted({f"{f['module']} by {f['importer']}" for f in imports})
+  lines.append(f"tensorflow/tfds/clu: {'none imported' if not imports else 'IMPORTED'}"
+               + (": " + "; ".join(where[:5]) if where else "")
+               + (f" (find_spec probes only, which find nothing on the device machine: "
+                  f"{'; '.join(probes[:3])})" if probes else ""))
   steps = result["steps"]
   if steps:
     lines.append("steps: " + ", ".join(

@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     print(f"needs torch and torchvision: {e}", file=sys.stderr)
+    if args.json:
+      Path(args.json).write_text(json.dumps(dict(skipped=f"needs torch and torchvision: {e}",
+                                                 models=[])) + "\n")
     return 2
   print(f"jax {jax.__version__} on {jax.devices()}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__} (reference on cpu, float64)")
