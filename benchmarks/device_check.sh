@@ -137,7 +137,7 @@ if [[ $mode == smoke ]]; then
   step_args=(--tiny --steps=2 --warmup=1)
   loop_args=(--model=small --image_size=32 "--batch=16,32" --classes=40 --steps=3 --warmup=1
              --rounds=1)
-  eval_args=(--quick --device-loop)
+  eval_args=(--quick --device-loop --methods=ours-jit)  # the accelerator's path, on a CPU
   pretrained_args=(--models=resnet18 --image_size=64 --batch=2)
   summary_args=(--smoke --ratio_batch=16 --big_batch=32)
 else
@@ -146,7 +146,7 @@ else
   step_args=(--steps=20 --warmup=3)
   loop_args=(--model=resnet50 --image_size=256 "--batch=128,512" --classes=300 --steps=20
              --warmup=3 --rounds=2)
-  eval_args=(--gpu-sizes)
+  eval_args=(--gpu-sizes --methods=ours)
   pretrained_args=("--models=resnet50,resnet18" --image_size=224 --batch=8)
   summary_args=(--ratio_batch=128 --big_batch=512)
 fi
@@ -169,7 +169,7 @@ for entry in "${STEPS[@]}"; do
       step train_loop "$limit" python benchmarks/train_loop.py "${loop_args[@]}" \
         --dtype=bfloat16 --json="$out/train_loop.json" ;;
     evaluation)
-      step evaluation "$limit" python benchmarks/evaluation.py "${eval_args[@]}" --methods=ours \
+      step evaluation "$limit" python benchmarks/evaluation.py "${eval_args[@]}" \
         --json="$out/evaluation.json" ;;
     pretrained)
       step pretrained "$limit" python benchmarks/pretrained_check.py "${pretrained_args[@]}" \

@@ -193,9 +193,9 @@ class Progress:
   def evaluated(self, epoch: int, metrics: dict[str, float]) -> None:
     now = time.monotonic()
     took = now - (self._last_line or self._created)
-    if self._first_step is not None:
+    if self._first_step is not None:  # an evaluation before it also compiled the embed step
       self._eval_s += took
-    self._eval_times.append(took)
+      self._eval_times.append(took)
     self.evals_left = max(0, self.evals_left - 1) if epoch > 0 else self.evals_left
     self._last_line = now
     _say("epoch %d evaluation: %s (%.1f s)", epoch, _short(metrics), took)

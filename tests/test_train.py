@@ -137,6 +137,30 @@ def test_progress_inside_a_long_epoch_has_rate_and_eta(caplog, monkeypatch):
                    "epoch 1/2: step 19 of 20, 0.1 steps/s, ETA 0:03:30"]
 
 
+def test_one_meter_excludes_evaluations_from_the_rate_and_counts_them_in_the_eta(
+    caplog, monkeypatch):
+  """The rate is training steps per training second; the ETA adds the evaluations still to
+  come at their mean duration; the epoch's scalars carry the same rate for TensorBoard."""
+  now = [0.0]
+  monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
+  caplog.set_level(logging.INFO, logger="absl")
+  clock = train.Progress(total_steps=40, steps_per_epoch=10, num_epochs=4, every_s=1e9,
+                         evals_left=2)
+  clock.evaluated(0, {})  # before the first step: neither rate nor ETA change
+  for step in range(1, 11):
+    clock.stepped(step)
+    now[0] += 2.0  # 0.5 steps/s from step 1 on
+  now[0] -= 2.0
+  scalars = {"loss": 1.0, "train/hn_ratio": 0.5, "skipped_steps": 0.0}
+  clock.epoch_done(1, 10, scalars)
+  assert scalars["steps_per_sec"] == pytest.approx(0.5)
+  now[0] += 30.0  # an evaluation of 30 s
+  clock.evaluated(2, {})
+  assert clock.rate(10) == pytest.approx(0.5), "evaluation time is not training time"
+  # 30 steps at 0.5 steps/s, and one evaluation left at 30 s.
+  assert clock.eta(10) == pytest.approx(30 / 0.5 + 30.0)
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
   config = tiny_config(learning_rate=1e30, max_consecutive_skips=3, num_epochs=1)
   with pytest.raises(train_step.TrainingStopped, match="not finite for 3 steps in a row"):

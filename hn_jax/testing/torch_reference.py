@@ -189,4 +189,4 @@ def build_torch_resnet(name: str, embedding_dim: int, impl: str = "auto"):
   specs = {"resnet50": (Bottleneck, (3, 4, 6, 3), 64), "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
            "small": (BasicBlock, (1, 1, 1, 1), 16)}
   block, layers, width = specs[name]
-  return ResNet(block, layers, embedding_dim, width), f"{name} in torchvision's layout (hn_jax.testing.torch_reference)"
+  return ResNet(block, layers, embedding_dim, width), f"{name} in torchvision's layout (this file: hn_jax.testing.torch_reference)"
