@@ -82,7 +82,7 @@ def defaults() -> ml_collections.ConfigDict:
   # Loss.
   config.loss = "sct"  # "hn" (hardest negative), "shn" (semi-hard) or "sct" (selective).
   config.lam = 1.0  # Weight of sct's hard-triplet term.
-  config.temperature = 0.1  # Softmax temperature of the triplet term.
+  config.temperature = 0.1  # Temperature t of the triplet term softplus((S_an - S_ap) / t).
   config.hard_threshold = 0.8  # sct: a negative more similar than this makes a hard triplet.
   # Optimization.
   config.learning_rate = 0.009  # SGD learning rate (sct on CUB; shn uses 0.002).

@@ -12,7 +12,7 @@ import numpy as np
 
 from configs import synthetic
 from hn_jax import evaluation, train
-from hn_jax.data import datasets
+from hn_jax.data import datasets, in_memory
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
