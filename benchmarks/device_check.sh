@@ -12,6 +12,7 @@
 #   train_step_torch 105  PyTorch beside it, batch 128, channels-last: eager f32, eager bf16,
 #                         torch.compile bf16 (one process, compile last)
 #   train_loop        95  the cached training loop against the step alone, bf16 b128 and b512
+#                         (its data is made while the b128 step compiles)
 #   evaluation        45  recall of 60,502 x 512 (self) and 17,954 x 1,027,871 x 256
 #   pretrained        35  hn_jax.pretrained against this machine's torchvision (resnet50, resnet18)
 #   summary           10  the final table: every figure beside its target
