@@ -305,7 +305,7 @@ def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
   path = tmp_path / "w.pth"
   path.write_bytes(b"")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
-  with pytest.raises(ImportError, match=r"needs PyTorch.*hn_jax\.convert_weights"):
+  with pytest.raises(ImportError, match=r"needs PyTorch.*hn_jax\.tools\.convert_weights"):
     pretrained.read_state_dict(path)
 
 

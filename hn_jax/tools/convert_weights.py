@@ -85,15 +85,12 @@ flags.DEFINE_enum("model", None, ["resnet18", "resnet50"], "Optionally check eve
                   "shape against this architecture.", flag_values=FLAGS)
 
 
-class ConvertError(ValueError):
-  """A file that cannot be converted; the message names it."""
-
-
 def _convert(_: list[str]) -> int:
   try:
     state_dict = convert(FLAGS.input, FLAGS.output, FLAGS.model)
   except (ValueError, FileNotFoundError, ImportError) as e:
-    raise ConvertError(str(e)) from e
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 1  # a file that cannot be converted (2: a mistake on the command line)
   n_values = sum(int(v.size) for v in state_dict.values())
   print(f"wrote {len(state_dict)} arrays ({n_values:,} values) to {FLAGS.output}")
   return 0
@@ -101,8 +98,7 @@ def _convert(_: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line (without the program name); returns the exit status."""
-  return cli.run(_convert, FLAGS, argv, prog=PROG, doc=__doc__, required=("input", "output"),
-                 errors=(ConvertError,))
+  return cli.run(_convert, FLAGS, argv, prog=PROG, doc=__doc__, required=("input", "output"))
 
 
 if __name__ == "__main__":
