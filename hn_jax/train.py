@@ -132,7 +132,8 @@ class Progress:
   """The run's one progress meter: a rate, an ETA, and the lines of the console account.
 
   The rate is training steps per second of training time (compilation and evaluations
-  excluded); the ETA adds the evaluations still to come at their mean duration so far. The
+  excluded); the ETA, to the last training step, adds the evaluations still to come before
+  it at their mean duration so far. The
   same rate goes to the console (a line per epoch, and every `every_s` seconds inside a long
   epoch) and to TensorBoard (`steps_per_sec` at each epoch's end).
   """
@@ -160,7 +161,8 @@ class Progress:
     if rate is None:
       return None
     mean_eval = sum(self._eval_times) / len(self._eval_times) if self._eval_times else 0.0
-    return (self.total_steps - step) / rate + self.evals_left * mean_eval
+    # The evaluations before the last step; the final one follows it.
+    return (self.total_steps - step) / rate + max(0, self.evals_left - 1) * mean_eval
 
   def _pace(self, step: int) -> str:
     rate = self.rate(step)

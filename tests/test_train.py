@@ -145,7 +145,7 @@ def test_one_meter_excludes_evaluations_from_the_rate_and_counts_them_in_the_eta
   monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
   caplog.set_level(logging.INFO, logger="absl")
   clock = train.Progress(total_steps=40, steps_per_epoch=10, num_epochs=4, every_s=1e9,
-                         evals_left=2)
+                         evals_left=3)
   clock.evaluated(0, {})  # before the first step: neither rate nor ETA change
   for step in range(1, 11):
     clock.stepped(step)
@@ -157,7 +157,8 @@ def test_one_meter_excludes_evaluations_from_the_rate_and_counts_them_in_the_eta
   now[0] += 30.0  # an evaluation of 30 s
   clock.evaluated(2, {})
   assert clock.rate(10) == pytest.approx(0.5), "evaluation time is not training time"
-  # 30 steps at 0.5 steps/s, and one evaluation left at 30 s.
+  # 30 steps at 0.5 steps/s, and one evaluation left before the last step (the final one
+  # comes after it), at 30 s.
   assert clock.eta(10) == pytest.approx(30 / 0.5 + 30.0)
 
 
