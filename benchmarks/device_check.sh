@@ -26,9 +26,12 @@
 #
 # Compiled programs are cached for the call (JAX_COMPILATION_CACHE_DIR, a fresh folder under
 # /tmp unless set; with it XLA's per-fusion autotuning results, so the loop's ResNet50 convs
-# reuse the tuning of step 2's). Every Python process runs with
+# reuse the tuning of train_step_jax's). Every Python process runs with
 # benchmarks/device_check_hooks/sitecustomize.py, which records any import of tensorflow,
 # tensorflow_datasets or clu into $OUT/forbidden_imports.jsonl (the table reports them).
+# The table reads every step's JSON in $OUT: with --only, those of steps an earlier call left
+# there too (each step removes its own before it runs).
+# Python: $PYTHON, else `python`, else `python3` on PATH.
 # Exit status: 0 when every step exited 0 (targets missed are figures, not errors).
 set -uo pipefail
 
@@ -84,6 +87,11 @@ if ((plan)); then
   exit 0
 fi
 
+python="${PYTHON:-$(command -v python || command -v python3)}"  # the one of the active venv
+if [[ -z "$python" ]]; then
+  echo "no python on PATH (set PYTHON)" >&2
+  exit 2
+fi
 out="${OUT:-/tmp/device_check}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -114,6 +122,7 @@ step() {  # step NAME LIMIT COMMAND...: logs to $out/NAME.log; never stops the s
   ((allowed < 5)) && allowed=5
   echo "== $name (limit ${limit}s, allowed ${allowed}s, at ${SECONDS}s): $*"
   local start=$SECONDS
+  rm -f "$out/$name.json"  # no figure of an earlier run under this step's name
   timeout -k 5 "$allowed" "$@" >"$out/$name.log" 2>&1
   local status=$?
   local took=$((SECONDS - start))
@@ -159,24 +168,24 @@ for entry in "${STEPS[@]}"; do
   [[ $mode == smoke ]] && limit=$smoke
   case "$name" in
     env)
-      step env "$limit" python benchmarks/device_summary.py env --json="$out/env.json" ;;
+      step env "$limit" "$python" benchmarks/device_summary.py env --json="$out/env.json" ;;
     train_step_jax)
-      step train_step_jax "$limit" python benchmarks/train_step.py "${step_args[@]}" \
+      step train_step_jax "$limit" "$python" benchmarks/train_step.py "${step_args[@]}" \
         --configs="$jax_configs" --json="$out/train_step_jax.json" ;;
     train_step_torch)
-      step train_step_torch "$limit" python benchmarks/train_step.py "${step_args[@]}" \
+      step train_step_torch "$limit" "$python" benchmarks/train_step.py "${step_args[@]}" \
         --configs="$torch_configs" --torch_channels_last=all --json="$out/train_step_torch.json" ;;
     train_loop)
-      step train_loop "$limit" python benchmarks/train_loop.py "${loop_args[@]}" \
+      step train_loop "$limit" "$python" benchmarks/train_loop.py "${loop_args[@]}" \
         --dtype=bfloat16 --json="$out/train_loop.json" ;;
     evaluation)
-      step evaluation "$limit" python benchmarks/evaluation.py "${eval_args[@]}" \
+      step evaluation "$limit" "$python" benchmarks/evaluation.py "${eval_args[@]}" \
         --json="$out/evaluation.json" ;;
     pretrained)
-      step pretrained "$limit" python benchmarks/pretrained_check.py "${pretrained_args[@]}" \
+      step pretrained "$limit" "$python" benchmarks/pretrained_check.py "${pretrained_args[@]}" \
         --json="$out/pretrained.json" ;;
     summary)
-      step summary "$limit" python benchmarks/device_summary.py table --out="$out" \
+      step summary "$limit" "$python" benchmarks/device_summary.py table --out="$out" \
         "${summary_args[@]}" ;;
   esac
 done
