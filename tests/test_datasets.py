@@ -17,7 +17,7 @@ import pytest
 
 from hn_jax import evaluators
 from hn_jax.data import datasets, input_pipeline, samplers, splits, tf_pipeline
-from hn_jax.data.tfds_builders import BUILDERS, LayoutError
+from hn_jax.data.tfds_builders import LayoutError
 from hn_jax.testing import fake_datasets as fakes
 from hn_jax.tools import prepare
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hn_jax import run_config, sharding, train_step
-from hn_jax.data import image_cache, input_pipeline, samplers, splits
+from hn_jax.data import image_cache, input_pipeline, splits
 
 
 def _config(**overrides):
@@ -249,8 +249,6 @@ def test_prefetch_to_device_keeps_order_and_values():
 
 
 def test_the_old_cache_images_key_is_refused_with_its_replacement(tmp_path):
-  from hn_jax import train
-  from hn_jax.tools import embed
   from configs import digits
   config = digits.get_config()
   config.cache_images = True

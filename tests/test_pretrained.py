@@ -7,7 +7,6 @@ The reference networks are plain PyTorch with torchvision's module layout and st
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys

@@ -7,8 +7,8 @@
   ArrayRecord files; labels (and Hotels-50K chains) come from the dataset's metadata, so
   loading reads no image.
 
-A `Dataset` says what its evaluation retrieves (`hn_jax.evaluators` runs it): CUB, CARS and SOP retrieve within the test split (the query left out) and also
-report training-set R@1; In-shop retrieves the query split from the gallery split;
+A `Dataset` says what its evaluation retrieves (`hn_jax.evaluators` runs it): CUB, CARS and
+SOP retrieve within the test split (the query left out) and also report training-set R@1; In-shop retrieves the query split from the gallery split;
 Hotels-50K retrieves the test images (queries) from the training images (gallery), by
 hotel (instance) and by chain (`{KEY}_test_chain_R_{K}`, over queries of a known chain).
 """

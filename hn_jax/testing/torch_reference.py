@@ -1,4 +1,4 @@
-"""PyTorch references that tests and benchmarks share: the release's loss and a torchvision-layout ResNet.
+"""PyTorch references for tests and benchmarks: the release's loss, a torchvision-layout ResNet.
 
 Independent implementations to check hn_jax against (tests/test_benchmark_train_step.py,
 tests/test_pretrained.py) and to time beside it (benchmarks/train_step.py). PyTorch is
@@ -189,4 +189,5 @@ def build_torch_resnet(name: str, embedding_dim: int, impl: str = "auto"):
   specs = {"resnet50": (Bottleneck, (3, 4, 6, 3), 64), "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
            "small": (BasicBlock, (1, 1, 1, 1), 16)}
   block, layers, width = specs[name]
-  return ResNet(block, layers, embedding_dim, width), f"{name} in torchvision's layout (this file: hn_jax.testing.torch_reference)"
+  return (ResNet(block, layers, embedding_dim, width),
+          f"{name} in torchvision's layout (this file: hn_jax.testing.torch_reference)")

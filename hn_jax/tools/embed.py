@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 
 from hn_jax import checkpoints, cli, evaluation, evaluators, run_config, train_step
-from hn_jax.data import datasets, image_cache, input_pipeline
+from hn_jax.data import datasets, image_cache
 from hn_jax.data.splits import Split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -93,8 +93,8 @@ def embed_images(config: ml_collections.ConfigDict, graphdef, state, mesh,
       yield chunk
 
   step = _embed_step(graphdef, mesh, config)
-  return _normalized(evaluators.embed_batches(step, state, image_batches(), n, mesh, progress=progress,
-                                              total=-(-n // batch)))
+  return _normalized(evaluators.embed_batches(step, state, image_batches(), n, mesh,
+                                              progress=progress, total=-(-n // batch)))
 
 
 def warn(message: str) -> None:
@@ -149,7 +149,7 @@ def dataset_config(config: ml_collections.ConfigDict, dataset: str | None,
 _PREPARED_SPLITS = {("inshop", "test"): "query", ("hotels50k", "gallery"): "train"}
 
 
-def get_split(config: ml_collections.ConfigDict, split: str) -> splits.Split:
+def get_split(config: ml_collections.ConfigDict, split: str) -> Split:
   """`split` (train, test or gallery) of `config.dataset`."""
   if split not in ("train", "test", "gallery"):
     raise EmbedError(f"--split={split!r}: use train, test or gallery")
@@ -179,7 +179,7 @@ def split_ids(config: ml_collections.ConfigDict, split: str, n: int) -> np.ndarr
   return np.asarray([str(i) for i in range(n)], dtype=str)
 
 
-def split_image(split: splits.Split, index: int) -> np.ndarray:
+def split_image(split: Split, index: int) -> np.ndarray:
   """Image `index` of a split as uint8 RGB (H, W, 3), from memory or its records."""
   if isinstance(split.images, np.ndarray):
     return np.asarray(split.images[index], np.uint8)
