@@ -130,7 +130,7 @@ step() {  # step NAME LIMIT COMMAND...: logs to $out/NAME.log; never stops the s
   local note=""
   ((status == 124 || status == 137)) && note=" (TIME LIMIT)"
   if [[ $mode == smoke && $name == pretrained && $status == 2 ]]; then
-    note=" (skipped: no torchvision here)"  # a CPU machine may lack it; the device has it
+    note=" (skipped: no torch here)"  # a CPU machine may lack it; the device has it
   elif ((status != 0)); then
     failed=1
   fi
@@ -144,10 +144,10 @@ if [[ $mode == smoke ]]; then
     torch_configs+=",torch:compile:bfloat16:16"
   fi
   jax_configs="jax:jit:bfloat16:16,jax:jit:float32:16,jax:jit:bfloat16:32"
-  step_args=(--tiny --steps=2 --warmup=1)
+  step_args=(--smoke --steps=2 --warmup=1)
   loop_args=(--model=small --image_size=32 "--batch=16,32" --classes=40 --steps=3 --warmup=1
              --rounds=1)
-  eval_args=(--quick --device-loop --methods=ours-jit)  # the accelerator's path, on a CPU
+  eval_args=(--smoke --device-loop --methods=ours-jit)  # the accelerator's path, on a CPU
   pretrained_args=(--models=resnet18 --image_size=64 --batch=2)
   summary_args=(--smoke --ratio_batch=16 --big_batch=32)
 else

@@ -189,7 +189,8 @@ def collect(out: Path, ratio_batch: int, big_batch: int, smoke: bool = False) ->
   for model in pretrained.get("models", []):
     value = model.get("rel_err_highest")
     verdict = "missing" if value is None else ("PASS" if value <= PARITY else "FAIL")
-    add(f"torchvision {pretrained.get('torchvision', '?')} parity, {model['name']}", value,
+    reference = pretrained.get("reference", pretrained.get("torchvision", "?"))
+    add(f"{reference} parity, {model['name']}", value,
         f"<= {PARITY:g}", verdict, ".1e",
         f" (default precision {_fmt(model.get('rel_err_default'), '.1e')})")
   if not pretrained.get("models"):
@@ -219,9 +220,13 @@ def collect(out: Path, ratio_batch: int, big_batch: int, smoke: bool = False) ->
       except ValueError:
         pass
   imported = sorted({f["module"] for f in forbidden if f.get("kind") in ("import", "loaded")})
-  figures.append(dict(figure="tensorflow/tfds/clu imported", value=len(imported),
-                      text=", ".join(imported) or "none", target="none",
-                      verdict="PASS" if not imported else "FAIL"))
+  if log.exists():  # device_check.sh creates it before the first step
+    figures.append(dict(figure="tensorflow/tfds/clu imported", value=len(imported),
+                        text=", ".join(imported) or "none", target="none",
+                        verdict="PASS" if not imported else "FAIL"))
+  else:
+    figures.append(dict(figure="tensorflow/tfds/clu imported", value=None, text="-",
+                        target="none", verdict="missing"))
   steps_run = []
   tsv = out / "steps.tsv"
   if tsv.exists():
@@ -296,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "env":
     return env(args.json)
   out = Path(args.out)
+  if not out.is_dir():
+    print(f"device_summary: {out} is not a folder: pass --out=<the OUT of device_check.sh>",
+          file=sys.stderr)
+    return 2
   result = collect(out, args.ratio_batch, args.big_batch, args.smoke)
   print(format_table(result))
   (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -3,7 +3,7 @@
     pip install faiss-cpu==1.15.1   # for the faiss rows only; the tests never need faiss
     python benchmarks/evaluation.py                 # CPU sizes (~15 min per round on 2 cores)
     python benchmarks/evaluation.py --gpu-sizes     # accelerator sizes (run on the GPU host)
-    python benchmarks/evaluation.py --quick         # tiny sizes, to check the script
+    python benchmarks/evaluation.py --smoke         # tiny sizes, to check the script
 
 Cases (random embeddings with class structure: 5 images per class around random class
 centres, the centre scaled so recall is far from 0 and 1):
@@ -67,7 +67,7 @@ GPU_CASES = {
     "self-60502x512": dict(queries=60_502, gallery=None, dim=512, ks=(1, 10, 100, 1000)),
     "17954x1027871x256": dict(queries=17_954, gallery=1_027_871, dim=256, ks=(1, 10, 100)),
 }
-QUICK_CASES = {
+SMOKE_CASES = {
     "self-3000x128": dict(queries=3_000, gallery=None, dim=128, ks=(1, 10, 100)),
     "1000x8000x64": dict(queries=1_000, gallery=8_000, dim=64, ks=(1, 10)),
 }
@@ -248,7 +248,7 @@ def table(results: list[dict]) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   parser.add_argument("--gpu-sizes", action="store_true", help="the accelerator cases")
-  parser.add_argument("--quick", action="store_true", help="tiny cases, to test the script")
+  parser.add_argument("--smoke", action="store_true", help="tiny cases, to test the script")
   parser.add_argument("--cases", default="", help="comma-separated subset of the case names")
   parser.add_argument("--methods", default="", help="comma-separated subset of the methods")
   parser.add_argument("--rounds", type=int, default=1,
@@ -258,7 +258,7 @@ def main():
   parser.add_argument("--json", default="", help="also write the raw results here")
   parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
   args = parser.parse_args()
-  cases = QUICK_CASES if args.quick else GPU_CASES if args.gpu_sizes else CPU_CASES
+  cases = SMOKE_CASES if args.smoke else GPU_CASES if args.gpu_sizes else CPU_CASES
   if args.worker:
     print(json.dumps(worker(*args.worker, cases, args.device_loop or args.gpu_sizes)))
     return
@@ -266,7 +266,7 @@ def main():
                      else ["ours", "faiss", "faiss-k100", "numpy-gemm"])
   methods = args.methods.split(",") if args.methods else default_methods
   names = args.cases.split(",") if args.cases else list(cases)
-  flags = ["--gpu-sizes"] if args.gpu_sizes else ["--quick"] if args.quick else []
+  flags = ["--gpu-sizes"] if args.gpu_sizes else ["--smoke"] if args.smoke else []
   flags += ["--device-loop"] if args.device_loop else []
   print(machine(), flush=True)
   results = []

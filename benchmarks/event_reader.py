@@ -1,6 +1,7 @@
 """Times three ways to read TensorBoard event files, each in a fresh process.
 
     python benchmarks/event_reader.py [DIR ...]    # default: ../shared/reference/original-logs
+    python benchmarks/event_reader.py --smoke      # 3 small files it writes: tests the script
 
 Readers (all yield every record of every events.out.tfevents.* file below the folders):
   stub      tensorboard's pure-Python record reader (`tensorboard.compat.tensorflow_stub`),
@@ -13,11 +14,13 @@ The time includes the imports each needs; the table says whether TensorFlow was 
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(os.path.dirname(REPO), "shared", "reference", "original-logs")
@@ -52,20 +55,54 @@ print(json.dumps({"reader": which, "files": len(files), "items": n,
 """
 
 
-def main(argv: list[str]) -> None:
-  dirs = argv[1:] or [DEFAULT]
+def write_events(folder: str, runs: int = 3, steps: int = 50) -> None:
+  """`runs` event files of `steps` steps of two scalars each, as TensorBoard writes them."""
+  from tensorboard.compat.proto import event_pb2, summary_pb2
+  from tensorboard.summary.writer import event_file_writer
+
+  for run in range(runs):
+    writer = event_file_writer.EventFileWriter(os.path.join(folder, f"run{run}"))
+    for step in range(steps):
+      values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(step * (run + 1)))
+                for tag in ("loss", "R_1")]
+      writer.add_event(event_pb2.Event(step=step, wall_time=1.0 + step,
+                                       summary=summary_pb2.Summary(value=values)))
+    writer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("dirs", nargs="*", help=f"folders of event files (default {DEFAULT})")
+  parser.add_argument("--smoke", action="store_true",
+                      help="read 3 small event files written here (tests the script)")
+  parser.add_argument("--json", default="", help="also write the rows here")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    with tempfile.TemporaryDirectory() as tmp:
+      write_events(tmp)
+      _time_readers([tmp], args.json)
+    return
+  _time_readers(args.dirs or [DEFAULT], args.json)
+
+
+def _time_readers(dirs: list[str], json_path: str) -> None:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
   size = sum(os.path.getsize(f) for d in dirs
              for f in glob.glob(os.path.join(d, "**", "events.out.tfevents.*"), recursive=True))
   print(f"{', '.join(dirs)}: {size / 1e6:.2f} MB of event files")
   print(f"{'reader':8s} {'files':>5s} {'items':>7s} {'seconds':>8s}  tensorflow imported")
+  rows = []
   for which in ("stub", "loader", "report"):
     out = subprocess.run([sys.executable, "-c", _CODE, which, *dirs], env=env,
                          capture_output=True, text=True, check=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
+    rows.append(row)
     print(f"{which:8s} {row['files']:5d} {row['items']:7d} {row['seconds']:8.2f}  "
           f"{row['tensorflow_imported']}")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"dirs": dirs, "bytes": size, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  main()

@@ -1,11 +1,12 @@
 """Train-pipeline throughput: hn_jax's pipelines against a PyTorch DataLoader with PIL.
 
   python benchmarks/input_pipeline.py [--images=2000] [--workers=N] [--cached_epochs=20]
+  python benchmarks/input_pipeline.py --smoke   # 64 images, batch 8, 32 px: tests the script
 
 Writes CUB-like JPEGs (500 x 375 or 375 x 500, quality 90, cut from scikit-learn's two sample
 photos at random scales and offsets) in the CUB layout, prepares them with `hn_jax.tools.prepare`,
 then times training epochs of each pipeline on the same index stream (the `filled` sampler),
-batch 128, image size 256, the paper's transforms, in the form the step consumes:
+batch 128, image size 256 (`--batch`, `--image_size`), the paper's transforms, in the form the step consumes:
 
 - hn_jax uncached: `input_pipeline.train_batches` with `cache=off`, tf.data reading the
   ArrayRecord files, uint8 crops (one epoch, after a warm-up epoch);
@@ -39,8 +40,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-BATCH = 128
-SIZE = 256
 MEAN = (0.4707, 0.4601, 0.4549)
 STD = (0.2767, 0.2760, 0.2850)
 UNCACHED = "hn_jax tf.data (ArrayRecord), uint8"
@@ -49,7 +48,8 @@ TORCH = "PyTorch DataLoader + PIL"
 
 
 def write_cub_like(root: str, num_images: int, seed: int = 0) -> str:
-  """A CUB layout of `num_images` CUB-sized JPEGs in 100 train and 100 test classes."""
+  """A CUB layout of `num_images` CUB-sized JPEGs in up to 100 train and 100 test classes
+  (4 images a class at least)."""
   from PIL import Image
   from sklearn.datasets import load_sample_image
 
@@ -57,8 +57,10 @@ def write_cub_like(root: str, num_images: int, seed: int = 0) -> str:
   photos = [Image.fromarray(load_sample_image(n)) for n in ("china.jpg", "flower.jpg")]
   cub = os.path.join(root, "CUB_200_2011")
   lines, labels = [], []
+  half = min(100, max(1, num_images // 8))  # classes of each split (CUB: ids 1-100 train)
   for i in range(num_images):
-    class_id = 1 + i % 200
+    c = i % (2 * half)
+    class_id = 1 + c if c < half else 101 + c - half
     folder = f"{class_id:03d}.Class_{class_id}"
     photo = photos[i % 2]
     scale = rng.uniform(0.6, 1.0)
@@ -88,7 +90,7 @@ def cpu_seconds() -> float:
 
 
 def time_hn_jax(config, dataset, epochs: int = 1, batches=None) -> dict[str, float]:
-  from hn_jax.data import input_pipeline, samplers, splits
+  from hn_jax.data import input_pipeline
 
   batches = batches or input_pipeline.train_batches
   # Warm up (and fill the cache) on epoch 1, timed apart; time the next `epochs`.
@@ -106,7 +108,7 @@ def time_hn_jax(config, dataset, epochs: int = 1, batches=None) -> dict[str, flo
           "first_epoch_s": first}
 
 
-def time_host_flip(cache, batches: int = 20) -> dict[str, float]:
+def time_host_flip(cache, batch: int, size: int, batches: int = 20) -> dict[str, float]:
   """Crops per second cut from a train cache as the pipeline does, and with the NumPy
   left-right mirror of half of them (what the step does instead), one thread."""
   rng = np.random.default_rng(0)
@@ -114,14 +116,14 @@ def time_host_flip(cache, batches: int = 20) -> dict[str, float]:
   for name, mirror in (("crops", False), ("crops + NumPy mirror", True)):
     start = time.perf_counter()
     for _ in range(batches):
-      rows = rng.integers(0, len(cache), BATCH)
-      tops = [rng.integers(0, h - SIZE + 1) for h in cache.shapes[rows, 0]]
-      lefts = [rng.integers(0, w - SIZE + 1) for w in cache.shapes[rows, 1]]
-      crops = cache.crops(rows, tops, lefts, SIZE)
+      rows = rng.integers(0, len(cache), batch)
+      tops = [rng.integers(0, h - size + 1) for h in cache.shapes[rows, 0]]
+      lefts = [rng.integers(0, w - size + 1) for w in cache.shapes[rows, 1]]
+      crops = cache.crops(rows, tops, lefts, size)
       if mirror:
-        for j in range(0, BATCH, 2):
+        for j in range(0, batch, 2):
           crops[j] = crops[j][:, ::-1]
-    out[name] = batches * BATCH / (time.perf_counter() - start)
+    out[name] = batches * batch / (time.perf_counter() - start)
   return out
 
 
@@ -129,14 +131,13 @@ def legacy_batches(split, config, epoch: int):
   """The uncached tf.data path as it was before issue 13: TF stateless random crop offsets
   and flips, float32 normalized on the host."""
   import tensorflow as tf
-  from hn_jax.data import input_pipeline, samplers, splits, tf_pipeline
+  from hn_jax.data import samplers, tf_pipeline
 
   size = config.image_size
   rows = samplers.host_rows(samplers.epoch_indices(split.labels, config, epoch),
                                   config.batch_size, 0, 1)
   positions = (epoch * len(rows) * config.batch_size + np.arange(rows.size)).astype(np.int64)
-  elements, _ = tf_pipeline._elements(split.images, rows.reshape(-1))  # pylint: disable=protected-access
-  decode = tf_pipeline._decoder(True)  # pylint: disable=protected-access
+  elements, decode = tf_pipeline._elements(split.images, rows.reshape(-1))  # pylint: disable=protected-access
 
   def transform(record, position):
     image = decode(record)
@@ -164,8 +165,8 @@ def legacy_batches(split, config, epoch: int):
 class _PilDataset:
   """Reads image i from its file and applies the paper's train transforms with PIL."""
 
-  def __init__(self, paths: list[str], labels: np.ndarray):
-    self.paths, self.labels = paths, labels
+  def __init__(self, paths: list[str], labels: np.ndarray, size: int):
+    self.paths, self.labels, self.size = paths, labels, size
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -177,31 +178,32 @@ class _PilDataset:
     rng = np.random.default_rng(index)
     with Image.open(self.paths[index]) as image:
       image = image.convert("RGB")
-    short = int(1.1 * SIZE)
+    size = self.size
+    short = int(1.1 * size)
     w, h = image.size
     scale = short / min(w, h)
     image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))),
                          Image.BILINEAR)
     w, h = image.size
-    left, top = int(rng.integers(0, w - SIZE + 1)), int(rng.integers(0, h - SIZE + 1))
-    image = image.crop((left, top, left + SIZE, top + SIZE))
+    left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    image = image.crop((left, top, left + size, top + size))
     if rng.random() < 0.5:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div_(255)
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255)
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
     return tensor.sub_(mean).div_(std), int(self.labels[index])
 
 
-def time_torch(paths: list[str], labels: np.ndarray, order: np.ndarray,
-               workers: int) -> dict[str, float]:
+def time_torch(paths: list[str], labels: np.ndarray, order: np.ndarray, workers: int,
+               batch: int, size: int) -> dict[str, float]:
   import torch
 
   torch.set_num_threads(1)
-  dataset = _PilDataset(paths, labels)
+  dataset = _PilDataset(paths, labels, size)
 
   def run(indices):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=list(indices),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=list(indices),
                                          num_workers=workers, drop_last=True,
                                          persistent_workers=False)
     count = 0
@@ -209,13 +211,13 @@ def time_torch(paths: list[str], labels: np.ndarray, order: np.ndarray,
       count += len(images)
     return count
 
-  run(order[:BATCH * workers * 2])  # warm up the page cache and the imports
+  run(order[:batch * max(workers, 1) * 2])  # warm up the page cache and the imports
   start, cpu = time.perf_counter(), cpu_seconds()
   images = run(order)
   return {"images": images, "wall": time.perf_counter() - start, "cpu": cpu_seconds() - cpu}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--images", type=int, default=2000, help="JPEGs written (half train)")
   parser.add_argument("--workers", type=int, default=os.cpu_count(),
@@ -223,11 +225,19 @@ def main() -> None:
   parser.add_argument("--cached_epochs", type=int, default=20,
                       help="epochs timed for each cached row (they are fast)")
   parser.add_argument("--skip_torch", action="store_true", help="leave the PyTorch row out")
+  parser.add_argument("--batch", type=int, default=128, help="global batch size")
+  parser.add_argument("--image_size", type=int, default=256)
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny sizes (64 images, batch 8, 32 px, 1 cached epoch, 1 worker): "
+                           "tests the script in seconds, measures nothing")
   parser.add_argument("--json", help="also write the results to this file")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.images, args.batch, args.image_size = 64, 8, 32
+    args.cached_epochs, args.workers = 1, 1
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from configs import cub
-  from hn_jax.data import datasets, input_pipeline, samplers, splits
+  from hn_jax.data import datasets, input_pipeline, samplers
   from hn_jax.tools import prepare
 
   cores = os.cpu_count()
@@ -236,6 +246,7 @@ def main() -> None:
     root = write_cub_like(tmp, args.images)
     prepare.prepare("cub", root, os.path.join(tmp, "prepared"), progress=False)
     config = cub.get_config()
+    config.batch_size, config.image_size = args.batch, args.image_size
     config.data_dir = os.path.join(tmp, "prepared")
     config.cache = "off"
     dataset = datasets.load(config)
@@ -249,9 +260,10 @@ def main() -> None:
     ids = HnCub(data_dir=config.data_dir).info.metadata["splits"]["train"]["image_ids"]
     paths = [all_paths[int(i)] for i in ids]
     order = samplers.epoch_indices(dataset.train.labels, config, 2)
-    order = order[:len(order) // BATCH * BATCH]
+    order = order[:len(order) // args.batch * args.batch]
     if not args.skip_torch:
-      results[TORCH] = time_torch(paths, dataset.train.labels, order, args.workers)
+      results[TORCH] = time_torch(paths, dataset.train.labels, order, args.workers, args.batch,
+                                  args.image_size)
     default = input_pipeline.CACHE_THREADS
     other = 2 if default == 1 else 1
     for mode, threads in (("memory", default), ("disk", default), ("memory", other)):
@@ -263,13 +275,15 @@ def main() -> None:
       results[name] = time_hn_jax(config, cached, epochs=args.cached_epochs)
       used[name] = min(threads, cores)
     input_pipeline.CACHE_THREADS = default
-    flip = time_host_flip(image_cache.cached_images(cached.train, "train", config))
+    flip = time_host_flip(input_pipeline.cached_images(cached.train, "train", config),
+                          args.batch, args.image_size)
 
   load = os.getloadavg()
   print(f"\n{platform.processor() or platform.machine()}, {cores} cores, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
         f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, {args.images // 2} training JPEGs of "
-        f"500 x 375, batch {BATCH}, {SIZE} x {SIZE}\n")
+        f"500 x 375, batch {args.batch}, {args.image_size} x {args.image_size}"
+        + (" (--smoke: tests the script, measures nothing)" if args.smoke else "") + "\n")
   print("| pipeline | images | images/s (wall) | per core (wall) | images per CPU-second | "
         "first epoch s |")
   print("|---|---|---|---|---|---|")
@@ -294,12 +308,13 @@ def main() -> None:
     print(f"{name}: {value:.2f}x")
   print(f"{cached_name}, per core (wall): {results[cached_name]['per_core']:.0f} images/s "
         "(target 1500)")
-  print("one thread cutting 256 crops from the train cache: "
+  print(f"one thread cutting {args.image_size} crops from the train cache: "
         + ", ".join(f"{k} {v:.0f}/s" for k, v in flip.items()))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"results": results, "ratios": ratios, "cores": cores, "load": load,
-                 "host_flip": flip}, f, indent=2)
+                 "host_flip": flip, "smoke": args.smoke, "batch": args.batch,
+                 "image_size": args.image_size}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Checks hn_jax.pretrained against the real torchvision ResNets (needs torch + torchvision).
+"""Checks hn_jax.pretrained against the real torchvision ResNets (needs torch; torchvision,
+or else the torchvision-layout ResNet of `hn_jax.testing.torch_reference`, said so).
 
 For each architecture: `torchvision.models.<name>(weights=None)` initialised under
 `torch.manual_seed(0)`, every BatchNorm given random affine parameters and running statistics,
@@ -14,6 +15,7 @@ torchvision in float32 on the CPU is reported too, as the scale of float32 round
   python benchmarks/pretrained_check.py                      # resnet18 and resnet50
   python benchmarks/pretrained_check.py --models=resnet50 --image_size=224 --batch=8
   python benchmarks/pretrained_check.py --weights=/path/to/resnet50-0676ba61.pth --models=resnet50
+  python benchmarks/pretrained_check.py --smoke   # resnet18, 2 images of 32 px: tests the script
 
 With --weights, that file (e.g. the real IMAGENET1K_V1 weights) replaces the random init.
 Imports neither tensorflow nor, until run, torch.
@@ -39,6 +41,7 @@ from flax import nnx  # noqa: E402
 
 from hn_jax.models import create_model  # noqa: E402
 from hn_jax.pretrained import load_torchvision_weights  # noqa: E402
+from hn_jax.testing import torch_reference  # noqa: E402
 
 
 def _randomize_batchnorm(model, seed: int) -> None:
@@ -64,10 +67,9 @@ def _rel(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
 def check(name: str, image_size: int, batch: int, weights: str | None, workdir: str) -> dict:
   """Runs one comparison, prints it, returns its errors (`rel_err_highest` decides)."""
   import torch  # pylint: disable=import-outside-toplevel
-  import torchvision  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(0)
-  tv = getattr(torchvision.models, name)(weights=None)
+  tv, _ = torch_reference.build_torch_resnet(name, 1000)
   if weights:
     tv.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     path = weights
@@ -121,21 +123,28 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--weights", default=None,
                       help="a torchvision .pth to use instead of the random init (one model)")
   parser.add_argument("--tolerance", type=float, default=1e-4)
+  parser.add_argument("--smoke", action="store_true",
+                      help="resnet18 on 2 images of 32 px: tests the script in seconds")
   parser.add_argument("--json", default="",
                       help="also write the errors here (after each model, so a run cut short "
                            "keeps the models done)")
   args = parser.parse_args(argv)
+  if args.smoke:
+    args.models, args.image_size, args.batch = "resnet18", 32, 2
   try:
     import torch  # pylint: disable=import-outside-toplevel
-    import torchvision  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    print(f"needs torch and torchvision: {e}", file=sys.stderr)
+    print(f"needs torch: {e}", file=sys.stderr)
     if args.json:
-      Path(args.json).write_text(json.dumps(dict(skipped=f"needs torch and torchvision: {e}",
-                                                 models=[])) + "\n")
+      Path(args.json).write_text(json.dumps(dict(skipped=f"needs torch: {e}", models=[])) + "\n")
     return 2
+  try:
+    import torchvision  # pylint: disable=import-outside-toplevel
+    reference = f"torchvision {torchvision.__version__}"
+  except ImportError:
+    reference = "no torchvision: hn_jax.testing.torch_reference's ResNet in its layout"
   print(f"jax {jax.__version__} on {jax.devices()}, torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__} (reference on cpu, float64)")
+        f"{reference} (reference on cpu, float64)")
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   results = []
 
@@ -144,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
       worst = max((r["rel_err_highest"] for r in results), default=None)
       Path(args.json).write_text(json.dumps(dict(
           jax=jax.__version__, device=str(jax.devices()[0].device_kind), torch=torch.__version__,
-          torchvision=torchvision.__version__, tolerance=args.tolerance, models=results,
+          reference=reference, tolerance=args.tolerance, models=results,
           worst=worst, passed=None if worst is None else worst <= args.tolerance,
           complete=complete), indent=1) + "\n")
 

@@ -2,7 +2,7 @@
 
   python benchmarks/train_loop.py                      # small model, float32, batch 128, 256 px
   python benchmarks/train_loop.py --model=resnet50 --dtype=bfloat16 --batch=128,512
-  python benchmarks/train_loop.py --tiny --check_no_tf # digits, seconds; what the test runs
+  python benchmarks/train_loop.py --smoke --check_no_tf # digits, seconds; what the test runs
 
 On a cached synthetic split (`hn_jax.data.in_memory.synthetic_images` at the image size, its train
 cache built once in memory, timed apart) it times, for each batch size:
@@ -11,7 +11,7 @@ cache built once in memory, timed apart) it times, for each batch size:
 - step alone: the jitted `train_step.make_train_step` on one batch already on the devices;
 - loop: the two together as `hn_jax.train` runs them, with its one-step-late metric read.
 The first batch size's step is compiled (a first call on zeros) while the split is made and
-cached, in another thread (not with --tiny): its "compile_s" is then measured beside that
+cached, in another thread (not with --smoke): its "compile_s" is then measured beside that
 work; "first_real_step_s" is the first call on a real batch (short: nothing to recompile).
 Each over `--steps` steps after `--warmup` (the input alone over at least 20), on every
 device of one mesh; step alone and loop in `--rounds` interleaved rounds, the best of each
@@ -47,13 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
   p.add_argument("--rounds", type=int, default=2,
                  help="interleaved rounds of step alone and loop; the best of each counts")
-  p.add_argument("--tiny", action="store_true",
+  p.add_argument("--smoke", action="store_true",
                  help="digits at 16 px, batch 64, 3 steps: a quick check of the script")
   p.add_argument("--check_no_tf", action="store_true",
                  help="make tensorflow, tensorflow_datasets and clu unimportable")
   p.add_argument("--json", help="also write the results to this file")
   args = p.parse_args(argv)
-  if args.tiny:
+  if args.smoke:
     args.model, args.dtype, args.image_size, args.batch, args.steps, args.rounds = (
         "small", "float32", 16, "64", 3, 1)
   args.batch = [int(b) for b in str(args.batch).split(",") if b.strip()]
@@ -66,7 +66,7 @@ def _blocked_loaded() -> list[str]:
 
 
 def _config(args, batch: int):
-  if args.tiny:
+  if args.smoke:
     # tests/test_train.py's digits run, so that the test of this script and that one share
     # the compiled step (JAX's persistent compilation cache).
     from configs import digits  # pylint: disable=g-import-not-at-top
@@ -83,9 +83,9 @@ def _config(args, batch: int):
 
 
 def _train_split(args, config):
-  """The training split the loop reads: digits' (--tiny), or the training half of the
+  """The training split the loop reads: digits' (--smoke), or the training half of the
   synthetic set (only that half is generated: the other is never read here)."""
-  if args.tiny:
+  if args.smoke:
     from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
     return datasets.load(config).train
   from hn_jax.data import in_memory, splits  # pylint: disable=g-import-not-at-top
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
     return split
 
   first = None
-  if args.tiny:
+  if args.smoke:
     split = build()
   else:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

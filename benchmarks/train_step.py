@@ -6,7 +6,7 @@ The GPU figures (one H100; JAX rows, then every PyTorch row, in one run):
 
 Smoke test on a CPU (tiny models, 32 px, batch 16, 2 timed steps; not a performance figure):
 
-    JAX_PLATFORMS=cpu python benchmarks/train_step.py --tiny --json=/tmp/train_step_tiny.json
+    JAX_PLATFORMS=cpu python benchmarks/train_step.py --smoke --json=/tmp/train_step_smoke.json
 
 What is measured, per (framework, mode, dtype, batch):
   jax    The project's own step, `hn_jax.train_step.make_train_step` (ResNet50 in Flax NNX,
@@ -15,7 +15,7 @@ What is measured, per (framework, mode, dtype, batch):
          on a one-GPU host). bfloat16 is `config.half_precision=True` (bfloat16 compute,
          float32 parameters, loss and optimizer), as in training.
   torch  The same step in PyTorch: torchvision's `resnet50(weights=None)` with `fc` replaced by
-         Linear(2048, 512) (with --tiny, or when torchvision is missing, the same layout
+         Linear(2048, 512) (with --smoke, or when torchvision is missing, the same layout
          written in this file), the release's sct loss written here in vectorized torch
          (docs/protocol.md section 1; `hn_jax.testing.torch_reference`, tested equal to `hn_jax.losses`), plain
          `torch.optim.SGD`. bfloat16 is `torch.autocast(dtype=torch.bfloat16)` around the model
@@ -107,7 +107,7 @@ TORCH_MODES = ("eager", "compile")
 # Modules that must not be needed (the GPU machine has none of them).
 FORBIDDEN_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
 
-TINY = dict(batch_sizes="16", image_size=32, steps=2, warmup=1, jax_model="small",
+SMOKE = dict(batch_sizes="16", image_size=32, steps=2, warmup=1, jax_model="small",
             torch_model="small")
 
 TARGET_VS_EAGER = 1.5
@@ -153,8 +153,8 @@ def _configs(text: str) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--tiny", action="store_true",
-                 help=f"CPU smoke-test preset: {TINY} (explicit flags still win)")
+  p.add_argument("--smoke", action="store_true",
+                 help=f"CPU smoke-test preset: {SMOKE} (explicit flags still win)")
   p.add_argument("--batch_sizes", default="128,512", help="comma-separated global batch sizes")
   p.add_argument("--image_size", type=int, default=256)
   p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = build_parser()
   first, _ = parser.parse_known_args(argv)
-  if first.tiny:
-    parser.set_defaults(**TINY)
+  if first.smoke:
+    parser.set_defaults(**SMOKE)
   args = parser.parse_args(argv)
   for name in ("frameworks", "dtypes", "torch_modes"):  # string defaults are not parsed
     value = getattr(args, name)
@@ -347,7 +347,6 @@ def _torch_worker(spec: dict, emit) -> None:
   for cfg in spec["configs"]:
     row = dict(cfg, model=args["torch_model"], image_size=args["image_size"], device=device_name,
                devices=1)
-    model = opt = images = labels = step = None
     if cuda:
       torch.cuda.synchronize()
       torch.cuda.empty_cache()
@@ -380,9 +379,9 @@ def _torch_worker(spec: dict, emit) -> None:
         forward_loss = torch.compile(forward_loss, mode=args["torch_compile_mode"])
         opt_step = torch.compile(opt_step, mode=args["torch_compile_mode"])
 
-      def step(forward_loss=forward_loss, opt_step=opt_step, opt=opt):
+      def step(forward_loss=forward_loss, opt_step=opt_step, opt=opt, x=images, y=labels):
         opt.zero_grad(set_to_none=True)
-        loss = forward_loss(images, labels)
+        loss = forward_loss(x, y)
         loss.backward()
         opt_step()
         return loss
@@ -418,7 +417,7 @@ def _torch_worker(spec: dict, emit) -> None:
     if cuda:  # this configuration's own peak (reset above)
       row.update(max_memory_allocated=torch.cuda.max_memory_allocated(),
                  max_memory_reserved=torch.cuda.max_memory_reserved())
-    del model, opt, images, labels, step
+    model = opt = images = labels = step = None  # free this configuration's memory
     gc.collect()
     if cuda:
       torch.cuda.empty_cache()
@@ -645,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f"train-step benchmark: batches {args.batch_sizes}, {args.image_size} px, "
         f"models jax={args.jax_model} torch={args.torch_model}, embedding {args.embedding_dim}, "
         f"loss {args.loss}, {args.warmup} warm-up + {args.steps} timed steps"
-        + (" (--tiny: a smoke test, not a performance figure)" if args.tiny else ""), flush=True)
+        + (" (--smoke: a smoke test, not a performance figure)" if args.smoke else ""), flush=True)
   records, rows = [], []
   stopped = ""
   signal.signal(signal.SIGTERM, _on_sigterm)
@@ -663,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
           for r in records if r["kind"] == "env"}
   checks = [r for r in records if r["kind"] == "check_no_tf"]
   ratio_rows = ratios(rows)
-  target_rows = targets(rows, ratio_rows) if not args.tiny else []
+  target_rows = targets(rows, ratio_rows) if not args.smoke else []
 
   print()
   if "jax" in envs:
@@ -693,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
       host=dict(hostname=platform.node(), nproc=os.cpu_count(), cpu=_cpu_model(),
                 python=platform.python_version()),
       env=envs, rows=rows, ratios=ratio_rows, targets=target_rows, check_no_tf=checks,
-      stopped=stopped, note="smoke test (--tiny), not a performance figure" if args.tiny else "")
+      stopped=stopped, note="smoke test (--smoke), not a performance figure" if args.smoke else "")
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -25,16 +25,16 @@ def fixture_bench(monkeypatch):
   return module
 
 
-def test_quick_cases_agree_across_methods(bench):
-  for case in bench.QUICK_CASES:
-    results = [bench.worker(case, method, bench.QUICK_CASES, device_loop=False)
+def test_smoke_cases_agree_across_methods(bench):
+  for case in bench.SMOKE_CASES:
+    results = [bench.worker(case, method, bench.SMOKE_CASES, device_loop=False)
                for method in ("ours", "ours-jit", "numpy-gemm")]
     ours, jit, gemm = results
     assert ours["recall"] == jit["recall"]
-    assert set(ours["recall"]) == set(bench.QUICK_CASES[case]["ks"])
+    assert set(ours["recall"]) == set(bench.SMOKE_CASES[case]["ks"])
     assert 0.05 < ours["recall"][1] < 0.95  # the data is neither trivial nor hopeless
     assert gemm["steady_s"] > 0
-    q, qy, g, gy = bench._data(bench.QUICK_CASES[case])
+    q, qy, g, gy = bench._data(bench.SMOKE_CASES[case])
     neighbours = evaluation.top_k_indices(q, q if g is None else g, k=101)
     assert bench._recall_from_neighbours(
         neighbours, qy, qy if g is None else gy, [1, 10], g is None) == {
@@ -45,7 +45,7 @@ def test_quick_cases_agree_across_methods(bench):
 
 def test_unknown_method_is_an_error(bench):
   with pytest.raises(ValueError, match="unknown method"):
-    bench.worker("1000x8000x64", "nope", bench.QUICK_CASES, device_loop=False)
+    bench.worker("1000x8000x64", "nope", bench.SMOKE_CASES, device_loop=False)
 
 
 def test_runs_without_tensorflow_tfds_or_clu():
@@ -60,7 +60,7 @@ def test_runs_without_tensorflow_tfds_or_clu():
       spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
       bench = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(bench)
-      result = bench.worker("1000x8000x64", "ours", bench.QUICK_CASES, device_loop=True)
+      result = bench.worker("1000x8000x64", "ours", bench.SMOKE_CASES, device_loop=True)
       print(result["recall"][1] > 0, result["device_s"] > 0)
   """)
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}

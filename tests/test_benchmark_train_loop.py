@@ -1,4 +1,4 @@
-"""benchmarks/train_loop.py: its --tiny run without TensorFlow, TFDS or CLU (issue 13).
+"""benchmarks/train_loop.py: its --smoke run without TensorFlow, TFDS or CLU (issue 13).
 
 The run exercises the whole cached path (synthetic split, decoded-image cache, uint8 crops,
 prefetch to the device, the jitted step with its flip and normalization), so it also shows
@@ -14,11 +14,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_run_without_tensorflow(tmp_path):
+def test_smoke_run_without_tensorflow(tmp_path):
   out = tmp_path / "loop.json"
   # The 8 CPU devices and the compilation cache of conftest.py: tests/test_train.py's step.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "benchmarks/train_loop.py", "--tiny", "--check_no_tf",
+  proc = subprocess.run([sys.executable, "benchmarks/train_loop.py", "--smoke", "--check_no_tf",
                          f"--json={out}"], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

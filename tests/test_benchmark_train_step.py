@@ -1,4 +1,4 @@
-"""benchmarks/train_step.py (issue 8): its --tiny run, its torch loss and its torch ResNet.
+"""benchmarks/train_step.py (issue 8): its --smoke run, its torch loss and its torch ResNet.
 
 The speed comparison is only worth something if the PyTorch side trains the same network
 with the same loss: the loss written in torch in the script must equal hn_jax's, and its
@@ -37,8 +37,8 @@ def _load_script():
 bench = _load_script()
 
 
-def test_tiny_run_without_tensorflow(tmp_path):
-  """The --tiny preset end to end in a subprocess, with tensorflow/tfds/clu made unimportable.
+def test_smoke_run_without_tensorflow(tmp_path):
+  """The --smoke preset end to end in a subprocess, with tensorflow/tfds/clu made unimportable.
 
   torch.compile is left out (`--torch_modes=eager`): on 2 loaded CPU cores compiling even the
   tiny network takes minutes. XLA's backend optimization level 0 and one OpenMP thread for
@@ -49,7 +49,7 @@ def test_tiny_run_without_tensorflow(tmp_path):
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                         + " --xla_backend_optimization_level=0").strip())
   proc = subprocess.run(
-      [sys.executable, str(SCRIPT), "--tiny", "--torch_modes=eager", "--check_no_tf",
+      [sys.executable, str(SCRIPT), "--smoke", "--torch_modes=eager", "--check_no_tf",
        f"--json={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'check_no_tf: "tensorflow" in sys.modules: False' in proc.stdout
@@ -80,7 +80,7 @@ def test_a_failing_configuration_does_not_stop_the_run(tmp_path):
   assert 15 % jax.device_count()
   out = tmp_path / "bad.json"
   proc = subprocess.run(
-      [sys.executable, str(SCRIPT), "--tiny", "--frameworks=jax", "--dtypes=float32",
+      [sys.executable, str(SCRIPT), "--smoke", "--frameworks=jax", "--dtypes=float32",
        "--batch_sizes=15", f"--json={out}"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -140,8 +140,8 @@ def test_torch_resnet_has_hn_jax_layout(name):
     assert torch_count == 24_557_120  # torchvision resnet50 with fc 2048 -> 512
 
 
-def test_flags_and_tiny_preset():
-  args = bench.parse_args(["--tiny", "--steps=3", "--torch_modes=eager"])
+def test_flags_and_smoke_preset():
+  args = bench.parse_args(["--smoke", "--steps=3", "--torch_modes=eager"])
   assert args.batch_sizes == [16] and args.image_size == 32 and args.steps == 3
   assert args.jax_model == "small" and args.torch_model == "small"
   assert args.torch_modes == ["eager"] and args.dtypes == ["float32", "bfloat16"]

@@ -84,7 +84,7 @@ def _write_run(out: Path) -> None:
       dict(case="self-60502x512", method="ours", first_s=3.0, steady_s=0.3, device_s=0.2,
            device_peak_mb=3000.0),
       dict(case="17954x1027871x256", method="ours", error="OOM")])))
-  (out / "pretrained.json").write_text(json.dumps(dict(torchvision="0.26.0", models=[
+  (out / "pretrained.json").write_text(json.dumps(dict(reference="torchvision 0.26.0", models=[
       dict(name="resnet50", rel_err_highest=5e-7, rel_err_default=2e-3)])))
   (out / "forbidden_imports.jsonl").write_text(
       json.dumps(dict(kind="probe", module="tensorflow", found=False, importer="etils:1")) + "\n")
@@ -178,7 +178,7 @@ def test_benchmark_modules_import_no_tensorflow(tmp_path):
 
 
 def test_configs_flag_keeps_its_order():
-  args = train_step.parse_args(["--tiny", "--configs=jax:jit:bfloat16:16,torch:eager:float32:16,"
+  args = train_step.parse_args(["--smoke", "--configs=jax:jit:bfloat16:16,torch:eager:float32:16,"
                                 "jax:jit:float32:32"])
   plan = train_step.plan(args)
   assert list(plan) == ["jax", "torch"]
@@ -197,7 +197,7 @@ def test_a_stopped_train_step_run_keeps_its_finished_rows(tmp_path):
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                         + " --xla_backend_optimization_level=0").strip())
   proc = subprocess.Popen(
-      [sys.executable, "benchmarks/train_step.py", "--tiny", "--steps=1", "--warmup=0",
+      [sys.executable, "benchmarks/train_step.py", "--smoke", "--steps=1", "--warmup=0",
        "--configs=jax:jit:float32:16,jax:jit:float32:32,jax:jit:bfloat16:48",
        f"--json={out}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
       text=True, start_new_session=True)
