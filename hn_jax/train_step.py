@@ -19,10 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hn_jax import losses, models, pretrained, sharding
-
-
-class TrainingStopped(RuntimeError):
-  """The run cannot go on (e.g. the loss stayed non-finite); the message says why."""
+from hn_jax.errors import TrainingStopped  # noqa: F401  (raised by the loop; tests name it here)
 
 
 @flax.struct.dataclass
