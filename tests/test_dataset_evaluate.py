@@ -25,6 +25,7 @@ def test_self_retrieval_keys_and_values():
                                     "CUB_test_R_8", "CUB_test_MAP_R", "CUB_test_RP",
                                     "CUB_train_R_1"])
   expected = evaluation.map_at_r(embeddings[id(test)], test.labels)
+  # Class (c): the same function on the same float64 embeddings (default rel 1e-6 is slack).
   assert metrics["CUB_test_MAP_R"] == pytest.approx(expected["MAP_R"])
   assert metrics["CUB_train_R_1"] == evaluation.recall_at_k(embeddings[id(train)],
                                                             train.labels, [1])[1]
@@ -55,5 +56,5 @@ def test_hotels_chain_recall_and_saved_neighbours(tmp_path):
   known = queries.chains >= 0
   for k in (1, 3, 5):
     hit = [(gallery.chains[top[i, :k]] == queries.chains[i]).any() for i in np.flatnonzero(known)]
-    assert metrics[f"HOTEL_test_chain_R_{k}"] == pytest.approx(np.mean(hit))
+    assert metrics[f"HOTEL_test_chain_R_{k}"] == pytest.approx(np.mean(hit))  # counts: exact
   assert "HOTEL_train_R_1" not in metrics and "HOTEL_test_R_100" in metrics

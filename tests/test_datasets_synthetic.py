@@ -51,6 +51,8 @@ def test_raw_pixels_retrieve_poorly():
   test = labels >= 100
   pixels = images[test].reshape(test.sum(), -1).astype(np.float32) / 255 - 0.5
   recall = evaluation.recall_at_k(pixels, labels[test], [1])[1]
+  # Class (d): measured 0.451 (1000 queries); a kernel flips a neighbour only at a near-tie,
+  # each worth 0.001, so 0.6 is ~150 flips away.
   assert recall < 0.6, recall
 
 
@@ -59,6 +61,7 @@ def test_training_on_synthetic_learns(tmp_path):
   scalars = report.load_scalars(tmp_path)
   recalls = [value for _, _, value in scalars["SYNTHETIC_test_R_1"]]
   assert [step for step, _, _ in scalars["SYNTHETIC_test_R_1"]] == [0, 3]
+  # Class (d): a threshold on learning, not on rounding; not re-measured per ISA in the audit.
   assert recalls[-1] > recalls[0] + 0.1, recalls
 
 

@@ -52,7 +52,10 @@ def test_folder_equals_dataset_path(run):
   assert (folder_index["labels"] == -1).all()
   assert index["embeddings"].shape == (len(datasets.load(tiny_config()).test), 16)
   assert index["embeddings"].dtype == np.float32
+  # Class (a): a float32 normalization of 16 components: |norm - 1| <= ~16 2^-24 = 1e-6.
   np.testing.assert_allclose(np.linalg.norm(index["embeddings"], axis=1), 1, atol=1e-5)
+  # Class (a): the same images and weights in other batches (12 vs 512 rows: other conv
+  # blocking), unit vectors; float32 reassociation of the backbone's sums, ~1e-6 expected.
   np.testing.assert_allclose(folder_index["embeddings"], index["embeddings"][chosen], atol=1e-5)
   assert index["dataset"] == "digits" and index["split"] == "test"
 
@@ -66,6 +69,7 @@ def test_search_equals_brute_force_and_writes_sheet(run, tmp_path, capsys):
   sims = result["embeddings"] @ gallery.T
   expected = np.argsort(-sims, axis=1, kind="stable")[:, :8]
   np.testing.assert_array_equal(result["top"], expected)
+  # Class (a): float32 dots of 16-dim unit vectors in two orders: <= 16 2^-24 = 1e-6 apart.
   np.testing.assert_allclose(result["sims"], np.take_along_axis(sims, expected, 1), atol=1e-5)
   assert result["top"][:, 0].tolist() == [3, 40, 77]  # Each query is in the gallery.
   without = search.search(str(index_path), query_split="test", query_indices=[3, 40, 77], k=8,

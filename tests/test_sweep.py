@@ -54,6 +54,7 @@ def test_report_table_matches_the_event_files(sweep):
         finals.append(scalars[f"DIGITS_test_R_{k}"][-1][2])
       row = by_key[(group, f"DIGITS_test_R_{k}")]
       assert row["n"] == 2
+      # float64 statistics of a few float32 logs, two formulas: ~1e-16 apart, no kernels.
       assert row["mean"] == pytest.approx(np.mean(finals), abs=1e-9)
       assert row["std"] == pytest.approx(np.std(finals, ddof=1), abs=1e-9)
   text = subprocess.run([sys.executable, "-m", "hn_jax.tools.report", str(sweep)], cwd=REPO,
@@ -78,6 +79,7 @@ def test_table_command(made):
   for r in result["search"]:  # seeds 0 and 1, the default search seeds
     runs = [report.load_scalars(base / group.format(r["method"], r["lr"]) / s) for s in "01"]
     assert r["r1_per_seed"] == [x["DIGITS_test_R_1"][-1][2] for x in runs]
+    # float64 mean of a few values by two routes: ~1e-16 apart, no CPU-dependent kernels.
     assert r["r1"] == pytest.approx(np.mean(r["r1_per_seed"]), abs=1e-12)
     assert r["collapsed"] == any(report.is_collapsed(x) for x in runs)
   assert result["chosen"] == {"sct": "0.05", "hn": "0.05"}
