@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from hn_jax import sharding, train
+from hn_jax import sharding, train, train_step
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,9 +58,29 @@ def topologies(tmp_path_factory):
   for name, count in (("one_device", 1), ("four_devices", 4)):
     train.train_and_evaluate(_tiny_config(), str(root / name),
                              mesh=sharding.create_mesh(jax.devices()[:count]))
+  # The same one-device run from initial weights nudged by one ulp: what rounding alone
+  # does to 7 steps on this machine (the tolerance of the comparisons below).
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train_step, "init_state", _nudged_init_state(train_step.init_state))
+    train.train_and_evaluate(_tiny_config(), str(root / "one_device_nudged"),
+                             mesh=sharding.create_mesh(jax.devices()[:1]))
   _finish(two)
   return {name: report.load_scalars(root / name)
-          for name in ("one_device", "four_devices", "two_processes")}
+          for name in ("one_device", "four_devices", "two_processes", "one_device_nudged")}
+
+
+def _nudged_init_state(init_state):
+  def nudged(*args, **kwargs):
+    graphdef, state, tx = init_state(*args, **kwargs)
+    rng = np.random.default_rng(0)
+
+    def nudge(x):
+      x = np.asarray(x)
+      if x.dtype != np.float32:
+        return x
+      return np.nextafter(x, rng.choice([-np.inf, np.inf], size=x.shape).astype(np.float32))
+    return graphdef, state.replace(params=jax.tree.map(nudge, state.params)), tx
+  return nudged
 
 
 @pytest.mark.parametrize("other", ["four_devices", "two_processes"])
@@ -69,9 +89,23 @@ def test_same_losses_and_recalls_on_every_topology(topologies, other):
   base_loss = np.array([p[2] for p in base["step_loss"]])
   run_loss = np.array([p[2] for p in run["step_loss"]])
   assert len(base_loss) == len(run_loss) == 920 // 128
-  np.testing.assert_allclose(run_loss, base_loss, rtol=1e-5, atol=1e-6)
+  # Class (b), 7 steps of argmax mining: the rounding of another reduction order is amplified
+  # by an amount that depends on the CPU's kernels (the fixed rtol=1e-5 this replaces is the
+  # kind that failed on an AVX-512 EPYC, see tests/test_image_cache.py). Self-measured: within
+  # 4x the effect of a one-ulp nudge of the initial weights on this machine, with a floor of
+  # ~8 ulps of the loss (1e-6 relative) should the nudge happen to change nothing.
+  nudged = topologies["one_device_nudged"]
+  nudged_loss = np.array([p[2] for p in nudged["step_loss"]])
+  ulp_effect = float(np.max(np.abs(nudged_loss - base_loss)))
+  assert ulp_effect < 1e-3 * abs(base_loss[0]), "one ulp must not change a run"
+  np.testing.assert_allclose(run_loss, base_loss, rtol=0,
+                             atol=4 * ulp_effect + 1e-6 * np.abs(base_loss).max())
   for key in ("DIGITS_test_R_1", "DIGITS_test_R_8", "DIGITS_train_R_1"):
-    assert abs(run[key][-1][2] - base[key][-1][2]) <= 1e-5, key
+    # Class (b): a recall moves in steps of one query (1 / 1000 here) when rounding flips a
+    # nearest neighbour; allowed: 4x the nudged run's change (0 on the Xeon this was measured
+    # on, where the topologies agree exactly), at least 1e-5 (no query may flip then).
+    allowed = max(4 * abs(nudged[key][-1][2] - base[key][-1][2]), 1e-5)
+    assert abs(run[key][-1][2] - base[key][-1][2]) <= allowed, (key, allowed)
 
 
 @pytest.mark.parametrize("script", ["launch/local_multiprocess.sh", "launch/slurm_gpu.sbatch",
