@@ -1,24 +1,44 @@
-"""A run's checkpoints: Orbax's CheckpointManager under `workdir/checkpoints`, and the one restore
-that training, `hn_jax.tools.embed` and `hn_jax.tools.search` share.
+"""A run's checkpoints: Orbax's CheckpointManager under `workdir/checkpoints`, verified.
 
 A checkpoint holds the `train_step.TrainState` and the loop's progress (the sums behind the
-current epoch's means) as JSON.
+current epoch's means) as JSON, and in that JSON a digest of every array of the state
+(sha256 of its dtype, shape and bytes), written in the same atomic save. A restore checks
+the arrays against it: Orbax and TensorStore check neither the bytes of an array nor the
+files' integrity, so a flipped byte restores silently without it. A checkpoint that fails
+its check, or fails to restore at all, is moved to `workdir/checkpoints_damaged/` (never
+deleted) and the newest good one is used. Training, `hn_jax.tools.embed`/`search` and
+`reproduce` share this restore (readers skip a damaged checkpoint but leave it in place).
+
+Saves are asynchronous. A failed save, or too little free space for the next one, stops
+the run with one line (`errors.DiskFull`) while the previous checkpoint stays good.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
 from hn_jax import run_config, sharding, train_step
+from hn_jax.errors import DiskFull, NoGoodCheckpoint, RunStopped
 
 FOLDER = "checkpoints"
+DAMAGED_FOLDER = "checkpoints_damaged"
+DIGEST_KEY = "digest"
+# Room kept free beyond a checkpoint's own size (its metadata, the event files meanwhile).
+SPACE_MARGIN = 1 << 20
 
 
 class NoCheckpoint(ValueError):
@@ -33,28 +53,244 @@ def manager(workdir: str | os.PathLike, *, max_to_keep: int | None = None,
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
 
 
+def _host_arrays(state: Any) -> list[tuple[str, np.ndarray]]:
+  """(path, this process's copy as NumPy) of every array of a replicated pytree."""
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if isinstance(leaf, jax.Array):
+      if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+      value = np.asarray(leaf.addressable_data(0))
+    else:
+      value = np.asarray(leaf)
+    out.append((jax.tree_util.keystr(path), value))
+  return out
+
+
+def digest(state: Any) -> dict[str, str]:
+  """sha256 of each array of `state` (with its dtype and shape), keyed by its pytree path."""
+  out = {}
+  for path, value in _host_arrays(state):
+    h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+    out[path] = h.hexdigest()
+  return out
+
+
+def state_bytes(state: Any) -> int:
+  """The bytes of the arrays of `state` (what a checkpoint of it writes, uncompressed)."""
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def _free_bytes(folder: epath.Path) -> int | None:
+  """Free bytes where `folder` lives (None where that is not cheap to know: gs:// etc.)."""
+  path = os.fspath(folder)
+  if "://" in path:
+    return None
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path or ".").free
+
+
+def _mb(n: int) -> str:
+  if n >= 10 * 2**20:
+    return f"{n / 2**20:.0f} MB"
+  return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+def _space_problem(folder: epath.Path, needed: int, free: int | None, latest: int | None) -> str:
+  good = (f"the checkpoint of step {latest} is intact" if latest is not None
+          else "no checkpoint was saved yet")
+  have = f"{_mb(free)} free" if free is not None else "the disk is full"
+  return (f"no room for a checkpoint in {folder}: it needs about {_mb(needed)}, {have}; {good}. "
+          "Free space there (or move the workdir elsewhere), then run the same command to "
+          "resume")
+
+
+def is_out_of_space(error: BaseException) -> bool:
+  """Whether `error` (an OSError, or a TensorStore/Orbax error wrapping one) is a full disk."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(error)
+    if "No space left" in text or "ENOSPC" in text or "Disk quota exceeded" in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _first_line(error: BaseException) -> str:
+  text = " ".join(str(error).split("\n")[0].split())
+  return f"{type(error).__name__}: {text[:300]}"
+
+
+def finished_steps(folder: epath.Path) -> list[int]:
+  """The steps of the finished checkpoints in `folder`, in order (an unfinished save is a
+  temporary folder, never a bare number: Orbax renames it when done)."""
+  try:
+    return sorted(int(p.name) for p in epath.Path(folder).iterdir() if p.name.isdigit())
+  except OSError:
+    return []
+
+
+def save_failed(error: BaseException, folder: epath.Path, needed: int,
+                latest: int | None) -> RunStopped:
+  """The one-line error that stops a run whose checkpoint save raised `error`."""
+  if is_out_of_space(error):
+    return DiskFull(_space_problem(folder, needed, _free_bytes(folder), latest))
+  return RunStopped(f"saving a checkpoint in {folder} failed ({_first_line(error)}); "
+                    + (f"the checkpoint of step {latest} is intact. " if latest is not None
+                       else "") + "Fix the cause, then run the same command to resume")
+
+
+class Saver:
+  """Saves a run's checkpoints asynchronously and stops the run at the first failed one.
+
+  `check()` (cheap: call it every step) raises the one-line `DiskFull`/`RunStopped` of a save
+  that failed in the background; `save` first checks that the checkpoint fits, where free
+  space is cheap to know.
+  """
+
+  def __init__(self, checkpoints: ocp.CheckpointManager):
+    self.checkpoints = checkpoints
+    self.folder = epath.Path(checkpoints.directory)
+    self._needed = 0
+
+  def _failed(self, error: BaseException) -> RunStopped:
+    steps = finished_steps(self.folder)
+    return save_failed(error, self.folder, self._needed, steps[-1] if steps else None)
+
+  def check(self) -> None:
+    """Raises the error of a save that failed since the last call."""
+    try:
+      self.checkpoints.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except; Orbax re-raises the thread's error
+      raise self._failed(e) from None
+
+  def save(self, step: int, state: train_step.TrainState, progress: dict[str, Any]) -> None:
+    """Saves `state` and `progress` (with the state's digest) as step `step`, unless saved."""
+    self.check()
+    if self.checkpoints.latest_step() == step:
+      return
+    self._needed = state_bytes(state) + SPACE_MARGIN
+    free = _free_bytes(self.folder)
+    if free is not None and free < self._needed:
+      self.wait()  # the save in flight, if any, counts as saved
+      steps = finished_steps(self.folder)
+      raise DiskFull(_space_problem(self.folder, self._needed, free,
+                                    steps[-1] if steps else None))
+    progress = dict(progress, **{DIGEST_KEY: digest(state)})
+    try:
+      self.checkpoints.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from None
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises its error, if it failed."""
+    try:
+      self.checkpoints.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from None
+    self.check()
+
+
 def save(checkpoints: ocp.CheckpointManager, step: int, state: train_step.TrainState,
          progress: dict[str, Any]) -> None:
   """Saves `state` and `progress` as step `step` (asynchronously), unless it is saved already."""
-  if checkpoints.latest_step() != step:
-    checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   progress=ocp.args.JsonSave(progress)))
+  Saver(checkpoints).save(step, state, progress)
 
 
 def restore(checkpoints: ocp.CheckpointManager, step: int, like: train_step.TrainState
             ) -> tuple[train_step.TrainState, dict[str, Any]]:
-  """(state, progress) of checkpoint `step`, placed as `like` is."""
+  """(state, progress) of checkpoint `step`, placed as `like` is (not verified: see
+  `restore_newest_good`)."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   restored = checkpoints.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
   return restored.state, restored.progress
 
 
+def verify(state: Any, progress: Any) -> str | None:
+  """What is wrong with a restored checkpoint (None: its arrays match their digest)."""
+  if not isinstance(progress, dict) or not isinstance(progress.get("sums"), dict):
+    return "its progress record is not the one hn_jax writes"
+  stored = progress.get(DIGEST_KEY)
+  if stored is None:
+    return None  # saved before checkpoints carried a digest; the caller says so
+  got = digest(state)
+  bad = sorted(k for k in set(got) | set(stored) if got.get(k) != stored.get(k))
+  if bad:
+    return (f"{len(bad)} of {len(stored)} arrays differ from the digest saved with them "
+            f"(first: {bad[0]})")
+  return None
+
+
+def _move_aside(checkpoints: ocp.CheckpointManager, step: int) -> epath.Path | None:
+  """Moves step `step`'s folder to `<workdir>/checkpoints_damaged/`; where it went."""
+  source = epath.Path(checkpoints.directory) / str(step)
+  if not source.exists():
+    return None
+  folder = epath.Path(checkpoints.directory).parent / DAMAGED_FOLDER
+  folder.mkdir(parents=True, exist_ok=True)
+  target = folder / str(step)
+  if target.exists():
+    target = folder / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+  source.rename(target)
+  return target
+
+
+def restore_newest_good(checkpoints: ocp.CheckpointManager, like: train_step.TrainState, *,
+                        move_aside: bool = True,
+                        say: Callable[..., None] = logging.warning
+                        ) -> tuple[int, train_step.TrainState, dict[str, Any]] | None:
+  """(step, state, progress) of the newest checkpoint that restores and verifies.
+
+  Each newer one that fails is reported in one line and, with `move_aside` (training), moved
+  to `checkpoints_damaged/` (process 0 moves; every process checks the same files). None when
+  there is no checkpoint; raises NoGoodCheckpoint when none of them is good.
+  """
+  damaged = []
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    try:
+      state, progress = restore(checkpoints, step, like)
+      problem = verify(state, progress)
+    except Exception as e:  # pylint: disable=broad-except; any failure to read is damage
+      problem = f"it does not restore ({_first_line(e)})"
+    if problem is None:
+      if DIGEST_KEY not in progress:
+        say("The checkpoint of step %d carries no digest (saved by an older hn_jax): restored "
+            "unverified", step)
+      if damaged and move_aside:
+        checkpoints.reload()
+      return step, state, progress
+    where = None
+    if move_aside:
+      if jax.process_index() == 0:
+        where = _move_aside(checkpoints, step)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f"hn_jax_moved_aside_{step}")
+    say("The checkpoint of step %d is damaged: %s; %s", step, problem,
+        f"moved to {where}, trying the one before" if where else "trying the one before")
+    damaged.append(step)
+  if damaged:
+    if move_aside:
+      checkpoints.reload()
+    where = epath.Path(checkpoints.directory).parent / DAMAGED_FOLDER
+    raise NoGoodCheckpoint(
+        f"none of the {len(damaged)} checkpoints in {checkpoints.directory} is good (steps "
+        f"{', '.join(map(str, damaged))}" + (f", moved to {where}" if move_aside else "")
+        + "); start the run again in a new workdir")
+  return None
+
+
 def restore_run(workdir: str, mesh: Mesh | None = None
                 ) -> tuple[ml_collections.ConfigDict, nnx.GraphDef, train_step.TrainState, Mesh]:
-  """(config, graphdef, state, mesh) of the latest checkpoint of the run in `workdir`.
+  """(config, graphdef, state, mesh) of the newest good checkpoint of the run in `workdir`.
 
-  `state` is replicated on `mesh` (default: every device). Raises NoCheckpoint, or
+  `state` is replicated on `mesh` (default: every device). Damaged checkpoints are skipped
+  (one line each), not moved. Raises NoCheckpoint, NoGoodCheckpoint, or
   run_config.ConfigError for a workdir without a recorded config.
   """
   config = run_config.read(workdir)
@@ -63,10 +299,9 @@ def restore_run(workdir: str, mesh: Mesh | None = None
   state = sharding.replicate(state, mesh)
   checkpoints = manager(workdir, create=False)
   try:
-    step = checkpoints.latest_step()
-    if step is None:
-      raise NoCheckpoint(f"no checkpoint in {run_config.workdir_path(workdir) / FOLDER}")
-    state, _ = restore(checkpoints, step, state)
+    found = restore_newest_good(checkpoints, state, move_aside=False)
   finally:
     checkpoints.close()
-  return config, graphdef, state, mesh
+  if found is None:
+    raise NoCheckpoint(f"no checkpoint in {run_config.workdir_path(workdir) / FOLDER}")
+  return config, graphdef, found[1], mesh

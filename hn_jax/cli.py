@@ -11,8 +11,11 @@ imported. A config file is given as `--config=FILE --config.KEY=VALUE` (ml_colle
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
+import importlib.abc
+import importlib.machinery
 import logging as py_logging
 import os
 import re
@@ -159,11 +162,65 @@ def _print_help(flag_values: flags.FlagValues, prog: str, doc: str | None) -> No
 
 
 class _OnlyOurs(py_logging.Filter):
-  """Lets through warnings and errors, and INFO lines of hn_jax itself."""
+  """Lets through warnings and errors, and INFO lines of hn_jax itself. Drops Orbax's
+  tracebacks of a failed background save: the error reaches the run, which reports it in
+  one line."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False
     return (record.levelno >= py_logging.WARNING
             or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+  """File descriptor 2 points at /dev/null inside (C++ libraries write there directly)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+  """Imports TensorFlow, whenever something first does, without the lines its C++ start-up
+  writes to stderr before any log level applies (TF_CPP_MIN_LOG_LEVEL no longer hides them)."""
+
+  def find_spec(self, name, path, target=None):
+    if name != "tensorflow":
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+    if spec is None or spec.loader is None:
+      return spec
+    original = spec.loader.exec_module
+
+    def exec_module(module):
+      if self in sys.meta_path:
+        sys.meta_path.remove(self)
+      with _stderr_silenced():
+        original(module)
+
+    spec.loader.exec_module = exec_module
+    return spec
+
+
+def _excepthook_without_closed_loops(previous):
+  """`previous`, except for the "Event loop is closed" errors that TensorStore's callbacks
+  print after Orbax gave up on a failed background save (the run reports the failure)."""
+
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+
+  hook.hn_jax_quiet = True
+  return hook
 
 
 def quiet_libraries(flag_values: flags.FlagValues) -> None:
@@ -171,6 +228,11 @@ def quiet_libraries(flag_values: flags.FlagValues) -> None:
   if "verbosity" in flag_values and flag_values["verbosity"].present:
     return
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  if "tensorflow" not in sys.modules and not any(
+      isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
+  if not getattr(sys.excepthook, "hn_jax_quiet", False):
+    sys.excepthook = _excepthook_without_closed_loops(sys.excepthook)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OnlyOurs) for f in handler.filters):
     handler.addFilter(_OnlyOurs())
@@ -183,8 +245,11 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   """Parses `argv` (default: the process's, without the program name), then `main(positional)`.
 
   Returns the exit status: 0 on `--help` and on success (or `main`'s own status), 2 with
-  one line `PROG: error: ...` on a usage problem or one of `errors` raised by `main`.
+  one line `PROG: error: ...` on a usage problem or one of `errors` raised by `main`, 1 with
+  one line on an `errors.RunStopped` (a run that cannot go on), 130 on Ctrl-C; 0 with one line
+  on a preemption (SIGTERM: checkpointed, the same command resumes).
   """
+  from hn_jax.errors import Interrupted, Preempted, RunStopped  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv[1:] if argv is None else argv)
   if wants_help(argv):
     _print_help(flag_values, prog, doc)
@@ -194,13 +259,27 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   except UsageProblem as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
+  if not flags.FLAGS.is_parsed():  # absl's own flags: else its first log line says so
+    flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()
   if not flag_values["verbosity"].present:
     logging.set_verbosity(logging.INFO)  # absl's app.run does the same
   quiet_libraries(flag_values)
   try:
     status = main(rest)
+  except Preempted as e:
+    print(f"{prog}: {e}", file=sys.stderr)
+    return 0
+  except Interrupted as e:
+    print(f"{prog}: {e}", file=sys.stderr)
+    return 130
+  except KeyboardInterrupt:
+    print(f"{prog}: stopped by Ctrl-C", file=sys.stderr)
+    return 130
   except errors as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
+  except RunStopped as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 1
   return 0 if status is None else status

@@ -30,3 +30,8 @@ class NoGoodCheckpoint(RunStopped):
 
 class Interrupted(RunStopped):
   """Ctrl-C: the run checkpointed (where it could) and stopped; exit status 130."""
+
+
+class Preempted(Exception):
+  """SIGTERM: the run checkpointed and stopped; the same command resumes it (exit status 0,
+  so that schedulers requeue rather than fail it)."""

@@ -84,11 +84,11 @@ def _train(_: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line (without the program name); returns the exit status."""
-  from hn_jax import run_config, train_step  # pylint: disable=g-import-not-at-top
+  from hn_jax import run_config  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
   return cli.run(_train, FLAGS, argv, prog=PROG, doc=__doc__, required=("workdir",),
                  errors=(run_config.ConfigError, run_config.ConfigMismatch,
-                         datasets.DataNotPreparedError, train_step.TrainingStopped))
+                         datasets.DataNotPreparedError))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the same workdir resumes from its latest checkpoint and continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -23,25 +24,35 @@ from jax.sharding import Mesh
 
 from hn_jax import checkpoints as checkpoints_lib
 from hn_jax import evaluators, run_config, sharding, train_step
+from hn_jax.errors import DiskFull, Interrupted, Preempted, TrainingStopped
+from hn_jax.run_lock import WorkdirLock
 from hn_jax.data import datasets, input_pipeline, samplers
 
 
 class Preemption:
-  """Notices a SIGTERM (preemption notice) so the loop can checkpoint and exit cleanly.
+  """Notices a SIGTERM (preemption notice) or a Ctrl-C so that the loop can checkpoint at the
+  next step and stop cleanly. A second Ctrl-C stops at once (KeyboardInterrupt).
 
-  One process: a signal handler. Several: JAX's preemption service, through which every
-  process agrees on the same step to stop at.
+  One process: signal handlers. Several: JAX's preemption service, through which every
+  process agrees on the same step to stop at (a Ctrl-C reaches one process only).
   """
 
   def __init__(self):
     self.received = False
-    self._previous = None
+    self.interrupted = False
+    self._previous = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+                        signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
 
   def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning("SIGTERM received: checkpointing at the next step")
     self.received = True
+
+  def _on_sigint(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("Ctrl-C: checkpointing at the next step (Ctrl-C again stops at once)")
+    self.received = self.interrupted = True
+    signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -49,8 +60,9 @@ class Preemption:
     return self.received
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 class EpochLog:
@@ -203,15 +215,19 @@ class Progress:
     _say("epoch %d evaluation: %s (%.1f s)", epoch, _short(metrics), took)
 
   def summary(self, step: int, skipped: int, metrics: dict[str, float], workdir: str,
-              checkpoint_steps) -> None:
+              checkpoint_steps) -> str:
+    """The run's closing summary, printed to stdout (the log goes to stderr)."""
     workdir = os.fspath(run_config.workdir_path(workdir))
-    _say("Done: %d epochs, step %d%s, in %s (this session). Final evaluation: %s. "
-         "Checkpoints (steps %s) in %s; TensorBoard event files in %s "
-         "(tensorboard --logdir=%s)", self.num_epochs, step,
-         f" ({skipped} skipped)" if skipped else "",
-         _duration(time.monotonic() - self._began), _short(metrics) or "none",
-         ", ".join(str(s) for s in sorted(checkpoint_steps)),
-         os.path.join(workdir, "checkpoints"), workdir, workdir)
+    line = (f"Done: {self.num_epochs} epochs, step {step}"
+            f"{f' ({skipped} skipped)' if skipped else ''}, in "
+            f"{_duration(time.monotonic() - self._began)} (this session). Final evaluation: "
+            f"{_short(metrics) or 'none'}. Checkpoints (steps "
+            f"{', '.join(str(s) for s in sorted(checkpoint_steps))}) in "
+            f"{os.path.join(workdir, 'checkpoints')}; TensorBoard event files in {workdir} "
+            f"(tensorboard --logdir={workdir})")
+    if jax.process_index() == 0:
+      print(line, flush=True)
+    return line
 
 
 def _evaluations_after(epoch: int, config: ml_collections.ConfigDict) -> int:
@@ -229,9 +245,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   settings that differ from the workdir's, as `run_config.check_run` returned them to a caller
   that checked the config already (hn_jax.main); when None, the config is checked here.
 
-  A run started again on the same workdir resumes from its latest checkpoint: the
-  evaluations' and a preemption's (SIGTERM), and continues as if never stopped.
-  Returns the metrics of the last evaluation (empty when resumed with nothing left to do).
+  A run started again on the same workdir resumes from its newest good checkpoint (the
+  evaluations', a preemption's (SIGTERM) or a Ctrl-C's), and continues as if never stopped;
+  damaged checkpoints are moved aside (`checkpoints`). One run at a time holds the workdir
+  (`run_lock`). Returns the metrics of the last evaluation (empty when resumed with nothing
+  left to do). Raises errors.Preempted after a SIGTERM and errors.Interrupted after a Ctrl-C
+  (both checkpointed first), errors.DiskFull when a checkpoint cannot be written.
   """
   began = time.monotonic()
   mesh = sharding.create_mesh() if mesh is None else mesh
@@ -244,7 +263,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise run_config.ConfigError(
         f"an epoch of {config.dataset} holds fewer images than config.batch_size="
         f"{config.batch_size}; lower the batch size or raise config.repeat")
+  lock = (WorkdirLock(run_config.workdir_path(workdir)) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _run(config, workdir, mesh, changes, began, dataset, steps_per_epoch)
 
+
+def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+         changes: dict[str, tuple[Any, Any]], began: float, dataset: datasets.Dataset,
+         steps_per_epoch: int) -> dict[str, float]:
+  """train_and_evaluate's loop, in a workdir this process holds."""
   graphdef, state, tx = train_step.init_state(config, steps_per_epoch)
   state = sharding.replicate(state, mesh)
   step_fn = train_step.make_train_step(graphdef, tx, config, mesh)
@@ -259,58 +287,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   checkpoints = checkpoints_lib.manager(workdir, max_to_keep=config.checkpoints_to_keep)
   total_steps = config.num_epochs * steps_per_epoch
-  step = checkpoints.latest_step()
-  if step is not None and step >= total_steps:
+  found = checkpoints_lib.restore_newest_good(checkpoints, state)
+  if found is not None and found[0] >= total_steps:
+    checkpoints.close()
     _say("%s holds a complete run (step %d, epoch %d of %d): nothing to do; "
-         "raise --config.num_epochs to train further", workdir, step,
-         step // steps_per_epoch, config.num_epochs)
+         "raise --config.num_epochs to train further", workdir, found[0],
+         found[0] // steps_per_epoch, config.num_epochs)
     return {}
+  saver = checkpoints_lib.Saver(checkpoints)
   writer = _create_writer(workdir)
   metrics = {}
+  step = 0 if found is None else found[0]
   clock = Progress(total_steps, steps_per_epoch, config.num_epochs, began=began,
-                   evals_left=_evaluations_after((step or 0) // steps_per_epoch, config))
-  if step is None:
-    step = 0
-    if jax.process_index() == 0:
-      run_config.record(config, workdir, changes)
-    _say("Training %s (%s, %s loss) for %d epochs of %d steps in %s", config.dataset,
-         config.model, config.loss, config.num_epochs, steps_per_epoch, workdir)
-    metrics = evaluate(0)
-    writer.write_scalars(0, metrics)
-    clock.evaluated(0, metrics)
-    checkpoints_lib.save(checkpoints, 0, state, {"sums": {}, "count": 0})
-    log = EpochLog(writer)
-  else:
-    state, progress = checkpoints_lib.restore(checkpoints, step, state)
-    log = EpochLog(writer, progress["sums"], progress["count"])
-    _say("Resumed %s from its checkpoint of step %d (epoch %d of %d)", workdir, step,
-         step // steps_per_epoch, config.num_epochs)
-    if changes:
-      if jax.process_index() == 0:
-        run_config.record(config, workdir, changes)
-      _say("Changed settings: %s (recorded in %s)", run_config.describe(changes),
-           os.path.join(workdir, run_config.HISTORY_FILE))
-
+                   evals_left=_evaluations_after(step // steps_per_epoch, config))
   preemption = Preemption()
   try:
+    if found is None:
+      if jax.process_index() == 0:
+        run_config.record(config, workdir, changes)
+      _say("Training %s (%s, %s loss) for %d epochs of %d steps in %s", config.dataset,
+           config.model, config.loss, config.num_epochs, steps_per_epoch, workdir)
+      metrics = evaluate(0)
+      writer.write_scalars(0, metrics)
+      clock.evaluated(0, metrics)
+      saver.save(0, state, {"sums": {}, "count": 0})
+      log = EpochLog(writer)
+    else:
+      _, state, progress = found
+      log = EpochLog(writer, progress["sums"], progress["count"])
+      _say("Resumed %s from its checkpoint of step %d (epoch %d of %d)", workdir, step,
+           step // steps_per_epoch, config.num_epochs)
+      if changes:
+        if jax.process_index() == 0:
+          run_config.record(config, workdir, changes)
+        _say("Changed settings: %s (recorded in %s)", run_config.describe(changes),
+             os.path.join(workdir, run_config.HISTORY_FILE))
+
     for epoch in range(step // steps_per_epoch + 1, config.num_epochs + 1):
       first_step = step - (epoch - 1) * steps_per_epoch
       epoch_batches = input_pipeline.train_batches(dataset.train, config, epoch,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count(),
-                                            first_step=first_step)
+                                                   process_index=jax.process_index(),
+                                                   process_count=jax.process_count(),
+                                                   first_step=first_step)
       for batch in input_pipeline.prefetch_to_device(epoch_batches, mesh):
+        saver.check()  # a save that failed in the background stops the run here
         if preemption.reached(step):
-          checkpoints_lib.save(checkpoints, step, state, log.progress())
-          checkpoints.wait_until_finished()
-          logging.warning("Preempted: saved the checkpoint of step %d; run the same command "
-                          "to resume", step)
-          return metrics
+          saver.save(step, state, log.progress())
+          saver.wait()
+          how = "Ctrl-C" if preemption.interrupted else "Preempted"
+          message = (f"{how}: saved the checkpoint of step {step}; run the same command "
+                     "to resume")
+          raise Interrupted(message) if preemption.interrupted else Preempted(message)
         state, step_metrics = step_fn(state, batch["images"], batch["labels"], batch["flips"])
         step += 1
         log.add(step, step_metrics)
         if log.skipped_in_a_row >= config.max_consecutive_skips:
-          raise train_step.TrainingStopped(
+          raise TrainingStopped(
               f"the loss or its gradients were not finite for {log.skipped_in_a_row} steps in "
               f"a row (before step {step}); lower config.learning_rate or use float32 "
               "(config.half_precision=False), then resume from the last checkpoint")
@@ -323,11 +355,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         metrics = evaluate(epoch)
         writer.write_scalars(epoch, metrics)
         clock.evaluated(epoch, metrics)
-        checkpoints_lib.save(checkpoints, step, state, log.progress())
+        saver.save(step, state, log.progress())
+    saver.wait()
+    _flush(writer, workdir)
   finally:
     preemption.close()
-    checkpoints.wait_until_finished()
-    writer.flush()
-    writer.close()
-  clock.summary(step, log.skipped_steps, metrics, workdir, checkpoints.all_steps())
+    try:
+      checkpoints.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except; reported by saver.check/wait already
+      pass
+    try:
+      writer.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    saved = checkpoints.all_steps()
+    checkpoints.close()
+  clock.summary(step, log.skipped_steps, metrics, workdir, saved)
   return metrics
+
+
+def _flush(writer: metric_writers.MetricWriter, workdir: str) -> None:
+  """Writes out the event files; a full disk there stops the run with one line."""
+  try:
+    writer.flush()
+  except Exception as e:  # pylint: disable=broad-except
+    if checkpoints_lib.is_out_of_space(e):
+      raise DiskFull(f"no room for the TensorBoard event files in {workdir} (the checkpoints "
+                     "are intact); free space there, then run the same command to "
+                     "resume") from None
+    raise

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from hn_jax import run_config, sharding, train, train_step
+from hn_jax import errors, run_config, sharding, train, train_step
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_training_learns(two_epoch_run):
 
 
 def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path, monkeypatch,
-                                                        caplog):
+                                                        caplog, capsys):
   workdir, uninterrupted = two_epoch_run
   add = train.EpochLog.add
 
@@ -78,10 +78,13 @@ def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path,
       os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(train.EpochLog, "add", add_then_preempt)
-  before = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  with pytest.raises(errors.Preempted, match="Preempted: saved the checkpoint of step 5; run "
+                     "the same command to resume"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
   epoch0 = report.load_scalars(workdir)["DIGITS_test_R_1"][0]
-  # Class (c): the same run's epoch-0 value (same program, same machine), via float32 logs.
-  assert epoch0[0] == 0 and before["DIGITS_test_R_1"] == pytest.approx(epoch0[2])
+  # Class (c): the same program on the same machine, before the runs part: equal.
+  assert [(p[0], p[2]) for p in report.load_scalars(tmp_path)["DIGITS_test_R_1"]] == [
+      (epoch0[0], epoch0[2])]
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is removed again"
   assert (tmp_path / "checkpoints" / "5").is_dir()
   # A crash while writing the next checkpoint leaves a temporary folder behind: ignored.
@@ -104,9 +107,11 @@ def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path,
   epoch_lines = [line for line in console if line.startswith("epoch 2/2: loss")]
   assert len(epoch_lines) == 1 and "steps/s, ETA 0:00:00" in epoch_lines[0]
   assert any(line.startswith("epoch 2 evaluation: R_1 ") for line in console)
-  assert console[-1].startswith("Done: 2 epochs, step 28") and str(tmp_path) in console[-1]
-  assert f"R_1 {uninterrupted['DIGITS_test_R_1']:.4f}" in console[-1]
-  assert "Checkpoints (steps 5, 14, 28)" in console[-1] and "tensorboard --logdir=" in console[-1]
+  assert not any(line.startswith("Done:") for line in console), "the summary: stdout only"
+  (summary,) = capsys.readouterr().out.splitlines()
+  assert summary.startswith("Done: 2 epochs, step 28") and str(tmp_path) in summary
+  assert f"R_1 {uninterrupted['DIGITS_test_R_1']:.4f}" in summary
+  assert "Checkpoints (steps 5, 14, 28)" in summary and "tensorboard --logdir=" in summary
   a, b = report.load_scalars(workdir), report.load_scalars(tmp_path)
   for key in ("loss", "step_loss", "hn_ratio", "DIGITS_test_R_1", "train/num_hard"):
     assert [p[0] for p in b[key]] == [p[0] for p in a[key]], key
