@@ -48,6 +48,8 @@ CHANGEABLE = frozenset({
     "pretrained",  # read only when a run starts: a resumed run takes its weights from the checkpoint
 })
 _MISSING = "(not set)"
+# Models with published weights that config.pretrained can read (hn_jax.pretrained).
+PRETRAINED_MODELS = ("resnet18", "resnet50", "googlenet", "vit_small_patch16", "vit_base_patch16")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -75,9 +77,14 @@ def defaults() -> ml_collections.ConfigDict:
   config.images_per_class = 2  # Images of each class in a batch, side by side.
   config.repeat = 1  # Rounds over the classes per epoch ("sample" sampler only).
   # Model.
-  config.model = "resnet50"  # Backbone: "resnet50", "resnet18" or "small" (tests, tiny images).
+  # Backbone: "resnet50", "resnet18", "googlenet" (torchvision's), "vit_small_patch16",
+  # "vit_base_patch16" (timm's), or for tests and tiny images "small" (a ResNet10),
+  # "googlenet_mini", "vit_mini".
+  config.model = "resnet50"
   config.embedding_dim = 64  # Output dimension of the embedding head.
-  config.pretrained = ""  # Path of torchvision backbone weights; empty: random init.
+  # Path of torchvision (ResNet, GoogLeNet) or timm / DINO (ViT) backbone weights; empty:
+  # random init.
+  config.pretrained = ""
   config.half_precision = False  # Compute in bfloat16 (parameters, loss, optimizer stay float32).
   # Loss.
   config.loss = "sct"  # "hn" (hardest negative), "shn" (semi-hard) or "sct" (selective).
@@ -155,12 +162,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   need(all(isinstance(e, int) and e >= 1 for e in config.lr_drop_epochs),
        f"config.lr_drop_epochs={tuple(config.lr_drop_epochs)!r} must be positive epoch numbers")
   if config.pretrained:
-    need(config.model in ("resnet18", "resnet50"),
+    need(config.model in PRETRAINED_MODELS,
          f"config.pretrained is set but config.model={config.model!r} has no torchvision "
-         "weights; use resnet18 or resnet50")
+         f"weights (nor timm's); use one of {', '.join(PRETRAINED_MODELS)}")
     need(os.path.isfile(config.pretrained),
          f"config.pretrained={config.pretrained!r}: no such file; give the path of torchvision "
-         "weights (.pth, .npz or .safetensors), see hn_jax/pretrained.py")
+         "or timm weights (.pth, .npz or .safetensors), see hn_jax/pretrained.py")
+  if config.model in models.VIT_SPECS:
+    patch = models.VIT_SPECS[config.model][0]
+    need(config.image_size % patch == 0,
+         f"config.image_size={config.image_size} must be a multiple of {config.model}'s patch "
+         f"size {patch}; try --config.image_size={max(patch, config.image_size // patch * patch)}")
   need("cache_images" not in config,
        "config.cache_images was replaced by config.cache (auto, memory, disk or off); use "
        "--config.cache=memory for cache_images=True, or leave the default (auto)")

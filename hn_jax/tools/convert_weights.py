@@ -1,10 +1,13 @@
-"""Converts a torchvision state dict (.pth) to .npz or .safetensors, readable without PyTorch.
+"""Converts a torchvision or timm state dict (.pth) to .npz or .safetensors, readable without
+PyTorch (ResNets and GoogLeNet: torchvision's files; ViTs: timm's and DINO's).
 
 Run once on a machine that has PyTorch, then copy the output to hosts that do not::
 
   python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
   python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth \
       --output=resnet50-0676ba61.safetensors --model=resnet50
+  python -m hn_jax.tools.convert_weights --input=dino_deitsmall16_pretrain.pth \
+      --output=dino_deitsmall16_pretrain.npz --model=vit_small_patch16
 
 Keys are kept verbatim and arrays stay in torch's layout (the transposition to the model's
 layout happens at load time, in `hn_jax.pretrained`); floating-point arrays are stored as
@@ -81,7 +84,10 @@ FLAGS = cli.command_flags()
 flags.DEFINE_string("input", None, "torchvision weights: .pth/.pt (needs PyTorch), .npz or "
                     ".safetensors.", flag_values=FLAGS)
 flags.DEFINE_string("output", None, "Output file: .npz or .safetensors.", flag_values=FLAGS)
-flags.DEFINE_enum("model", None, ["resnet18", "resnet50"], "Optionally check every key and "
+# The models that have published weights (torchvision's ResNets and GoogLeNet, timm's and
+# DINO's ViTs); written out so that importing this command imports no JAX.
+PRETRAINED_MODELS = ("resnet18", "resnet50", "googlenet", "vit_small_patch16", "vit_base_patch16")
+flags.DEFINE_enum("model", None, list(PRETRAINED_MODELS), "Optionally check every key and "
                   "shape against this architecture.", flag_values=FLAGS)
 
 
