@@ -48,6 +48,8 @@ CHANGEABLE = frozenset({
     "pretrained",  # read only when a run starts: a resumed run takes its weights from the checkpoint
 })
 _MISSING = "(not set)"
+OPTIMIZERS = ("sgd", "adamw")  # as hn_jax.train_step's (which imports JAX; this module does not)
+LR_SCHEDULES = ("step", "cosine")
 # Models with published weights that config.pretrained can read (hn_jax.pretrained).
 PRETRAINED_MODELS = ("resnet18", "resnet50", "googlenet", "vit_small_patch16", "vit_base_patch16")
 
@@ -95,6 +97,18 @@ def defaults() -> ml_collections.ConfigDict:
   config.learning_rate = 0.009  # SGD learning rate (sct on CUB; shn uses 0.002).
   config.lr_drop_epochs = (40,)  # Epochs after which the learning rate is multiplied by 0.1.
   config.momentum = 0.0  # SGD momentum (the release used none).
+  # "sgd" (the release's: plain SGD, with config.momentum) or "adamw" (Adam 0.9, 0.999, eps
+  # 1e-8, decoupled weight decay: torch.optim.AdamW's).
+  config.optimizer = "sgd"
+  # sgd: L2 term added to the gradient (torch SGD's weight_decay); adamw: decoupled decay,
+  # times the learning rate. On every parameter. 0: none (the release's).
+  config.weight_decay = 0.0
+  # Epochs (a fraction allowed) over which the rate ramps linearly from 0 to learning_rate.
+  config.warmup_epochs = 0.0
+  # "step": x0.1 after each epoch of lr_drop_epochs; "cosine": from learning_rate to 0 over
+  # cosine_epochs epochs after the warm-up, then 0.
+  config.lr_schedule = "step"
+  config.cosine_epochs = 0  # Length of the cosine ("cosine" only, and then required, >= 1).
   config.batch_size = 128  # Global batch size, over all devices and hosts.
   config.num_epochs = 80  # Epochs of training.
   config.seed = 0  # Seeds the initialization, the batch order and the augmentation.
@@ -159,6 +173,27 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   need(config.learning_rate > 0, f"config.learning_rate={config.learning_rate} must be positive")
   need(config.temperature > 0, f"config.temperature={config.temperature} must be positive")
   need(0 <= config.momentum < 1, f"config.momentum={config.momentum} must be in [0, 1)")
+  need(config.optimizer in OPTIMIZERS,
+       f"config.optimizer={config.optimizer!r} is not an optimizer; use one of "
+       f"{', '.join(OPTIMIZERS)}")
+  need(config.optimizer == "sgd" or not config.momentum,
+       f"config.momentum={config.momentum} is SGD's; config.optimizer={config.optimizer!r} "
+       "has its own moments: leave momentum at 0")
+  need(isinstance(config.weight_decay, (int, float)) and config.weight_decay >= 0,
+       f"config.weight_decay={config.weight_decay!r} must be a number >= 0")
+  need(isinstance(config.warmup_epochs, (int, float)) and config.warmup_epochs >= 0,
+       f"config.warmup_epochs={config.warmup_epochs!r} must be a number of epochs >= 0")
+  need(config.lr_schedule in LR_SCHEDULES,
+       f"config.lr_schedule={config.lr_schedule!r} is not a schedule; use one of "
+       f"{', '.join(LR_SCHEDULES)}")
+  need(config.lr_schedule != "cosine"
+       or (isinstance(config.cosine_epochs, int) and config.cosine_epochs >= 1),
+       f"config.lr_schedule='cosine' needs config.cosine_epochs >= 1 (the epochs the cosine "
+       f"spans after the warm-up; got {config.cosine_epochs!r}), e.g. --config.cosine_epochs="
+       f"{max(1, config.num_epochs - int(config.warmup_epochs))}")
+  need(config.lr_schedule == "cosine" or not config.cosine_epochs,
+       f"config.cosine_epochs={config.cosine_epochs!r} is set but config.lr_schedule="
+       f"{config.lr_schedule!r}; set --config.lr_schedule=cosine or leave cosine_epochs at 0")
   need(all(isinstance(e, int) and e >= 1 for e in config.lr_drop_epochs),
        f"config.lr_drop_epochs={tuple(config.lr_drop_epochs)!r} must be positive epoch numbers")
   if config.pretrained:

@@ -47,24 +47,63 @@ def init_model(config: ml_collections.ConfigDict, *,
   return model
 
 
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("step", "cosine")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """The base rate, times 0.1 at each epoch of `config.lr_drop_epochs`, by global step."""
-  return optax.piecewise_constant_schedule(
+  """The learning rate by global step.
+
+  "step" (the release's): the base rate, times 0.1 at each epoch of `config.lr_drop_epochs`.
+  "cosine": from the base rate down to 0 over `config.cosine_epochs`, then 0. Either way
+  `config.warmup_epochs` (default 0) first ramps the rate linearly from 0 to the base rate
+  (the drops stay at their epochs; the cosine starts after the warm-up).
+  """
+  kind = config.get("lr_schedule", "step")
+  warmup = int(round(config.get("warmup_epochs", 0) * steps_per_epoch))
+  if kind == "step" and not warmup:  # the release's schedule, exactly as it always was
+    return optax.piecewise_constant_schedule(
+        config.learning_rate,
+        {int(epoch) * steps_per_epoch: 0.1 for epoch in config.lr_drop_epochs})
+  if kind == "cosine":
+    decay = int(config.cosine_epochs) * steps_per_epoch
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                              warmup + decay, end_value=0.0)
+  if kind != "step":
+    raise ValueError(f"unknown lr_schedule {kind!r}; use one of {', '.join(LR_SCHEDULES)}")
+  drops = optax.piecewise_constant_schedule(
       config.learning_rate,
-      {int(epoch) * steps_per_epoch: 0.1 for epoch in config.lr_drop_epochs})
+      {int(epoch) * steps_per_epoch - warmup: 0.1 for epoch in config.lr_drop_epochs})
+  return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), drops],
+                              [warmup])
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Plain SGD (momentum only if configured, no weight decay), as the release.
+  """The config's optimizer: plain SGD as the release (the default), or AdamW.
 
-  The momentum trace sits in `optax.apply_if_finite`: a step whose gradients are not finite
-  changes nothing and is counted; the training loop stops after
-  `config.max_consecutive_skips` in a row. The learning rate is applied outside it, so its
-  schedule counts every step, skipped or not: its count is the global step (`state.step`),
-  and the drops happen at the epochs the config names.
+  sgd: momentum only if configured; `config.weight_decay` (default 0: none, as the release)
+  adds decay x param to the gradient before the momentum (torch.optim.SGD's weight_decay).
+  adamw: Adam (0.9, 0.999, eps 1e-8) with weight decay decoupled from it and scaled by the
+  learning rate (torch.optim.AdamW's), on every parameter.
+
+  The update direction sits in `optax.apply_if_finite`: a step whose gradients are not finite
+  changes nothing (no momentum or Adam moments either) and is counted; the training loop stops
+  after `config.max_consecutive_skips` in a row. The learning rate is applied outside it, so
+  its schedule counts every step, skipped or not: its count is the global step
+  (`state.step`), and the drops happen at the epochs the config names.
   """
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  direction = optax.trace(decay=config.momentum) if config.momentum else optax.identity()
+  optimizer = config.get("optimizer", "sgd")
+  weight_decay = config.get("weight_decay", 0.0)
+  if optimizer == "sgd":
+    direction = optax.trace(decay=config.momentum) if config.momentum else optax.identity()
+    if weight_decay:
+      direction = optax.chain(optax.add_decayed_weights(weight_decay), direction)
+  elif optimizer == "adamw":
+    direction = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                            optax.add_decayed_weights(weight_decay))
+  else:
+    raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
   return optax.chain(optax.apply_if_finite(direction, max_consecutive_errors=2**31 - 1),
                      optax.scale_by_schedule(lambda count: -schedule(count)))
 
