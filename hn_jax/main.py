@@ -79,7 +79,8 @@ def _train(_: list[str]) -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   from hn_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(config, workdir, changes=changes)
+  train.train_and_evaluate(config, workdir, changes=changes,
+                           summary=lambda line: print(line, flush=True))  # the result: stdout
 
 
 def main(argv: Sequence[str] | None = None) -> int:

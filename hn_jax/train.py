@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -216,7 +216,7 @@ class Progress:
 
   def summary(self, step: int, skipped: int, metrics: dict[str, float], workdir: str,
               checkpoint_steps) -> str:
-    """The run's closing summary, printed to stdout (the log goes to stderr)."""
+    """The run's closing summary line."""
     workdir = os.fspath(run_config.workdir_path(workdir))
     line = (f"Done: {self.num_epochs} epochs, step {step}"
             f"{f' ({skipped} skipped)' if skipped else ''}, in "
@@ -225,8 +225,6 @@ class Progress:
             f"{', '.join(str(s) for s in sorted(checkpoint_steps))}) in "
             f"{os.path.join(workdir, 'checkpoints')}; TensorBoard event files in {workdir} "
             f"(tensorboard --logdir={workdir})")
-    if jax.process_index() == 0:
-      print(line, flush=True)
     return line
 
 
@@ -238,8 +236,11 @@ def _evaluations_after(epoch: int, config: ml_collections.ConfigDict) -> int:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        mesh: Mesh | None = None,
-                       changes: dict[str, tuple[Any, Any]] | None = None) -> dict[str, float]:
+                       changes: dict[str, tuple[Any, Any]] | None = None,
+                       summary: Callable[[str], None] | None = None) -> dict[str, float]:
   """Trains and evaluates per `config`, logging to and checkpointing in `workdir`.
+
+  The closing summary line goes to `summary` (hn_jax.main: stdout), else to the log.
 
   `mesh` defaults to one over every device of every process. `changes` are the changeable
   settings that differ from the workdir's, as `run_config.check_run` returned them to a caller
@@ -266,12 +267,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   lock = (WorkdirLock(run_config.workdir_path(workdir)) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
-    return _run(config, workdir, mesh, changes, began, dataset, steps_per_epoch)
+    return _run(config, workdir, mesh, changes, began, dataset, steps_per_epoch, summary)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
          changes: dict[str, tuple[Any, Any]], began: float, dataset: datasets.Dataset,
-         steps_per_epoch: int) -> dict[str, float]:
+         steps_per_epoch: int, summary: Callable[[str], None] | None) -> dict[str, float]:
   """train_and_evaluate's loop, in a workdir this process holds."""
   graphdef, state, tx = train_step.init_state(config, steps_per_epoch)
   state = sharding.replicate(state, mesh)
@@ -370,7 +371,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
       pass
     saved = checkpoints.all_steps()
     checkpoints.close()
-  clock.summary(step, log.skipped_steps, metrics, workdir, saved)
+  line = clock.summary(step, log.skipped_steps, metrics, workdir, saved)
+  if jax.process_index() == 0:
+    if summary is None:
+      logging.info("%s", line)
+    else:
+      summary(line)
   return metrics
 
 

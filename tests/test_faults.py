@@ -377,3 +377,28 @@ def test_ctrl_c_through_the_command_exits_130_and_the_run_resumes(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"from its checkpoint of step {step} " in resumed.stderr
   assert resumed.stdout.startswith("Done: 3 epochs, step 42")
+
+
+# Bad files given to the commands: one line each, before anything heavy.
+
+
+def _write_bad_indexes(folder: Path) -> dict:
+  import numpy as np
+  np.savez(folder / "foreign.npz", a=np.zeros(3))
+  np.savez(folder / "pickled.npz", a=np.array([{"x": 1}], dtype=object))
+  (folder / "random.npz").write_bytes(os.urandom(100))
+  whole = (folder / "foreign.npz").read_bytes()
+  (folder / "truncated.npz").write_bytes(whole[:len(whole) // 2])
+  return {"foreign.npz": "not an index of hn_jax.tools.embed (no embeddings, labels, "
+                         "embedding_dim)",
+          "pickled.npz": "holds pickled objects", "random.npz": "not a zip archive",
+          "truncated.npz": "not a readable .npz index (BadZipFile"}
+
+
+def test_a_bad_index_is_one_line(tmp_path, capsys):
+  from hn_jax.tools import search
+  for name, words in _write_bad_indexes(tmp_path).items():
+    assert search.main([f"--index={tmp_path / name}", "--query_split=test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hn_jax.tools.search: error: --index={tmp_path / name}: ")
+    assert words in err and "\n" not in err, err

@@ -112,3 +112,18 @@ def test_table_command_again_reuses_runs_and_refuses_another_config(made, capsys
   err = capsys.readouterr().err.strip()
   assert "another config" in err and "temperature" in err and "\n" not in err
   assert err.startswith("hn_jax.tools.reproduce: error:")
+
+
+def test_a_run_whose_final_checkpoint_is_damaged_is_trained_again(made, capsys, caplog):
+  top, _, _, argv = made
+  runs = sorted({p.parent.parent.parent for p in top.rglob("checkpoints/*/state")})
+  final = max((p for p in (runs[0] / "checkpoints").iterdir() if p.name.isdigit()),
+              key=lambda p: int(p.name))
+  (final / "state" / "_METADATA").write_bytes(b"not json")
+  assert reproduce.main(argv) == 0
+  err = capsys.readouterr().err
+  assert err.count("already done") == 4 + 3, "the other runs are reused"
+  warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert warnings and all(f"The checkpoint of step {final.name} is damaged" in w
+                          for w in warnings), warnings
+  assert (runs[0] / "checkpoints_damaged" / final.name).is_dir()

@@ -68,7 +68,7 @@ def test_training_learns(two_epoch_run):
 
 
 def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path, monkeypatch,
-                                                        caplog, capsys):
+                                                        caplog):
   workdir, uninterrupted = two_epoch_run
   add = train.EpochLog.add
 
@@ -107,11 +107,9 @@ def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path,
   epoch_lines = [line for line in console if line.startswith("epoch 2/2: loss")]
   assert len(epoch_lines) == 1 and "steps/s, ETA 0:00:00" in epoch_lines[0]
   assert any(line.startswith("epoch 2 evaluation: R_1 ") for line in console)
-  assert not any(line.startswith("Done:") for line in console), "the summary: stdout only"
-  (summary,) = capsys.readouterr().out.splitlines()
-  assert summary.startswith("Done: 2 epochs, step 28") and str(tmp_path) in summary
-  assert f"R_1 {uninterrupted['DIGITS_test_R_1']:.4f}" in summary
-  assert "Checkpoints (steps 5, 14, 28)" in summary and "tensorboard --logdir=" in summary
+  assert console[-1].startswith("Done: 2 epochs, step 28") and str(tmp_path) in console[-1]
+  assert f"R_1 {uninterrupted['DIGITS_test_R_1']:.4f}" in console[-1]
+  assert "Checkpoints (steps 5, 14, 28)" in console[-1] and "tensorboard --logdir=" in console[-1]
   a, b = report.load_scalars(workdir), report.load_scalars(tmp_path)
   for key in ("loss", "step_loss", "hn_ratio", "DIGITS_test_R_1", "train/num_hard"):
     assert [p[0] for p in b[key]] == [p[0] for p in a[key]], key

@@ -80,10 +80,20 @@ def config_for(config: ml_collections.ConfigDict, method: str, lr: str,
   return run
 
 
-def _complete(scalars: Mapping[str, Any], config: ml_collections.ConfigDict, key: str) -> bool:
-  """Whether a run's scalars already hold its final test recall."""
+def _complete(scalars: Mapping[str, Any], config: ml_collections.ConfigDict, key: str,
+              workdir: Path) -> bool:
+  """Whether a run's scalars already hold its final test recall and its final checkpoint
+  verifies (`hn_jax.checkpoints`: else training mends the run first)."""
   series = scalars.get(f"{key}_test_R_1", [])
-  return bool(series) and series[-1][0] == config.num_epochs
+  if not (series and series[-1][0] == config.num_epochs):
+    return False
+  from hn_jax import checkpoints, errors, sharding  # pylint: disable=g-import-not-at-top
+  try:
+    _, _, state, _ = checkpoints.restore_run(str(workdir))
+  except (checkpoints.NoCheckpoint, errors.NoGoodCheckpoint):
+    return False
+  last_step = max(step for step, _, _ in scalars.get("step_loss", [(0, 0, 0)]))
+  return int(sharding.local_value(state.step)) == last_step
 
 
 def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
@@ -94,7 +104,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
   t0 = time.perf_counter()
   has_events = any(workdir.glob(report.EVENT_FILE_PREFIX + "*"))
   scalars = report.load_scalars(workdir) if has_events else {}
-  reused = _complete(scalars, config, key)
+  reused = _complete(scalars, config, key, workdir)
   if not reused:
     train.train_and_evaluate(config, str(workdir), changes=changes)
     scalars = report.load_scalars(workdir)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -43,8 +44,22 @@ def load_index(path: str) -> dict:
   """The arrays and strings of an index written by `hn_jax.tools.embed`."""
   if not os.path.isfile(path):
     raise SearchError(f"--index={path!r}: no such file")
-  with np.load(path, allow_pickle=False) as data:
-    index = {k: data[k] for k in data.files}
+  with open(path, "rb") as f:
+    if f.read(4) != b"PK\x03\x04":
+      raise SearchError(f"--index={path}: not a .npz index (not a zip archive: damaged, or "
+                        "another kind of file); write it with python -m hn_jax.tools.embed")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      index = {k: data[k] for k in data.files}
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    reason = ("it holds pickled objects, which an index never does" if "pickle" in str(e)
+              else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    raise SearchError(f"--index={path}: not a readable .npz index ({reason}); write it "
+                      "again with python -m hn_jax.tools.embed") from None
+  missing = [k for k in ("embeddings", "labels", "embedding_dim") if k not in index]
+  if missing:
+    raise SearchError(f"--index={path}: not an index of hn_jax.tools.embed (no "
+                      f"{', '.join(missing)}); write it with python -m hn_jax.tools.embed")
   for key in ("source", "kind", "dataset", "split", "data_dir", "workdir"):
     if key in index:
       index[key] = str(index[key])
@@ -250,8 +265,6 @@ flags.DEFINE_string("workdir", None, "The run that embeds the queries (default: 
 
 
 def _search(_: list[str]) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
   if not FLAGS.query and FLAGS.query_split is None:
     raise SearchError("give --query (image or folder) or --query_split")
   try:
@@ -260,6 +273,9 @@ def _search(_: list[str]) -> None:
   except ValueError as e:
     raise SearchError(f"--query_indices={','.join(FLAGS.query_indices)!r}: give integers "
                       "separated by commas") from e
+  load_index(FLAGS.index)  # a bad index is refused before the heavy imports
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
   from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
   try:
     search(FLAGS.index, queries=FLAGS.query, query_split=FLAGS.query_split,
