@@ -491,8 +491,8 @@ def create_model(name: str, embedding_dim: int, *, dtype: Any = jnp.float32,
                  rngs: nnx.Rngs, image_size: int | None = None) -> Embedding:
   """Builds a backbone of `MODEL_NAMES` with a linear embedding head.
 
-  `small` (a narrow ResNet10), `googlenet_mini` (GoogLeNet at 1/8 width with inception3a, 4a
-  and 5b only) and `vit_mini`
+  `small` (a narrow ResNet10), `googlenet_mini` (GoogLeNet at 1/8 width, inception3a and 4a
+  only, so one max-pool between stages) and `vit_mini`
   (patch 8, width 32, 2 blocks) are for tests and tiny images. `image_size` sets the grid of a
   ViT's position embeddings (None: 224 px, timm's; 32 for vit_mini; images of other sizes use
   them resized on the fly); the other models ignore it.
@@ -508,7 +508,7 @@ def create_model(name: str, embedding_dim: int, *, dtype: Any = jnp.float32,
     return _jit_init(lambda r: GoogLeNetEmbedding(embedding_dim, dtype=dtype, rngs=r), rngs)
   if name == "googlenet_mini":
     return _jit_init(lambda r: GoogLeNetEmbedding(
-        embedding_dim, width=8, blocks=("inception3a", "inception4a", "inception5b"),
+        embedding_dim, width=8, blocks=("inception3a", "inception4a"),
         dtype=dtype, rngs=r), rngs)
   if name in VIT_SPECS:
     patch, width, depth, heads = VIT_SPECS[name]

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import digits
-from hn_jax import models, pretrained, sharding, train_step
+from configs import car_vit_s16, cub_googlenet, cub_vit_s16, digits, sop_vit_s16
+from hn_jax import models, pretrained, run_config, sharding, train_step
 from hn_jax.data import in_memory, samplers
 from hn_jax.testing import torch_reference
 from hn_jax.tools import convert_weights
@@ -310,3 +310,15 @@ def test_tiny_variant_trains_on_digits(name, optimizer):
   if name == "googlenet_mini":  # dropout drew a fresh mask each step, its count checkpointed
     assert int(state.batch_stats["dropout"]["count"][...]) == 4
   print(f"\n{name} ({optimizer}): loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+
+
+def test_backbone_configs_validate():
+  for module, model in ((cub_googlenet, "googlenet"), (cub_vit_s16, "vit_small_patch16"),
+                        (car_vit_s16, "vit_small_patch16"), (sop_vit_s16, "vit_small_patch16")):
+    config = module.get_config()
+    run_config.validate(config, num_devices=8, num_processes=1)
+    assert config.model == model
+  config.image_size = 250
+  with pytest.raises(run_config.ConfigError, match=r"config.image_size=250 must be a multiple "
+                     r"of vit_small_patch16's patch size 16; try --config.image_size=240"):
+    run_config.validate(config, num_devices=8, num_processes=1)

@@ -1,0 +1,36 @@
+"""CUB-200-2011 on ViT-S/16 with a published ViT metric-learning recipe's settings.
+
+The recipe: Hyp-ViT's Euclidean/DINO setting (Ermolov, Mirvakhabova, Khrulkov, Sebe, Oseledets,
+"Hyperbolic Vision Transformers: Combining Improvements in Metric Learning", CVPR 2022; code
+github.com/htdt/hyp_metric), as its training script fixes it: ViT-S/16 from DINO's self-
+supervised weights, 224 px, ImageNet normalization (the default here; its script uses it for the
+DINO models), two images per class, AdamW (torch's, with its default weight decay 0.01 on every
+parameter), a constant learning rate of 1e-5 (the script's default: no warm-up, no decay), an
+embedding of 128 on the class token. Start from DINO's backbone, `dino_deitsmall16_pretrain.pth`
+(hn_jax/pretrained.py says where to get it):
+`--config.pretrained=/path/to/dino_deitsmall16_pretrain.pth`.
+
+Not matched: the loss (Hyp-ViT's pairwise cross-entropy, by default in the Poincare ball of
+curvature 0.1 at temperature 0.3; here the paper's sct, whose best learning rate may well
+differ: search it as the paper did); its RandomResizedCrop(224, scale 0.2-1, bicubic) (here the
+protocol's resize to 1.1x and random crop, bilinear); its batch of distinct classes (its
+script's default: 400 per GPU; here 128, as docs/protocol.md) and its epochs (here the
+protocol's 80, evaluated every 10); its optional gradient clipping (norm 3) and apex mixed
+precision (here --config.half_precision=true computes in bf16). The per-dataset learning rates,
+batch sizes and epochs of Hyp-ViT's paper tables were not checked and are not reproduced.
+"""
+
+from hn_jax import run_config
+
+
+def get_config():
+  config = run_config.defaults()
+  config.dataset = "cub"
+  config.model = "vit_small_patch16"
+  config.image_size = 224
+  config.embedding_dim = 128
+  config.optimizer = "adamw"
+  config.learning_rate = 1e-5
+  config.weight_decay = 0.01  # torch.optim.AdamW's default, which Hyp-ViT's script keeps
+  config.lr_drop_epochs = ()  # a constant rate
+  return config
