@@ -7,11 +7,12 @@ holds the config the run uses now (what `hn_jax.tools.embed`, `search` and a res
 through `read`). A run started again on the workdir compares its config with that file:
 
 * a setting that shapes the run (model, dimension, loss and its parameters, dataset,
-  batch, sampler, seed, learning rate and schedule, precision, image transforms, ...)
-  cannot change mid-run: `check` raises one `ConfigMismatch` naming every such difference;
+  batch, sampler, seed, optimizer and schedule, image transforms, ...) cannot change
+  mid-run: `check` raises one `ConfigMismatch` naming every such difference;
 * a setting listed in `CHANGEABLE` (how long to train, how often to evaluate, where the
-  data lives, evaluation memory, ...) may change: `record` rewrites `config.json` with the
-  new value and appends the change to `config_history.json` (a list of
+  data lives, evaluation memory, and the base learning rate and precision, which a run
+  stopped by non-finite steps is told to lower) may change: `record` rewrites
+  `config.json` with the new value and appends the change to `config_history.json` (a list of
   `{"time", "changes": {key: [old, new]}}`), so the run's history stays readable.
 
 A setting missing on one side (a config from an older version) counts as a difference
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -46,6 +48,8 @@ CHANGEABLE = frozenset({
     # How decoded images are kept (memory, a file, where, how much), not what they are.
     "cache", "cache_images", "cache_dir", "cache_memory_gb",
     "pretrained",  # read only when a run starts: a resumed run takes its weights from the checkpoint
+    # What a run stopped by non-finite steps is told to change before it resumes.
+    "learning_rate", "half_precision",
 })
 _MISSING = "(not set)"
 OPTIMIZERS = ("sgd", "adamw")  # as hn_jax.train_step's (which imports JAX; this module does not)
@@ -137,6 +141,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     if not ok:
       raise ConfigError(message)
 
+  for key, value in config.items():
+    if isinstance(value, float):
+      need(math.isfinite(value), f"config.{key}={value} must be a finite number")
   need(config.loss in losses.METHODS,
        f"config.loss={config.loss!r} is not a loss; use one of {', '.join(losses.METHODS)}")
   need(config.dataset in datasets.DATASET_NAMES,

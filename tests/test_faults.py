@@ -402,3 +402,26 @@ def test_a_bad_index_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"hn_jax.tools.search: error: --index={tmp_path / name}: ")
     assert words in err and "\n" not in err, err
+
+
+# Advice and rules agree.
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "momentum", "temperature"])
+def test_non_finite_settings_are_refused_up_front(key):
+  from hn_jax import run_config
+  for value in (float("inf"), float("nan")):
+    with pytest.raises(run_config.ConfigError, match=f"config.{key}={value} must be a finite"):
+      run_config.validate(tiny_config(**{key: value}), num_devices=8, num_processes=1)
+
+
+def test_a_run_stopped_by_non_finite_steps_resumes_with_the_lower_rate_it_is_told_to_use(
+    tmp_path):
+  config = tiny_config(learning_rate=1e30, max_consecutive_skips=3)
+  with pytest.raises(errors.TrainingStopped, match="lower config.learning_rate .* then resume"):
+    train.train_and_evaluate(config, str(tmp_path))
+  metrics = train.train_and_evaluate(tiny_config(learning_rate=0.05, max_consecutive_skips=3),
+                                     str(tmp_path))
+  assert 0 < metrics["DIGITS_test_R_1"] <= 1
+  history = json.loads((tmp_path / "config_history.json").read_text())
+  assert [h["changes"] for h in history] == [{"learning_rate": [1e30, 0.05]}]
