@@ -118,6 +118,10 @@ _LEAF_NAMES = {
 }
 
 
+class WeightsFileError(ValueError):
+  """A weights file that cannot be read (truncated, foreign, pickled); names the file."""
+
+
 class WeightMismatchError(ValueError):
   """The state dict's keys or shapes do not match the model; the message lists every problem."""
 
@@ -367,12 +371,12 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         "--output=X.npz (or .safetensors), and load that instead.") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path!r} does not hold a state dict (a mapping of names to tensors) "
+    raise WeightsFileError(f"{path!r} does not hold a state dict (a mapping of names to tensors) "
                      f"but a {type(obj).__name__}")
   out = {}
   for key, value in obj.items():
     if not isinstance(value, torch.Tensor):
-      raise ValueError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
+      raise WeightsFileError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
     value = value.detach().cpu()
     if value.is_floating_point() and value.dtype != torch.float32:
       value = value.float()  # bfloat16 / float16 / float64 -> float32 (numpy has no bfloat16)
@@ -404,11 +408,18 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                      f"{', '.join(SUPPORTED_EXTENSIONS)}")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"weights file not found: {path!r}")
-  if ext in (".pth", ".pt"):
-    return _read_torch(path)
-  if ext == ".npz":
-    return _read_npz(path)
-  return _read_safetensors(path)
+  reader = {".pth": _read_torch, ".pt": _read_torch, ".npz": _read_npz}.get(ext,
+                                                                         _read_safetensors)
+  try:
+    return reader(path)
+  except (ImportError, WeightsFileError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except; each reader fails its own way
+    text = " ".join(str(e).split())
+    if "pickled" in text:
+      text = "it holds pickled objects, which a weights file of this format never does"
+    raise WeightsFileError(f"{path}: not a readable {ext} weights file ({type(e).__name__}: "
+                           f"{text[:200]}); is it complete? Download or convert it again") from None
 
 
 def load_torchvision_weights(model: nnx.Module, path: str | os.PathLike[str]) -> None:

@@ -15,8 +15,9 @@ through `read`). A run started again on the workdir compares its config with tha
   `config.json` with the new value and appends the change to `config_history.json` (a list of
   `{"time", "changes": {key: [old, new]}}`), so the run's history stays readable.
 
-A setting missing on one side (a config from an older version) counts as a difference
-unless it is changeable. `check_run` is both checks, once per entry point (hn_jax.main,
+A setting the recorded config lacks (it was written by an older version) counts as the
+default it has now: equal when the new config keeps that default; any other missing setting
+is a difference unless it is changeable. `check_run` is both checks, once per entry point (hn_jax.main,
 or `train.train_and_evaluate` for library callers). No TensorFlow and no JAX are imported here.
 
 A workdir may be a local folder or a bucket URL (`gs://...`, as on a TPU pod): every file of
@@ -300,6 +301,10 @@ def check(config: ml_collections.ConfigDict | Mapping[str, Any], workdir: str
   if recorded is None:
     return {}
   changed = differences(recorded, config)
+  default = as_plain(defaults())
+  # A setting added after the run was recorded, at its default: the run had that behaviour.
+  changed = {k: (old, new) for k, (old, new) in changed.items()
+             if not (old is _MISSING and k in default and default[k] == new)}
   fixed = {k: v for k, v in changed.items() if k not in CHANGEABLE}
   if fixed:
     listed = "; ".join(f"config.{k}={_show(new)} but the run has {_show(old)}"

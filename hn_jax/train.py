@@ -264,17 +264,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise run_config.ConfigError(
         f"an epoch of {config.dataset} holds fewer images than config.batch_size="
         f"{config.batch_size}; lower the batch size or raise config.repeat")
+  initial = train_step.init_state(config, steps_per_epoch)  # reads config.pretrained
   lock = (WorkdirLock(run_config.workdir_path(workdir)) if jax.process_index() == 0
           else contextlib.nullcontext())
-  with lock:
-    return _run(config, workdir, mesh, changes, began, dataset, steps_per_epoch, summary)
+  with lock:  # before anything is written to the workdir
+    return _run(config, workdir, mesh, changes, began, dataset, steps_per_epoch, initial,
+                summary)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
          changes: dict[str, tuple[Any, Any]], began: float, dataset: datasets.Dataset,
-         steps_per_epoch: int, summary: Callable[[str], None] | None) -> dict[str, float]:
+         steps_per_epoch: int, initial: tuple[Any, train_step.TrainState, Any],
+         summary: Callable[[str], None] | None) -> dict[str, float]:
   """train_and_evaluate's loop, in a workdir this process holds."""
-  graphdef, state, tx = train_step.init_state(config, steps_per_epoch)
+  graphdef, state, tx = initial
   state = sharding.replicate(state, mesh)
   step_fn = train_step.make_train_step(graphdef, tx, config, mesh)
   embed_fn = train_step.make_embed_step(graphdef, mesh, config)

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from hn_jax import losses, models, pretrained, sharding
+from hn_jax import losses, models, pretrained, run_config, sharding
 from hn_jax.errors import TrainingStopped  # noqa: F401  (raised by the loop; tests name it here)
 
 
@@ -41,9 +41,15 @@ def init_model(config: ml_collections.ConfigDict, *,
   """The config's model: seeded by `config.seed`, its backbone read from `config.pretrained`
   when set (and `read_weights`: a checkpoint's restore needs only the shapes)."""
   model = models.create_model(config.model, config.embedding_dim, dtype=compute_dtype(config),
-                              rngs=nnx.Rngs(config.seed))
+                              rngs=nnx.Rngs(config.seed), image_size=config.image_size)
   if config.pretrained and read_weights:
-    pretrained.load_torchvision_weights(model, config.pretrained)
+    try:
+      pretrained.load_torchvision_weights(model, config.pretrained)
+    except (pretrained.WeightsFileError, pretrained.WeightMismatchError, KeyError) as e:
+      lines = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)).splitlines()
+      more = f"; ... ({len(lines) - 4} more)" if len(lines) > 4 else ""
+      message = "; ".join(line.strip().rstrip(":") for line in lines[:4]) + more
+      raise run_config.ConfigError(f"config.pretrained={config.pretrained}: {message}") from None
   return model
 
 

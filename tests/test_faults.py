@@ -425,3 +425,18 @@ def test_a_run_stopped_by_non_finite_steps_resumes_with_the_lower_rate_it_is_tol
   assert 0 < metrics["DIGITS_test_R_1"] <= 1
   history = json.loads((tmp_path / "config_history.json").read_text())
   assert [h["changes"] for h in history] == [{"learning_rate": [1e30, 0.05]}]
+
+
+def test_a_bad_weights_file_is_one_line_naming_it(tmp_path):
+  from hn_jax import run_config
+  for name, words in _write_bad_indexes(tmp_path).items():
+    config = tiny_config(model="resnet18", pretrained=str(tmp_path / name))
+    with pytest.raises(run_config.ConfigError) as error:
+      train_step.init_model(config)
+    message = str(error.value)
+    assert message.startswith(f"config.pretrained={tmp_path / name}: ") and "\n" not in message
+    if name == "foreign.npz":
+      assert "does not match the model (103 problem(s)); missing key" in message
+      assert message.endswith("(100 more)")
+    else:
+      assert "not a readable .npz weights file" in message, message

@@ -43,6 +43,20 @@ def test_a_setting_missing_on_one_side_counts_unless_changeable():
   assert "new_setting" not in run_config.CHANGEABLE
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
+  run_config.record(digits.get_config(), str(tmp_path))
+  path = tmp_path / run_config.CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  del recorded["optimizer"], recorded["weight_decay"]  # as an older hn_jax wrote it
+  path.write_text(json.dumps(recorded))
+  assert run_config.check(digits.get_config(), str(tmp_path)) == {}
+  config = digits.get_config()
+  config.optimizer = "adamw"
+  with pytest.raises(run_config.ConfigMismatch, match='config.optimizer="adamw" but the run '
+                     r"has \(not set\)"):
+    run_config.check(config, str(tmp_path))
+
+
 def test_changeable_settings_are_recorded_with_their_history(tmp_path):
   workdir = str(tmp_path)
   run_config.record(digits.get_config(), workdir)
