@@ -139,7 +139,9 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
   try:
     rest = flag_values([prog, *argv])[1:]
   except flags.Error as e:
-    raise UsageProblem(str(e).split("\n")[0]) from e
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] + (f" {lines[-1]}" if len(lines) > 1 and lines[0].endswith(":") else "")
+    raise UsageProblem(text) from e
   except Exception as e:  # pylint: disable=broad-except; loading runs the config file's code
     raise UsageProblem(_config_file_problem(e) or _override_problem(e)) from e
   if "config" in flag_values:
@@ -249,7 +251,8 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   one line on an `errors.RunStopped` (a run that cannot go on), 130 on Ctrl-C; 0 with one line
   on a preemption (SIGTERM: checkpointed, the same command resumes).
   """
-  from hn_jax.errors import Interrupted, Preempted, RunStopped  # pylint: disable=g-import-not-at-top
+  from hn_jax.errors import (  # pylint: disable=g-import-not-at-top
+      Interrupted, Preempted, RunStopped)
   argv = list(sys.argv[1:] if argv is None else argv)
   if wants_help(argv):
     _print_help(flag_values, prog, doc)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import car_vit_s16, cub_googlenet, cub_vit_s16, digits, sop_vit_s16
+from configs import cub_googlenet, digits, vit_s16
 from hn_jax import models, pretrained, run_config, sharding, train_step
 from hn_jax.data import in_memory, samplers
 from hn_jax.testing import torch_reference
@@ -313,11 +313,13 @@ def test_tiny_variant_trains_on_digits(name, optimizer):
 
 
 def test_backbone_configs_validate():
-  for module, model in ((cub_googlenet, "googlenet"), (cub_vit_s16, "vit_small_patch16"),
-                        (car_vit_s16, "vit_small_patch16"), (sop_vit_s16, "vit_small_patch16")):
-    config = module.get_config()
+  configs = [cub_googlenet.get_config(), *(vit_s16.get_config(d) for d in ("cub", "cars", "sop"))]
+  for config, model in zip(configs, ["googlenet"] + ["vit_small_patch16"] * 3):
     run_config.validate(config, num_devices=8, num_processes=1)
     assert config.model == model
+  assert [c.dataset for c in configs[1:]] == ["cub", "cars", "sop"] and configs[3].repeat == 5
+  with pytest.raises(ValueError, match="choose one of cub, cars, sop"):
+    vit_s16.get_config("inshop")
   config.image_size = 250
   with pytest.raises(run_config.ConfigError, match=r"config.image_size=250 must be a multiple "
                      r"of vit_small_patch16's patch size 16; try --config.image_size=240"):
