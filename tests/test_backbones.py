@@ -286,6 +286,7 @@ def _digits_batch(config):
 
 @pytest.mark.parametrize("name, optimizer", [("googlenet_mini", "sgd"),
                                              ("vit_mini", "adamw")])
+@pytest.mark.slow
 def test_tiny_variant_trains_on_digits(name, optimizer):
   config = digits.get_config()
   config.model, config.batch_size, config.embedding_dim = name, 32, 16

@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_smoke_run_without_tensorflow(tmp_path):
   out = tmp_path / "loop.json"
   # The 8 CPU devices and the compilation cache of conftest.py: tests/test_train.py's step.

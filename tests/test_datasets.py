@@ -226,6 +226,7 @@ def test_cache_gives_the_same_batches(prepared, mode, tmp_path):
   assert len(os.listdir(tmp_path)) == 2  # the train and the test split's caches
 
 
+@pytest.mark.slow
 def test_second_evaluation_and_embed_decode_no_image(prepared, tmp_path):
   """A run's first evaluation decodes the split and leaves its caches; evaluating again, in
   this process or another (a fresh dataset), and hn_jax.tools.embed read no record."""

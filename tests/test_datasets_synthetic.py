@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from configs import synthetic
 from hn_jax import evaluation, train
@@ -56,6 +57,7 @@ def test_raw_pixels_retrieve_poorly():
   assert recall < 0.6, recall
 
 
+@pytest.mark.slow
 def test_training_on_synthetic_learns(tmp_path):
   train.train_and_evaluate(tiny_config(), str(tmp_path))
   scalars = report.load_scalars(tmp_path)
@@ -65,6 +67,7 @@ def test_training_on_synthetic_learns(tmp_path):
   assert recalls[-1] > recalls[0] + 0.1, recalls
 
 
+@pytest.mark.slow
 def test_main_without_prepared_data_names_the_prepare_command(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              TF_CPP_MIN_LOG_LEVEL="3")

@@ -15,6 +15,8 @@ from configs import digits
 from hn_jax import sharding, train, train_step
 from hn_jax.tools import report
 
+pytestmark = pytest.mark.slow  # trains whole runs
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/digits.py", "--config.image_size=16", "--config.embedding_dim=16",
         "--config.batch_size=128", "--config.eval_batch_size=256", "--config.learning_rate=0.001"]

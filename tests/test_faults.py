@@ -121,6 +121,7 @@ def test_no_good_checkpoint_says_what_to_do(finished_run, tmp_path):
   manager.close()
 
 
+@pytest.mark.slow
 def test_a_complete_run_whose_final_checkpoint_is_damaged_trains_its_last_epoch_again(
     finished_run, tmp_path, caplog):
   run, uninterrupted = finished_run
@@ -228,6 +229,7 @@ def _tiny_filesystem(path: Path) -> bool:
   return done.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_through_the_command(tmp_path):
   """The command on a 3 MB filesystem: one line, exit 1, the checkpoints before intact."""
   mount = tmp_path / "small"
@@ -297,6 +299,7 @@ def test_a_live_lease_is_renewed(tmp_path):
   assert not (tmp_path / run_lock.LEASE_FILE).exists(), "released on exit"
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(tmp_path):
   workdir = tmp_path / "run"
   holder = _holder(workdir, "flock")
@@ -318,6 +321,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(tmp_path):
 # Ctrl-C.
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_at_the_next_step_and_a_second_one_stops_at_once(
     finished_run, tmp_path, monkeypatch):
   add = train.EpochLog.add
@@ -350,6 +354,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_a_second_one_stops_at_once(
   assert sorted(p.name for p in (tmp_path / "twice" / "checkpoints").iterdir()) == ["0"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_through_the_command_exits_130(tmp_path):
   workdir = tmp_path / "run"
   command = [sys.executable, "-m", "hn_jax.main", f"--config={REPO / 'configs/digits.py'}",
@@ -411,6 +416,7 @@ def test_non_finite_settings_are_refused_up_front(key):
       run_config.validate(tiny_config(**{key: value}), num_devices=8, num_processes=1)
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_non_finite_steps_resumes_with_the_lower_rate_it_is_told_to_use(
     tmp_path):
   config = tiny_config(learning_rate=1e30, max_consecutive_skips=3)

@@ -188,6 +188,7 @@ def test_normalization_in_the_step_equals_the_host_float_pipeline():
   np.testing.assert_array_equal(floats, reference.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_training_on_uint8_batches_gives_the_losses_of_host_normalized_batches():
   """Three steps fed uint8 crops (mirrored and normalized in the step) against the same crops
   mirrored and normalized on the host in float32, as the pipeline did before: the same

@@ -107,6 +107,7 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 # Numerical equivalence with PyTorch.
 
 
+@pytest.mark.slow
 def test_backbone_matches_torch(torch_checkpoint):
   torch = pytest.importorskip("torch")
   name, torch_model, path = torch_checkpoint

@@ -14,6 +14,8 @@ from PIL import Image
 
 from hn_jax.tools import report, reproduce
 
+pytestmark = pytest.mark.slow  # trains whole runs
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [f"--config={REPO}/configs/digits.py", "--methods=sct,hn", "--lrs=0.05", "--seeds=0,1",
         "--config.image_size=16", "--config.embedding_dim=16", "--config.batch_size=128",

@@ -58,6 +58,7 @@ def test_run_logs_the_paper_keys(two_epoch_run):
   assert (workdir / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_training_learns(two_epoch_run):
   workdir, _ = two_epoch_run
   scalars = report.load_scalars(workdir)
@@ -67,6 +68,7 @@ def test_training_learns(two_epoch_run):
   assert last > first + 0.02, (first, last)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path, monkeypatch,
                                                         caplog):
   workdir, uninterrupted = two_epoch_run
@@ -197,6 +199,7 @@ def test_learning_rate_drops_at_the_global_step_even_after_a_skipped_step():
   assert int(train_step.skipped_steps(opt_state)[2]) == 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_other_seed_other_run(two_epoch_run, tmp_path):
   _, first = two_epoch_run
   other = train.train_and_evaluate(tiny_config(seed=1, num_epochs=2), str(tmp_path))
@@ -228,6 +231,7 @@ def _step_on(devices, config, images, labels, nudge=False):
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["hn", "sct"])
 def test_sharded_step_equals_single_device_step(loss):
   assert jax.device_count() == 8
