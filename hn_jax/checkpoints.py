@@ -195,12 +195,6 @@ class Saver:
     self.check()
 
 
-def save(checkpoints: ocp.CheckpointManager, step: int, state: train_step.TrainState,
-         progress: dict[str, Any]) -> None:
-  """Saves `state` and `progress` as step `step` (asynchronously), unless it is saved already."""
-  Saver(checkpoints).save(step, state, progress)
-
-
 def restore(checkpoints: ocp.CheckpointManager, step: int, like: train_step.TrainState
             ) -> tuple[train_step.TrainState, dict[str, Any]]:
   """(state, progress) of checkpoint `step`, placed as `like` is (not verified: see
