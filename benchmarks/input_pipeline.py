@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
       results[name] = time_hn_jax(config, cached, epochs=args.cached_epochs)
       used[name] = min(threads, cores)
     input_pipeline.CACHE_THREADS = default
-    flip = time_host_flip(input_pipeline.cached_images(cached.train, "train", config),
+    flip = time_host_flip(input_pipeline.cache_of(cached.train, "train", config),
                           args.batch, args.image_size)
 
   load = os.getloadavg()

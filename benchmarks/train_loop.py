@@ -252,7 +252,7 @@ def main(argv=None) -> None:
     split = _train_split(args, config)
     times["split_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    input_pipeline.cached_images(split, "train", config)
+    input_pipeline.cache_of(split, "train", config)
     times["build_s"] = time.perf_counter() - start
     return split
 

@@ -120,38 +120,38 @@ def test_disk_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path, capl
 
 def test_a_changed_setting_or_dataset_never_reuses_a_file(tmp_path):
   config = _config(cache_dir=str(tmp_path))
-  input_pipeline.cached_images(_split(), "train", config)
-  input_pipeline.cached_images(_split(), "eval", config)
-  input_pipeline.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), image_size=20))
-  input_pipeline.cached_images(_split(seed=2), "train", config)  # other pixels, same name
+  input_pipeline.cache_of(_split(), "train", config)
+  input_pipeline.cache_of(_split(), "eval", config)
+  input_pipeline.cache_of(_split(), "train", _config(cache_dir=str(tmp_path), image_size=20))
+  input_pipeline.cache_of(_split(seed=2), "train", config)  # other pixels, same name
   assert len(os.listdir(tmp_path)) == 4
-  eval_cache = input_pipeline.cached_images(_split(), "eval", config)
+  eval_cache = input_pipeline.cache_of(_split(), "eval", config)
   assert eval_cache.stacked.shape == (20, 16, 16, 3)
 
 
 def test_auto_picks_memory_then_disk_then_off(tmp_path, monkeypatch, caplog):
   split = _split()
   size = 20 * 17 * 25 * 3  # 20 images of 30 x 44 resized to 17 x 25 (shorter side 17)
-  cache = input_pipeline.cached_images(split, "train", _config(cache="auto", cache_dir=str(tmp_path)))
+  cache = input_pipeline.cache_of(split, "train", _config(cache="auto", cache_dir=str(tmp_path)))
   assert cache.in_memory and cache.nbytes == size
   assert len(os.listdir(tmp_path)) == 1, "memory: also saved for later runs"
   tiny = dict(cache="auto", cache_memory_gb=1e-9)
-  cache = input_pipeline.cached_images(_split(), "train", _config(cache_dir=str(tmp_path), **tiny))
+  cache = input_pipeline.cache_of(_split(), "train", _config(cache_dir=str(tmp_path), **tiny))
   assert not cache.in_memory, "over the memory budget: memory-mapped"
   monkeypatch.setattr(image_cache, "_free_bytes", lambda folder: 0)
   other = _split(seed=4)
   with caplog.at_level("WARNING"):
-    assert input_pipeline.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
+    assert input_pipeline.cache_of(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
   assert any("reading them uncached" in r.getMessage() for r in caplog.records)
   with pytest.raises(image_cache.CacheError, match="GB free"):
-    input_pipeline.cached_images(other, "train", _config(cache_dir=str(tmp_path)))
+    input_pipeline.cache_of(other, "train", _config(cache_dir=str(tmp_path)))
   # A disk that fills up while auto writes: the images are read uncached, nothing is left.
   monkeypatch.setattr(image_cache, "_free_bytes", lambda folder: 1 << 40)
   monkeypatch.setattr(image_cache.os, "fsync", _no_space)
-  assert input_pipeline.cached_images(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
+  assert input_pipeline.cache_of(other, "train", _config(cache_dir=str(tmp_path), **tiny)) is None
   assert len(os.listdir(tmp_path)) == 1
   with pytest.raises(image_cache.CacheError, match="set --config.cache_dir"):
-    input_pipeline.cached_images(_split(), "train", _config())  # disk, but no folder
+    input_pipeline.cache_of(_split(), "train", _config())  # disk, but no folder
 
 
 def _no_space(fd):

@@ -29,13 +29,12 @@ from hn_jax.data.splits import Split
 CACHE_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
-def cached_images(split: Split, kind: str, config: ml_collections.ConfigDict
-                  ) -> image_cache.DecodedImages | None:
+def cache_of(split: Split, kind: str, config: ml_collections.ConfigDict
+             ) -> image_cache.DecodedImages | None:
   """The split's decoded-image cache for `kind` as the config's cache settings say (None: the
-  images go through tf.data)."""
+  images go through tf.data): `image_cache.cached_images` with the config's policy."""
   return image_cache.cached_images(split, kind, config.image_size,
                                    image_cache.CachePolicy.from_config(config))
-
 
 
 def _in_order(make: Callable[[int], Any], count: int, threads: int) -> Iterator[Any]:
@@ -76,7 +75,7 @@ def train_batches(split: Split, config: ml_collections.ConfigDict, epoch: int, *
   labels = np.asarray(split.labels)[rows].astype(np.int32)
   words = samplers.augment_words(config.seed, positions)
   flips = (words[..., 2] >> 31).astype(bool)
-  cache = cached_images(split, "train", config)
+  cache = cache_of(split, "train", config)
   if cache is None:
     from hn_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
     batches = tf_pipeline.train_batches(split.images, rows.reshape(-1), words.reshape(-1, 3),
@@ -110,7 +109,7 @@ def eval_batches(split: Split, config: ml_collections.ConfigDict, *, process_ind
   mask = rows < n
   rows = np.minimum(rows, n - 1)
   labels = np.asarray(split.labels)[rows].astype(np.int32)
-  cache = cached_images(split, "eval", config)
+  cache = cache_of(split, "eval", config)
   if cache is None:
     from hn_jax.data import tf_pipeline  # pylint: disable=g-import-not-at-top
     yield from tf_pipeline.eval_batches(split.images, rows.reshape(-1), labels.reshape(-1),
