@@ -63,9 +63,29 @@ def wants_help(argv: Sequence[str]) -> bool:
   return any(a.split("=", 1)[0] in HELP_FLAGS for a in argv)
 
 
+def _resolve_config_path(argv: list[str]) -> list[str]:
+  """`--config=configs/X.py` given from another folder: the checkout's file of that name.
+
+  In an editable install (the README's), `configs/` sits beside the package; a relative
+  config path that does not exist here is looked up there, so that the README's commands work
+  from any folder.
+  """
+  out = []
+  for arg in argv:
+    match = re.match(r"^(--?config=)([^:]+)(:.*)?$", arg)
+    if match and not os.path.isabs(match.group(2)) and not os.path.exists(match.group(2)):
+      beside = os.path.join(os.path.dirname(_PACKAGE_DIR), match.group(2))
+      if os.path.isfile(beside):
+        arg = f"{match.group(1)}{beside}{match.group(3) or ''}"
+    out.append(arg)
+  return out
+
+
 def _config_path_problem(path: str) -> str:
-  known = sorted(k for k in glob.glob(os.path.join("configs", "*.py"))
-                 if not k.endswith("__init__.py"))
+  checkout = os.path.dirname(_PACKAGE_DIR)
+  known = sorted({os.path.relpath(k, root) for root in (".", checkout)
+                  for k in glob.glob(os.path.join(root, "configs", "*.py"))
+                  if not k.endswith("__init__.py")})
   close = difflib.get_close_matches(path, known, n=1)
   hint = f"; did you mean {close[0]}?" if close else ""
   listed = f" The configs: {', '.join(known)}." if known else ""
@@ -127,7 +147,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
   file or override that fails.
   """
   flag_values.unparse_flags()
-  argv = list(argv)
+  argv = _resolve_config_path(list(argv))
   if "config" in flag_values:
     default = _CONFIG_DEFAULTS.get(id(flag_values))
     if default and not any(re.match(r"^--?config(=|$)", a) for a in argv):
@@ -249,8 +269,21 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   Returns the exit status: 0 on `--help` and on success (or `main`'s own status), 2 with
   one line `PROG: error: ...` on a usage problem or one of `errors` raised by `main`, 1 with
   one line on an `errors.RunStopped` (a run that cannot go on), 130 on Ctrl-C; 0 with one line
-  on a preemption (SIGTERM: checkpointed, the same command resumes).
+  on a preemption (SIGTERM: checkpointed, the same command resumes); 141, silently, when the
+  reader of stdout went away (`| head`).
   """
+  try:
+    return _run(main, flag_values, argv, prog=prog, doc=doc, required=required,
+                positional=positional, errors=errors)
+  except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
+def _run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
+         argv: Sequence[str] | None, *, prog: str, doc: str | None,
+         required: Sequence[str], positional: int,
+         errors: tuple[type[BaseException], ...]) -> int:
   from hn_jax.errors import (  # pylint: disable=g-import-not-at-top
       Interrupted, Preempted, RunStopped)
   argv = list(sys.argv[1:] if argv is None else argv)

@@ -90,3 +90,26 @@ def test_an_error_in_the_config_file_is_one_line_naming_it(tmp_path):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines() == [
       f"hn_jax: error: --config={bad}: line 2: NameError: name 'undefined_name' is not defined"]
+
+
+def test_the_checkouts_configs_work_from_any_folder(tmp_path):
+  """The README's `--config=configs/X.py` from another folder: the checkout's file."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run([sys.executable, "-m", "hn_jax.main", "--config=configs/vit_s16.py:sop",
+                           f"--workdir={tmp_path / 'wd'}", "--config.batch_size=-3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == "hn_jax: error: config.batch_size=-3 must be a positive integer"
+  result = subprocess.run([sys.executable, "-m", "hn_jax.main", "--config=configs/digitz.py",
+                           f"--workdir={tmp_path / 'wd'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert "no such file; did you mean configs/digits.py?" in result.stderr
+
+
+def test_a_closed_stdout_stops_a_command_quietly():
+  """`| head`: no BrokenPipeError traceback, exit status 141 (as Unix tools)."""
+  reader = subprocess.Popen([sys.executable, "-m", "hn_jax.tools.report", "--help"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  reader.stdout.close()  # nobody reads: the first write fails
+  _, err = reader.communicate(timeout=120)
+  assert reader.returncode in (0, 141) and b"Traceback" not in err, err.decode()[-2000:]
