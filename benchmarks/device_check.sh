@@ -4,6 +4,7 @@
 #   bash benchmarks/device_check.sh --smoke    # tiny sizes, any CPU machine, a few minutes
 #   bash benchmarks/device_check.sh --plan     # print the steps and their limits, run nothing
 #   bash benchmarks/device_check.sh --only=train_loop,evaluation   # some steps alone
+#   bash benchmarks/device_check.sh --only=backbones   # a second call: env, the backbones, summary
 #
 # Steps, in order of value, each under its own time limit (seconds; the limits add up to 450):
 #   env               15  GPU, versions, JAX's devices (and that TensorFlow, TFDS, CLU are absent)
@@ -16,6 +17,15 @@
 #   evaluation        45  recall of 60,502 x 512 (self) and 17,954 x 1,027,871 x 256
 #   pretrained        35  hn_jax.pretrained against this machine's torchvision (resnet50, resnet18)
 #   summary           10  the final table: every figure beside its target
+# Opt-in (issue 23; the 450 s above leave no room for them): the new backbones' train steps,
+# 224 px, batch 128, JAX bf16 then f32, PyTorch eager f32 then bf16 channels-last (torchvision's
+# googlenet, timm's ViTs, or the same layouts from hn_jax.testing.torch_reference), each
+# framework its own step. Run by `--only=backbones` (with env and summary: 415 s, one call of
+# its own) or by naming them in --only; BACKBONES=1 adds them to the full run (then 840 s: a
+# longer call than the eight minutes).
+#   backbone_googlenet_jax   100     backbone_googlenet_torch  40
+#   backbone_vit_s16_jax      80     backbone_vit_s16_torch    35
+#   backbone_vit_b16_jax      90     backbone_vit_b16_torch    45
 # A step that ends early leaves its unused seconds to the steps after it (each step may run
 # for the sum of the limits so far minus the time already spent, never less than its own
 # limit unless an earlier step overran), so the whole run stays within the 450 s and a slow
@@ -58,7 +68,7 @@ for arg in "$@"; do
   esac
 done
 
-# name, limit (full run), limit (--smoke)
+# name, limit (full run), limit (--smoke), [opt: run only when asked for]
 STEPS=(
   "env 15 60"
   "train_step_jax 145 300"
@@ -66,24 +76,43 @@ STEPS=(
   "train_loop 95 300"
   "evaluation 45 300"
   "pretrained 35 300"
+  "backbone_googlenet_jax 100 120 opt"
+  "backbone_googlenet_torch 40 120 opt"
+  "backbone_vit_s16_jax 80 120 opt"
+  "backbone_vit_s16_torch 35 120 opt"
+  "backbone_vit_b16_jax 90 120 opt"
+  "backbone_vit_b16_torch 45 120 opt"
   "summary 10 60"
 )
+if [[ ",$only," == *",backbones,"* ]]; then  # the backbones' own call
+  only+=",env"
+  for entry in "${STEPS[@]}"; do
+    read -r name _ _ _ <<<"$entry"
+    [[ $name == backbone_* ]] && only+=",$name"
+  done
+fi
 
-selected() {  # selected NAME: whether --only (if given) names it
-  [[ -z "$only" || ",$only," == *",$1,"* || "$1" == summary ]]
+selected() {  # selected NAME [opt]: whether this run takes the step
+  local name="$1" opt="${2:-}"
+  [[ $name == summary || ",$only," == *",$name,"* ]] && return 0
+  if [[ -n $opt ]]; then  # opt-in: named by --only, or BACKBONES=1 with no --only
+    [[ -z "$only" && "${BACKBONES:-0}" == 1 ]]
+    return
+  fi
+  [[ -z "$only" ]]
 }
 
 if ((plan)); then
   total=0
   for entry in "${STEPS[@]}"; do
-    read -r name full smoke <<<"$entry"
-    selected "$name" || continue
+    read -r name full smoke opt <<<"$entry"
+    selected "$name" "$opt" || continue
     limit=$full
     [[ $mode == smoke ]] && limit=$smoke
-    printf '%-18s %4ds\n' "$name" "$limit"
+    printf '%-24s %4ds\n' "$name" "$limit"
     total=$((total + limit))
   done
-  printf '%-18s %4ds\n' total "$total"
+  printf '%-24s %4ds\n' total "$total"
   exit 0
 fi
 
@@ -150,6 +179,11 @@ if [[ $mode == smoke ]]; then
   eval_args=(--smoke --device-loop --methods=ours-jit)  # the accelerator's path, on a CPU
   pretrained_args=(--models=resnet18 --image_size=64 --batch=2)
   summary_args=(--smoke --ratio_batch=16 --big_batch=32)
+  # The backbones' tiny variants (hn_jax's googlenet_mini and vit_mini; torch: the references).
+  backbone_models=(googlenet_mini vit_mini vit_mini)
+  backbone_size=32
+  backbone_jax="jax:jit:bfloat16:16,jax:jit:float32:16"
+  backbone_torch="torch:eager:float32:16,torch:eager:bfloat16:16"
 else
   torch_configs="torch:eager:float32:128,torch:eager:bfloat16:128,torch:compile:bfloat16:128"
   jax_configs="jax:jit:bfloat16:128,jax:jit:float32:128,jax:jit:bfloat16:512"
@@ -159,11 +193,15 @@ else
   eval_args=(--gpu-sizes --methods=ours)
   pretrained_args=("--models=resnet50,resnet18" --image_size=224 --batch=8)
   summary_args=(--ratio_batch=128 --big_batch=512)
+  backbone_models=(googlenet vit_small_patch16 vit_base_patch16)
+  backbone_size=224
+  backbone_jax="jax:jit:bfloat16:128,jax:jit:float32:128"
+  backbone_torch="torch:eager:float32:128,torch:eager:bfloat16:128"
 fi
 
 for entry in "${STEPS[@]}"; do
-  read -r name full smoke <<<"$entry"
-  selected "$name" || continue
+  read -r name full smoke opt <<<"$entry"
+  selected "$name" "$opt" || continue
   limit=$full
   [[ $mode == smoke ]] && limit=$smoke
   case "$name" in
@@ -184,6 +222,20 @@ for entry in "${STEPS[@]}"; do
     pretrained)
       step pretrained "$limit" "$python" benchmarks/pretrained_check.py "${pretrained_args[@]}" \
         --json="$out/pretrained.json" ;;
+    backbone_*)
+      case "$name" in
+        backbone_googlenet_*) model=${backbone_models[0]} ;;
+        backbone_vit_s16_*) model=${backbone_models[1]} ;;
+        *) model=${backbone_models[2]} ;;
+      esac
+      if [[ $name == *_jax ]]; then
+        configs=$backbone_jax
+      else
+        configs=$backbone_torch
+      fi
+      step "$name" "$limit" "$python" benchmarks/train_step.py "${step_args[@]}" \
+        --jax_model="$model" --image_size="$backbone_size" --configs="$configs" \
+        --torch_channels_last=all --json="$out/$name.json" ;;
     summary)
       step summary "$limit" "$python" benchmarks/device_summary.py table --out="$out" \
         "${summary_args[@]}" ;;

@@ -10,8 +10,9 @@ imported), and JAX's devices.
 `table`: reads the JSON that the steps wrote under OUT (any of them may be missing or
 partial: a step cut by its time limit) and prints every figure beside its target, then the
 peak device memory of every configuration, the compile times, the forbidden imports seen and
-each step's exit status and time; also writes OUT/summary.json. Only the standard library
-is imported, so the table prints even where JAX is broken.
+each step's exit status and time; also writes OUT/summary.json. The opt-in backbone steps'
+rows (backbone_*.json) add a JAX / torch eager figure per model, dtype and batch (no target).
+Only the standard library is imported, so the table prints even where JAX is broken.
 """
 
 from __future__ import annotations
@@ -198,10 +199,25 @@ def collect(out: Path, ratio_batch: int, big_batch: int, smoke: bool = False) ->
         "skipped" if pretrained.get("skipped") else "missing",
         note=f" ({pretrained['skipped']})" if pretrained.get("skipped") else "")
 
+  backbone_rows = []  # device_check.sh's opt-in backbone steps (issue 23): figures, no targets
+  for path in sorted(out.glob("backbone_*.json")):
+    backbone_rows += (_load(path) or {}).get("rows", [])
+  backbones = {(r.get("model"), r["framework"], r["mode"], r["dtype"], r["batch"]): r
+               for r in backbone_rows}
+  for (model, framework, _, dtype, batch), r in sorted(backbones.items(), key=str):
+    if framework != "jax":
+      continue
+    jax_ips = r["images_per_s"] if _ok(r) else None
+    t = backbones.get((model, "torch", "eager", dtype, batch))
+    torch_ips = t["images_per_s"] if _ok(t) else None
+    add(f"{model} JAX / torch eager, {dtype} b{batch}", ratio(jax_ips, torch_ips), "", "",
+        ".2f", f" ({_fmt(jax_ips)} vs {_fmt(torch_ips)} images/s)")
+
   memory = []
-  for r in step_rows:
+  for r in step_rows + backbone_rows:
     peak = r.get("peak_bytes_in_use", r.get("max_memory_allocated"))
-    memory.append(dict(what=f"{r['framework']} {r['mode']} {r['dtype']} b{r['batch']}",
+    model = f"{r['model']} " if r in backbone_rows else ""
+    memory.append(dict(what=f"{model}{r['framework']} {r['mode']} {r['dtype']} b{r['batch']}",
                        status=r.get("status"), peak=peak, compile_s=r.get("compile_s")))
   for r in loop_rows.values():
     memory.append(dict(what=f"loop {r['dtype']} b{r['batch']}", status="ok",

@@ -39,6 +39,18 @@ row and the run goes on; another failure is reported as "error: ..."; if a worke
 dies, its configuration is marked and a fresh worker runs the rest. Every row, the versions
 and the device names are written to `--json`.
 
+Backbones (issue 23): `--jax_model` / `--torch_model` also take googlenet, vit_small_patch16
+and vit_base_patch16 (`--torch_model` defaults to `--jax_model`). The torch side: torchvision's
+`googlenet(weights=None, aux_logits=False, transform_input=False)` with `fc` =
+Linear(1024, embedding_dim) (the release's GBN; dropout 0.2 before it, as in hn_jax) and timm's
+`create_model("vit_*_patch16_224", num_classes=embedding_dim, img_size=image_size)` (head =
+Linear(width, embedding_dim) on the normed class token), or, when that library is missing (or
+`--torch_impl=script`), the same layouts from `hn_jax.testing.torch_reference`
+(`build_torch_googlenet`, `build_torch_vit`). Each torch row's `model_impl` says which. For
+tests and CPU rehearsals, googlenet_mini and vit_mini are hn_jax's tiny variants, on the torch
+side the reference builders with the same layout. The loss and step are the ResNets'.
+Compare a ViT at --image_size=224 (its position embeddings are built for that size).
+
 Targets (issue 8, one H100, ResNet50 at 256 px, embedding 512, sct): JAX at least 1.5x eager
 PyTorch's images/s and 1.2x compiled PyTorch's at the same precision and batch, and at least
 5,500 images/s at batch 512 in bfloat16. Reference H100 figures (images/s, batch 128 / 512):
@@ -84,6 +96,7 @@ import argparse
 import collections
 import datetime
 import gc
+import importlib
 import json
 import os
 import platform
@@ -99,7 +112,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # hn_jax from this checkout (the device machine installs none)
 
-from hn_jax.testing.torch_reference import build_torch_resnet, triplet_loss_torch  # noqa: E402
+from hn_jax.testing.torch_reference import (  # noqa: E402
+    build_torch_googlenet, build_torch_resnet, build_torch_vit, triplet_loss_torch)
 
 FRAMEWORKS = ("jax", "torch")
 DTYPES = ("float32", "bfloat16")
@@ -107,8 +121,17 @@ TORCH_MODES = ("eager", "compile")
 # Modules that must not be needed (the GPU machine has none of them).
 FORBIDDEN_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
 
-SMOKE = dict(batch_sizes="16", image_size=32, steps=2, warmup=1, jax_model="small",
-            torch_model="small")
+SMOKE = dict(batch_sizes="16", image_size=32, steps=2, warmup=1, jax_model="small")
+
+RESNETS = ("small", "resnet18", "resnet50")
+# patch, width, depth, heads: hn_jax.models.VIT_SPECS (not imported: the torch worker has no JAX).
+VIT_SPECS = {"vit_small_patch16": (16, 384, 12, 6), "vit_base_patch16": (16, 768, 12, 12),
+             "vit_mini": (8, 32, 2, 2)}
+TIMM_NAMES = {"vit_small_patch16": "vit_small_patch16_224",
+              "vit_base_patch16": "vit_base_patch16_224"}
+MODELS = RESNETS + ("googlenet", "vit_small_patch16", "vit_base_patch16", "googlenet_mini",
+                    "vit_mini")
+TORCH_IMPLS = ("auto", "library", "torchvision", "timm", "script")
 
 TARGET_VS_EAGER = 1.5
 TARGET_VS_COMPILE = 1.2
@@ -170,11 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--embedding_dim", type=int, default=512)
   p.add_argument("--loss", default="sct", choices=("hn", "shn", "sct"))
   p.add_argument("--learning_rate", type=float, default=0.03)
-  p.add_argument("--jax_model", default="resnet50", choices=("small", "resnet18", "resnet50"))
-  p.add_argument("--torch_model", default="resnet50", choices=("small", "resnet18", "resnet50"))
-  p.add_argument("--torch_impl", default="auto", choices=("auto", "torchvision", "script"),
-                 help="auto: torchvision's resnet when installed (not for 'small'), else the "
-                      "copy of its layout in this file")
+  p.add_argument("--jax_model", default="resnet50", choices=MODELS)
+  p.add_argument("--torch_model", default="", choices=("",) + MODELS,
+                 help="default: the same as --jax_model")
+  p.add_argument("--torch_impl", default="auto", choices=TORCH_IMPLS,
+                 help="auto: the model's library (torchvision: ResNets and googlenet; timm: "
+                      "ViTs) when installed (never for small, googlenet_mini, vit_mini), else "
+                      "the same layout from hn_jax.testing.torch_reference; library (or its "
+                      "name): that library or an error; script: the reference always")
   p.add_argument("--torch_channels_last", default="all", choices=("all", "bfloat16", "none"),
                  help="which torch dtypes run channels-last")
   p.add_argument("--torch_compile_mode", default="default",
@@ -200,7 +226,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if isinstance(value, str):
       setattr(args, name, _csv()(value))
   args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+  args.torch_model = args.torch_model or args.jax_model
   return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch models.
+
+
+def _library_for(name: str) -> str | None:
+  if name in ("resnet18", "resnet50", "googlenet"):
+    return "torchvision"
+  return "timm" if name in TIMM_NAMES else None
+
+
+def _torch_googlenet_mini(embedding_dim: int) -> Any:
+  """hn_jax's googlenet_mini in torch: the reference at 1/8 width, inception3a and 4a only
+  (maxpool3 between them, no maxpool4), `fc` = Linear(64, embedding_dim)."""
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  model = build_torch_googlenet(embedding_dim, aux_logits=False, width=8)
+  w = lambda c: max(1, c // 8)
+  in_ch = w(64) + w(128) + w(32) + w(32)  # inception3a's output
+  model.inception4a = type(model.inception3a)(in_ch, w(192), w(96), w(208), w(16), w(48), w(64))
+  for name in ("inception3b", "inception4b", "inception4c", "inception4d", "inception4e",
+               "maxpool4", "inception5a", "inception5b"):
+    setattr(model, name, nn.Identity())
+  model.fc = nn.Linear(w(192) + w(208) + w(48) + w(64), embedding_dim)
+  return model
+
+
+def build_torch_model(name: str, embedding_dim: int, impl: str = "auto",
+                      image_size: int = 224) -> tuple[Any, str]:
+  """(model, description): `name` in torch with a Linear(features, embedding_dim) head.
+
+  From torchvision (ResNets, googlenet) or timm (ViTs) when `impl` allows and the library is
+  importable, else from hn_jax.testing.torch_reference; the description says which."""
+  library = _library_for(name)
+  if impl in ("torchvision", "timm") and impl != library:
+    raise ValueError(f"--torch_impl={impl}: {name} is not from {impl} "
+                     f"(its library: {library or 'none, the reference only'})")
+  if impl in ("library", "torchvision", "timm") and library is None:
+    raise ValueError(f"--torch_impl={impl}: {name} has no library version; use auto or script")
+  if name in RESNETS:
+    return build_torch_resnet(name, embedding_dim, "torchvision" if impl == "library" else impl)
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  if impl != "script" and library is not None:
+    try:
+      module = importlib.import_module(library)
+    except ImportError:
+      if impl != "auto":
+        raise
+    else:
+      if name == "googlenet":
+        model = module.models.googlenet(weights=None, aux_logits=False, transform_input=False,
+                                        init_weights=True)
+        model.fc = nn.Linear(model.fc.in_features, embedding_dim)
+        return model, (f"torchvision {module.__version__} models.googlenet(weights=None, "
+                       f"aux_logits=False, transform_input=False), fc -> Linear(1024, "
+                       f"{embedding_dim})")
+      model = module.create_model(TIMM_NAMES[name], pretrained=False,
+                                  num_classes=embedding_dim, img_size=image_size)
+      return model, (f"timm {module.__version__} create_model('{TIMM_NAMES[name]}', "
+                     f"num_classes={embedding_dim}, img_size={image_size})")
+  where = "(hn_jax.testing.torch_reference"
+  if name == "googlenet":
+    return (build_torch_googlenet(embedding_dim, aux_logits=False),
+            f"googlenet in torchvision's layout {where}.build_torch_googlenet)")
+  if name == "googlenet_mini":
+    return (_torch_googlenet_mini(embedding_dim),
+            f"googlenet_mini (1/8 width, inception3a and 4a) {where}.build_torch_googlenet)")
+  patch, width, depth, heads = VIT_SPECS[name]
+  return (build_torch_vit(patch=patch, width=width, depth=depth, heads=heads,
+                          image_size=image_size, num_classes=embedding_dim),
+          f"{name} in timm's layout, {image_size} px {where}.build_torch_vit)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +369,8 @@ def _jax_worker(spec: dict, emit) -> None:
 
   for cfg in spec["configs"]:
     row = dict(cfg, model=args["jax_model"], image_size=args["image_size"],
-               device=devices[0].device_kind, devices=int(mesh.devices.size))
+               device=devices[0].device_kind, devices=int(mesh.devices.size),
+               model_impl=f"hn_jax.models {args['jax_model']}")
     state = step = images = labels = metrics = None
     try:
       config = default.get_config()
@@ -336,7 +435,8 @@ def _torch_worker(spec: dict, emit) -> None:
   device = torch.device("cuda" if cuda else "cpu")
   device_name = torch.cuda.get_device_name(0) if cuda else f"cpu ({_cpu_model()})"
   torch.backends.cudnn.benchmark = True
-  _, impl = build_torch_resnet(args["torch_model"], args["embedding_dim"], args["torch_impl"])
+  _, impl = build_torch_model(args["torch_model"], args["embedding_dim"], args["torch_impl"],
+                             args["image_size"])
   emit(dict(kind="env", framework="torch", torch=torch.__version__,
             torchvision=_dist_version("torchvision"), cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version() if cuda else None, device=device_name,
@@ -346,7 +446,7 @@ def _torch_worker(spec: dict, emit) -> None:
 
   for cfg in spec["configs"]:
     row = dict(cfg, model=args["torch_model"], image_size=args["image_size"], device=device_name,
-               devices=1)
+               devices=1, model_impl=impl)
     if cuda:
       torch.cuda.synchronize()
       torch.cuda.empty_cache()
@@ -357,7 +457,8 @@ def _torch_worker(spec: dict, emit) -> None:
       channels_last = args["torch_channels_last"] == "all" or (
           args["torch_channels_last"] == "bfloat16" and bf16)
       row["memory_format"] = "channels_last" if channels_last else "contiguous"
-      model, _ = build_torch_resnet(args["torch_model"], args["embedding_dim"], args["torch_impl"])
+      model, _ = build_torch_model(args["torch_model"], args["embedding_dim"],
+                                   args["torch_impl"], args["image_size"])
       model = model.to(device)
       images = torch.randn(cfg["batch"], 3, args["image_size"], args["image_size"], device=device)
       if channels_last:
@@ -662,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
           for r in records if r["kind"] == "env"}
   checks = [r for r in records if r["kind"] == "check_no_tf"]
   ratio_rows = ratios(rows)
-  target_rows = targets(rows, ratio_rows) if not args.smoke else []
+  on_target = not args.smoke and args.jax_model == args.torch_model == "resnet50"
+  target_rows = targets(rows, ratio_rows) if on_target else []
 
   print()
   if "jax" in envs:

@@ -168,3 +168,83 @@ def test_table_ratios_and_targets():
                       "jax images/s >= 5500": True}
   table = bench.format_table(rows, ratio_rows)
   assert "OOM" in table and "2.00" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbones of issue 23: googlenet and the ViTs, torch side from the references here.
+
+BACKBONES = ("googlenet", "googlenet_mini", "vit_small_patch16", "vit_base_patch16", "vit_mini")
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_torch_backbone_has_hn_jax_layout(name):
+  """The script's torch googlenet / ViT (the references): hn_jax's keys, shapes and size."""
+  size = 32 if name in ("googlenet_mini", "vit_mini") else 224
+  model, impl = bench.build_torch_model(name, 512, "script", size)
+  assert "hn_jax.testing.torch_reference" in impl
+  abstract = nnx.eval_shape(lambda: models.create_model(name, 512, rngs=nnx.Rngs(0),
+                                                        image_size=size))
+  _, params, batch_stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+  state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  pretrained.check_torchvision_state_dict(state_dict, params, batch_stats)
+  torch_count = sum(p.numel() for p in model.parameters())
+  assert torch_count == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  if name in bench.VIT_SPECS:
+    assert bench.VIT_SPECS[name] == models.VIT_SPECS[name]
+
+
+def test_backbone_flags():
+  args = bench.parse_args(["--jax_model=googlenet", "--image_size=128"])
+  assert args.torch_model == "googlenet" and args.image_size == 128
+  args = bench.parse_args(["--smoke", "--jax_model=vit_mini"])
+  assert args.jax_model == args.torch_model == "vit_mini"
+  assert bench.parse_args(["--jax_model=vit_small_patch16",
+                           "--torch_model=vit_base_patch16"]).torch_model == "vit_base_patch16"
+  with pytest.raises(ValueError, match="not from timm"):
+    bench.build_torch_model("googlenet", 512, "timm")
+  with pytest.raises(ValueError, match="no library version"):
+    bench.build_torch_model("vit_mini", 512, "library")
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--jax_model=vit_huge"])
+
+
+def _tiny_args(model: str) -> dict:
+  args = vars(bench.parse_args(["--smoke", f"--jax_model={model}", "--steps=1", "--warmup=0"]))
+  return dict(args, torch_impl="script")
+
+
+def test_torch_googlenet_and_vit_steps_run_tiny():
+  """The torch worker's step, in this process, on googlenet_mini and vit_mini (32 px)."""
+  for model in ("googlenet_mini", "vit_mini"):
+    records = []
+    spec = dict(args=_tiny_args(model),
+                configs=[dict(framework="torch", mode="eager", dtype="float32", batch=8)])
+    bench._torch_worker(spec, records.append)  # pylint: disable=protected-access
+    env, row = records
+    assert env["kind"] == "env" and "hn_jax.testing.torch_reference" in env["model_impl"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["model"] == model and row["model_impl"] == env["model_impl"]
+    assert row["images_per_s"] > 0 and np.isfinite(row["final_loss"])
+
+
+def test_jax_and_torch_vit_steps_run_end_to_end(tmp_path):
+  """The script on vit_mini (both frameworks, float32, one timed step): rows and which model."""
+  out = tmp_path / "vit.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                        + " --xla_backend_optimization_level=0").strip())
+  proc = subprocess.run(
+      [sys.executable, str(SCRIPT), "--smoke", "--jax_model=vit_mini", "--dtypes=float32",
+       "--torch_modes=eager", "--steps=1", "--warmup=0", f"--json={out}"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  rows = {r["framework"]: r for r in result["rows"]}
+  assert set(rows) == {"jax", "torch"}
+  for row in rows.values():
+    assert row["status"] == "ok", row.get("error")
+    assert row["model"] == "vit_mini" and row["image_size"] == 32
+    assert np.isfinite(row["final_loss"])
+  assert rows["jax"]["model_impl"] == "hn_jax.models vit_mini"
+  assert "build_torch_vit" in rows["torch"]["model_impl"]
+  assert result["targets"] == []  # the issue-8 targets are for ResNet50 only

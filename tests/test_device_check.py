@@ -53,6 +53,38 @@ def test_plan_fits_one_eight_minute_call():
   assert "train_step_jax" in _plan("--smoke")
 
 
+def test_backbones_are_opt_in_and_fit_a_call_of_their_own():
+  """Issue 23's backbone steps: not in the default run; `--only=backbones` fits one call."""
+  names = ["backbone_googlenet_jax", "backbone_googlenet_torch", "backbone_vit_s16_jax",
+           "backbone_vit_s16_torch", "backbone_vit_b16_jax", "backbone_vit_b16_torch"]
+  assert not set(names) & set(_plan())
+  plan = _plan("--only=backbones")
+  total = plan.pop("total")
+  assert list(plan) == ["env"] + names + ["summary"]
+  assert sum(plan.values()) == total <= 450 and min(plan.values()) >= 10
+  assert list(_plan("--only=backbone_vit_s16_jax")) == ["backbone_vit_s16_jax", "summary",
+                                                        "total"]
+  env = dict(os.environ, BACKBONES="1")
+  out = subprocess.run(["bash", str(SCRIPT), "--plan"], capture_output=True, text=True,
+                       check=True, timeout=30, env=env).stdout
+  assert [line.split()[0] for line in out.splitlines()][-8:-2] == names
+
+
+def test_table_lists_the_backbones(tmp_path):
+  gib = 2**30
+  (tmp_path / "backbone_vit_s16_jax.json").write_text(json.dumps(dict(rows=[
+      _step_row("jax", "jit", "bfloat16", 128, 3000.0, model="vit_small_patch16",
+                peak_bytes_in_use=5 * gib)])))
+  (tmp_path / "backbone_vit_s16_torch.json").write_text(json.dumps(dict(rows=[
+      _step_row("torch", "eager", "bfloat16", 128, 2000.0, model="vit_small_patch16")])))
+  result = summary.collect(tmp_path, 128, 512)
+  (fig,) = [f for f in result["figures"] if f["figure"].startswith("vit_small_patch16")]
+  assert fig["value"] == pytest.approx(1.5) and fig["target"] == "" and "3,000" in fig["text"]
+  peaks = {m["what"]: m["peak"] for m in result["memory"]}
+  assert peaks["vit_small_patch16 jax jit bfloat16 b128"] == 5 * gib
+  assert "vit_small_patch16 JAX / torch eager, bfloat16 b128" in summary.format_table(result)
+
+
 def test_unknown_argument_is_refused():
   proc = subprocess.run(["bash", str(SCRIPT), "--nope"], capture_output=True, text=True,
                         timeout=30)
