@@ -214,8 +214,9 @@ def _tiny_args(model: str) -> dict:
 
 
 def test_torch_googlenet_and_vit_steps_run_tiny():
-  """The torch worker's step, in this process, on googlenet_mini and vit_mini (32 px)."""
-  for model in ("googlenet_mini", "vit_mini"):
+  """The torch worker's step, in this process, on googlenet_mini (32 px; vit_mini: the
+  end-to-end run below)."""
+  for model in ("googlenet_mini",):
     records = []
     spec = dict(args=_tiny_args(model),
                 configs=[dict(framework="torch", mode="eager", dtype="float32", batch=8)])

@@ -4,6 +4,7 @@ bytes flipped and files cut inside a real checkpoint, a full disk (an injected E
 real SIGINT."""
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -88,8 +89,10 @@ DAMAGE = {"flipped bytes": _flip_bytes, "0xff bytes": _set_ff, "truncated file":
           "garbage _METADATA": _garbage_metadata, "empty progress file": _empty_progress}
 
 
-def _like(config):
-  _, state, _ = train_step.init_state(config, steps_per_epoch=14, read_weights=False)
+@functools.lru_cache(maxsize=1)
+def _like():
+  """The run's state as restores need it (shapes and placement; a restore returns new arrays)."""
+  _, state, _ = train_step.init_state(tiny_config(), steps_per_epoch=14, read_weights=False)
   return sharding.replicate(state, sharding.create_mesh())
 
 
@@ -101,7 +104,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_used(
   lines = []
   manager = checkpoints_lib.manager(workdir, create=False)
   step, _, progress = checkpoints_lib.restore_newest_good(
-      manager, _like(tiny_config()), say=lambda fmt, *args: lines.append(fmt % args))
+      manager, _like(), say=lambda fmt, *args: lines.append(fmt % args))
   manager.close()
   assert step == 14 and progress["count"] == 0
   assert len(lines) == 1 and lines[0].startswith("The checkpoint of step 28 is damaged: "), lines
@@ -117,7 +120,7 @@ def test_no_good_checkpoint_says_what_to_do(finished_run, tmp_path):
   manager = checkpoints_lib.manager(workdir, create=False)
   with pytest.raises(errors.NoGoodCheckpoint, match="none of the 2 checkpoints .* is good "
                      r"\(steps 28, 14, moved to .*\); start the run again in a new workdir"):
-    checkpoints_lib.restore_newest_good(manager, _like(tiny_config()), say=lambda *a: None)
+    checkpoints_lib.restore_newest_good(manager, _like(), say=lambda *a: None)
   manager.close()
 
 
