@@ -47,23 +47,6 @@ from hn_jax.pretrained import load_torchvision_weights  # noqa: E402
 from hn_jax.testing import torch_reference  # noqa: E402
 
 
-def _randomize_batchnorm(model, seed: int) -> None:
-  import torch  # pylint: disable=import-outside-toplevel
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-        m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-        m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-        m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-      elif isinstance(m, torch.nn.LayerNorm):
-        c = m.normalized_shape[0]
-        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-        m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-
-
 def _rel(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   norm = float(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -121,7 +104,7 @@ def check(name: str, image_size: int, batch: int, weights: str | None, workdir: 
                        strict=not name.startswith("vit_"))
     path = weights
   else:
-    _randomize_batchnorm(tv, seed=1)
+    torch_reference.randomize_norms(tv, seed=1)
     path = os.path.join(workdir, f"{name}.pth")
     torch.save(tv.state_dict(), path)
   tv.eval()

@@ -359,6 +359,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
         metrics = evaluate(epoch)
         writer.write_scalars(epoch, metrics)
         clock.evaluated(epoch, metrics)
+        _flush(writer, workdir)  # a full disk under the event files stops the run here
         saver.save(step, state, log.progress())
     saver.wait()
     _flush(writer, workdir)

@@ -74,15 +74,7 @@ def googlenet_file(tmp_path_factory):
   """(torch GoogLeNet in eval mode, path of its state dict with aux1/aux2 keys)."""
   torch.manual_seed(0)
   model = torch_reference.build_torch_googlenet(1000, aux_logits=True)
-  gen = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-        m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-        m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-        m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+  torch_reference.randomize_norms(model, seed=1)  # (GoogLeNet has no LayerNorm)
   model.eval()
   path = tmp_path_factory.mktemp("googlenet") / "googlenet.pth"
   torch.save(model.state_dict(), path)

@@ -445,3 +445,22 @@ def test_a_bad_weights_file_is_one_line_naming_it(tmp_path):
       assert message.endswith("(100 more)")
     else:
       assert "not a readable .npz weights file" in message, message
+
+
+def test_a_full_disk_under_the_event_files_stops_the_run(tmp_path, monkeypatch):
+  create = train._create_writer  # pylint: disable=protected-access
+
+  def writer_on_a_full_disk(workdir):
+    writer = create(workdir)
+
+    def flush():
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer.flush = flush
+    return writer
+
+  monkeypatch.setattr(train, "_create_writer", writer_on_a_full_disk)
+  with pytest.raises(errors.DiskFull, match=f"no room for the TensorBoard event files in "
+                     f"{tmp_path} \\(the checkpoints are intact\\)"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert checkpoints_lib.finished_steps(tmp_path / "checkpoints") == [0], "stopped at epoch 1"

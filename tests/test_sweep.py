@@ -129,3 +129,27 @@ def test_a_run_whose_final_checkpoint_is_damaged_is_trained_again(made, capsys, 
   assert warnings and all(f"The checkpoint of step {final.name} is damaged" in w
                           for w in warnings), warnings
   assert (runs[0] / "checkpoints_damaged" / final.name).is_dir()
+
+
+def test_ctrl_c_stops_the_study_and_the_same_command_resumes_it(tmp_path, monkeypatch, capsys):
+  import os
+  import signal
+  from hn_jax import train
+  argv = [f"--root={tmp_path}", TINY[0], "--methods=sct", TINY[2], *TINY[4:], "--seeds=0",
+          "--search_seeds=0"]  # one run
+  add = train.EpochLog.add
+
+  def add_then_ctrl_c(self, step, metrics):
+    add(self, step, metrics)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(train.EpochLog, "add", add_then_ctrl_c)
+  assert reproduce.main(argv) == 130
+  err = capsys.readouterr().err
+  assert "hn_jax.tools.reproduce: Ctrl-C: saved the checkpoint of step 3" in err
+  monkeypatch.undo()
+  assert reproduce.main(argv) == 0
+  captured = capsys.readouterr()
+  # The interrupted run trains on (its search line), then the table reuses it.
+  assert "| sct | 0.05 |" in captured.out and captured.err.count("already done") == 1

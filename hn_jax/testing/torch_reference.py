@@ -407,3 +407,22 @@ def build_torch_vit(*, patch: int = 16, width: int = 384, depth: int = 12, heads
       return self.load_state_dict(state_dict)
 
   return VisionTransformer()
+
+
+def randomize_norms(model, seed: int = 1) -> None:
+  """Random affine parameters for every BatchNorm2d and LayerNorm of `model`, random running
+  statistics for the BatchNorms (at their init values a comparison would test less)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        c = m.num_features
+        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        m.bias.copy_(0.1 * torch.randn(c, generator=gen))
+        m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+        m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+      elif isinstance(m, torch.nn.LayerNorm):
+        c = m.normalized_shape[0]
+        m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        m.bias.copy_(0.1 * torch.randn(c, generator=gen))
