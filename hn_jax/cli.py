@@ -196,7 +196,7 @@ class _OnlyOurs(py_logging.Filter):
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
+def stderr_silenced():
   """File descriptor 2 points at /dev/null inside (C++ libraries write there directly)."""
   sys.stderr.flush()
   saved = os.dup(2)
@@ -225,7 +225,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     def exec_module(module):
       if self in sys.meta_path:
         sys.meta_path.remove(self)
-      with _stderr_silenced():
+      with stderr_silenced():
         original(module)
 
     spec.loader.exec_module = exec_module

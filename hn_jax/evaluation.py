@@ -434,6 +434,48 @@ def _top_k_block(inputs, gallery, gallery_labels, *, k):
   return (_top_k(_similarities(inputs["queries"], gallery), k)[1],)
 
 
+def lower_kernels(num_queries: int, num_gallery: int | None, dim: int, *, mesh: Mesh,
+                  max_bytes: int = DEFAULT_MAX_BYTES, k: int = 100
+                  ) -> dict[str, tuple[Any, int]]:
+  """The device kernels of `recall_at_k`, `map_at_r` (with top `k`) and `top_k_indices` at
+  these sizes, lowered for `mesh` (its devices may be compile-only): {name: (lowered, rows of a
+  block per device)}. What `hn_jax.preflight` compiles. The same-label pass is the masked one,
+  the larger in memory of the two a plan may choose, so the figures are upper bounds.
+  """
+  devices = mesh.devices.size
+  leave_one_out = num_gallery is None
+  num_gallery = num_queries if leave_one_out else num_gallery
+  row = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
+
+  def block_inputs(block: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {"queries": jax.ShapeDtypeStruct((block, dim), jnp.float32, sharding=row),
+            "self_index": jax.ShapeDtypeStruct((block,), jnp.int32, sharding=row),
+            "labels": jax.ShapeDtypeStruct((block,), jnp.int32, sharding=row)}
+
+  gallery = {"vectors": jax.ShapeDtypeStruct((num_gallery, dim), jnp.float32,
+                                             sharding=replicated),
+             "duplicates": jax.ShapeDtypeStruct((0,), jnp.int32, sharding=replicated),
+             "originals": jax.ShapeDtypeStruct((0,), jnp.int32, sharding=replicated)}
+  gallery_labels = jax.ShapeDtypeStruct((num_gallery,), jnp.int32, sharding=replicated)
+
+  def rows(bytes_per_row: int) -> int:
+    return _balanced_block(num_queries, max(1, max_bytes // bytes_per_row), devices)
+
+  k = max(1, min(k, num_gallery - 1))
+  recall = rows(_BYTES_PER_ENTRY_MASKED * num_gallery)
+  ranked = rows(_BYTES_PER_ENTRY_TOPK * num_gallery + 24 * k)
+  programs = {
+      "recall": (_first_hit_block.lower(block_inputs(recall), gallery, gallery_labels,
+                                        use_table=False), recall // devices),
+      "map_at_r": (_map_at_r_block.lower(block_inputs(ranked), gallery, gallery_labels,
+                                         use_table=False, k=k), ranked // devices)}
+  if not leave_one_out:
+    programs["top_k"] = (_top_k_block.lower(block_inputs(ranked), gallery, gallery_labels,
+                                            k=k), ranked // devices)
+  return programs
+
+
 # ----------------------------------------------------------------------------- public API
 
 

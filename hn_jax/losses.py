@@ -24,12 +24,17 @@ _MASKED = -1.0
 
 
 def cosine_similarities(embeddings: jax.Array) -> jax.Array:
-  """Row-normalized (max(||f||, 1e-12)) float32 embeddings' similarity matrix."""
+  """Row-normalized (max(||f||, 1e-12)) float32 embeddings' similarity matrix.
+
+  In float32 on every backend (precision HIGHEST): at default precision TPUs multiply float32
+  in one bfloat16 pass and recent GPUs in TF32, which would decide the duplicate cut, the
+  hardest negative and its ties on similarities rounded to 3 digits, unlike the release.
+  """
   f = embeddings.astype(jnp.float32)
   # sqrt(max(|f|^2, eps^2)) == max(|f|, eps), with a finite gradient at f = 0.
   norm = jnp.sqrt(jnp.maximum(jnp.sum(f * f, axis=1, keepdims=True), 1e-24))
   u = f / norm
-  return u @ u.T
+  return jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def triplet_terms(pos: jax.Array, neg: jax.Array, *, method: str = "sct", lam: float = 1.0,
@@ -112,7 +117,7 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, method: str = "sct
     loss = total / jnp.maximum(1, num_valid)
 
   per_valid = jnp.maximum(1, num_valid).astype(jnp.float32)
-  off_diagonal = jnp.sum(jnp.where(eye, 0.0, fixed)) / max(1, n * (n - 1))
+  off_diagonal = jnp.sum(jnp.where(eye, 0.0, fixed)) / float(max(1, n * (n - 1)))
   aux = {
       "hn_ratio": jnp.sum(valid & (neg > pos)) / per_valid,
       "num_valid": num_valid.astype(jnp.float32),

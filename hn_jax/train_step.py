@@ -129,6 +129,18 @@ def create_train_state(model: models.ResNetEmbedding,
   return graphdef, state
 
 
+def abstract_state(config: ml_collections.ConfigDict
+                   ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
+  """`init_state`'s result as shapes (jax.ShapeDtypeStruct leaves): nothing is computed, no
+  weights are read. What a compile for another machine (`hn_jax.preflight`) needs."""
+  tx = create_optimizer(config, 1)
+  model = nnx.eval_shape(lambda: init_model(config, read_weights=False))
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                     batch_stats=batch_stats, opt_state=jax.eval_shape(tx.init, params))
+  return graphdef, state, tx
+
+
 def init_state(config: ml_collections.ConfigDict, steps_per_epoch: int = 1, *,
                read_weights: bool = True
                ) -> tuple[nnx.GraphDef, TrainState, optax.GradientTransformation]:
@@ -168,7 +180,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   `images`: uint8 crops, mirrored where `flips` (bool, one per image) is set and normalized
   by `config.mean` and `config.std` here, next to the model (or float32 images already
-  augmented and normalized).
+  augmented and normalized). The returned step's `.jitted` is the `jax.jit` function itself
+  (`step.jitted.lower(state, images, labels, flips)` compiles it for other devices).
   """
   kwargs = loss_kwargs(config)
   mean, std = tuple(config.mean), tuple(config.std)
@@ -210,6 +223,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
            flips: jax.Array | None = None) -> tuple[TrainState, dict]:
     return jitted(state, images, labels, flips)
 
+  step.jitted = jitted
   return step
 
 
