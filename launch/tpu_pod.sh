@@ -22,6 +22,10 @@
 #                  mount: gcsfuse mounts $BUCKET/data read-only at ~/hn_data (no disk needed)
 #   REPO_URL       git URL the workers clone; empty: ship this checkout's files (not ignored ones)
 #   WORKER_PYTHON  the workers' Python (default python3.11, installed by `install` with apt)
+#   PREFLIGHT      0: skip the check that `create` and `all` run first, here, with this
+#                  checkout's Python: `python -m hn_jax.preflight --topology=$TYPE` compiles
+#                  the run's --config for the slice (no TPU needed; a few minutes for ResNet50)
+#                  and a config that does not fit, or cannot run there, creates nothing
 # The trainer reads ArrayRecord through POSIX paths only: it gets HN_DATA_DIR=~/hn_data.
 set -euo pipefail
 
@@ -91,6 +95,21 @@ exists() {
   gcloud compute tpus tpu-vm describe "$NAME" --zone="$ZONE" >/dev/null 2>&1
 }
 
+preflight() {
+  local configs=() arg
+  [[ "${PREFLIGHT:-1}" != 0 ]] || return 0
+  for arg in "$@"; do
+    [[ "$arg" != --config=* && "$arg" != --config.* ]] || configs+=("$arg")
+  done
+  if [[ ${#configs[@]} -eq 0 ]]; then
+    echo "tpu_pod.sh: no --config among the arguments: the preflight is skipped" >&2
+    return 0
+  fi
+  echo "tpu_pod.sh: preflight: compiling the run for $TYPE (PREFLIGHT=0 skips)" >&2
+  (cd "$ROOT" && python -m hn_jax.preflight --topology="$TYPE" --search_batch=false \
+    "${configs[@]}") || die "the preflight says this run cannot run on $TYPE (above); nothing was created"
+}
+
 create() {
   local extra=()
   if [[ -n "$SPOT" ]]; then
@@ -123,7 +142,7 @@ sudo bash -c "$setup && apt-get update -qq && apt-get install -y -qq $packages"
 cd hn_jax
 "$python" -m venv .venv
 . .venv/bin/activate
-grep -v '^torch==' requirements.txt > .venv/requirements-tpu.txt
+grep -v -e '^torch==' -e '^jax-cuda12' requirements.txt > .venv/requirements-tpu.txt
 jax_version=$(sed -n 's/^jax==//p' requirements.txt)
 pip install -q -r .venv/requirements-tpu.txt "jax[tpu]==$jax_version" \
   -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
@@ -223,7 +242,7 @@ finish() {
 }
 
 case "$action" in
-  create) create ;;
+  create) preflight "$@"; create ;;
   install) install ;;
   run) run "$@" ;;
   stop) stop ;;
@@ -232,6 +251,7 @@ case "$action" in
     if exists; then
       die "slice $NAME already exists in $ZONE: use run on it, or delete it first"
     fi
+    preflight "$@"
     trap finish EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM

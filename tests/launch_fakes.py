@@ -16,7 +16,8 @@ SIGINT.
 - `srun CMD...` runs CMD $SLURM_NTASKS times at once, with SLURM_PROCID set; `scancel
   --signal=TERM JOB` sends SIGTERM to those tasks; `scontrol` records.
 - `sudo` records and runs nothing. `python -m venv DIR` makes a venv whose `python` and `pip` are
-  these stand-ins; `pip` records; `python -m hn_jax.main` records its argv and exits 0.
+  these stand-ins; `pip` records; `python -m hn_jax.main` records its argv and exits 0;
+  `python -m hn_jax.preflight` records and exits with $FAKE_PREFLIGHT_STATUS (default 0).
 """
 
 # Only what every call needs is imported here: a test starts some hundred of these processes.
@@ -223,6 +224,10 @@ def python(argv: list[str]) -> int:
       f.write(f"export VIRTUAL_ENV='{os.path.dirname(bin_dir)}'\n"
               'export PATH="$VIRTUAL_ENV/bin:$PATH"\n')
     return 0
+  if argv[:2] == ["-m", "hn_jax.preflight"]:  # exits with $FAKE_PREFLIGHT_STATUS (default 0)
+    status = int(os.environ.get("FAKE_PREFLIGHT_STATUS", "0"))
+    print("preflight: " + ("fits" if status == 0 else "does not fit"), flush=True)
+    return status
   if argv[:2] in (["-m", "hn_jax.main"], ["-m", "pip"]):
     return 0
   fail(f"the fake python does not run {argv}", 2)

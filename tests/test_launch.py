@@ -61,6 +61,9 @@ class Cluster:
     runs = [c for c in self.calls("python") if c["argv"][:2] == ["-m", "hn_jax.main"]]
     return sorted(runs, key=lambda c: (c["worker"] or "", c["argv"]))
 
+  def preflights(self) -> list[list[str]]:
+    return [c["argv"][2:] for c in self.calls("python") if c["argv"][:2] == ["-m", "hn_jax.preflight"]]
+
   def home(self, call: dict) -> Path:
     """The home folder of the worker that made `call`, also once its slice is deleted."""
     worker = Path(call["cwd"]).relative_to(self.root / "tpus" / "t").parts[0]
@@ -261,3 +264,48 @@ def test_slurm_time_limit_checkpoints_and_requeues(cluster):
   assert len(cluster.calls("terminated")) == 2  # every task checkpointed and exited
   assert [c["argv"] for c in cluster.calls("scontrol")] == [["requeue", "7"]]
   assert cluster.calls()[-1]["tool"] == "scontrol"
+
+
+CONFIG_ARGS = [a for a in ARGS if a.startswith("--config")]
+
+
+def test_pod_preflight_runs_before_the_slice_is_created(cluster):
+  status, out = cluster.run("launch/tpu_pod.sh", "all", "--", *ARGS, "--distributed=no")
+  assert status == 0, out
+  assert cluster.preflights() == [["--topology=v4-32", "--search_batch=false", *CONFIG_ARGS]]
+  calls = cluster.calls()
+  preflight = next(i for i, c in enumerate(calls) if c["argv"][1:2] == ["hn_jax.preflight"])
+  create = next(i for i, c in enumerate(calls) if c["argv"][3:4] == ["create"])
+  assert preflight < create
+
+
+@pytest.mark.parametrize("action", ["all", "create"])
+def test_pod_a_run_that_does_not_fit_creates_nothing(cluster, action):
+  status, out = cluster.run("launch/tpu_pod.sh", action, "--", *ARGS, TYPE="v5litepod-16",
+                            FAKE_PREFLIGHT_STATUS="1")
+  assert status == 1, out
+  assert "cannot run on v5litepod-16" in out and "nothing was created" in out
+  assert cluster.preflights()[0][0] == "--topology=v5litepod-16"
+  assert "create" not in cluster.tpu_verbs() and "delete" not in cluster.tpu_verbs()
+
+
+def test_pod_preflight_can_be_skipped(cluster):
+  status, out = cluster.run("launch/tpu_pod.sh", "create", "--", *ARGS, PREFLIGHT="0")
+  assert status == 0, out
+  assert cluster.preflights() == [] and cluster.tpu_verbs()[-1] == "create"
+
+
+def test_slurm_preflight_checks_the_nodes_gpus_before_srun(cluster):
+  env = dict(SLURM_NTASKS="2", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID="7",
+             SLURM_SUBMIT_DIR=str(REPO))
+  status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, GPU="h200", **env)
+  assert status == 0, out
+  assert cluster.preflights() == [["--topology=h200:2x8", "--search_batch=false", *CONFIG_ARGS]]
+  assert len(cluster.calls("srun")) == 1
+  status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, FAKE_PREFLIGHT_STATUS="1", **env)
+  assert status == 1 and "cannot run on h100:2x8" in out, out
+  assert len(cluster.calls("srun")) == 1  # no second start
+  status, out = cluster.run("launch/slurm_gpu.sbatch", *ARGS, FAKE_PREFLIGHT_STATUS="1",
+                            SLURM_RESTART_COUNT="1", **env)
+  assert status == 0, out  # a requeued start was checked before: straight to srun
+  assert len(cluster.calls("srun")) == 2
