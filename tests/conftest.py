@@ -13,3 +13,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="hn_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402  (after the environment above, which JAX reads when imported)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """hn_jax.testing.runs.tiny_config()'s run (2 epochs, checkpoints at steps 0, 14, 28),
+  trained once per session: (workdir, final metrics). Shared: tests only read it (or copy it).
+  """
+  from hn_jax import train  # pylint: disable=import-outside-toplevel
+  from hn_jax.testing import runs  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  metrics = train.train_and_evaluate(runs.tiny_config(), str(workdir))
+  return workdir, metrics

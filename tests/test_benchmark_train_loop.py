@@ -17,9 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_smoke_run_without_tensorflow(tmp_path):
+def test_smoke_run_without_tensorflow(tmp_path, tiny_run):  # pylint: disable=unused-argument
   out = tmp_path / "loop.json"
-  # The 8 CPU devices and the compilation cache of conftest.py: tests/test_train.py's step.
+  # The 8 CPU devices and the compilation cache of conftest.py, which `tiny_run` (trained
+  # anyway for tests/test_train.py and tests/test_faults.py) has filled with this step.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "benchmarks/train_loop.py", "--smoke", "--check_no_tf",
                          f"--json={out}"], cwd=REPO, env=env, capture_output=True, text=True,

@@ -5,31 +5,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import digits
-from hn_jax import train
 from hn_jax.data import datasets
+from hn_jax.testing.runs import tiny_config
 from hn_jax.tools import embed, search
 
 
-def tiny_config():
-  config = digits.get_config()
-  config.image_size = 16
-  config.embedding_dim = 16
-  config.batch_size = 64
-  config.eval_batch_size = 512
-  config.num_epochs = 1
-  config.eval_every = 1
-  config.lr_drop_epochs = (2,)
-  return config
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A one-epoch digits run, its test-split index and a folder of 12 test digits as PNG."""
+def run(tmp_path_factory, tiny_run):
+  """A tiny digits run (tests/conftest.py's, shared: only read here), its test-split index
+  and a folder of 12 test digits as PNG."""
   root = tmp_path_factory.mktemp("embed_search")
-  workdir = root / "run"
-  workdir.mkdir()
-  train.train_and_evaluate(tiny_config(), str(workdir))
+  workdir = tiny_run[0]
   index_path = root / "test.npz"
   embed.embed_to_file(str(workdir), str(index_path), split="test", progress=False)
   folder = root / "images"

@@ -18,32 +18,22 @@ from pathlib import Path
 
 import pytest
 
-from configs import digits
 from hn_jax import checkpoints as checkpoints_lib
 from hn_jax import errors, run_lock, sharding, train, train_step
+from hn_jax.testing.runs import signal_at_step, tiny_config
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
-# The command-line runs compile tiny_config's programs (2 epochs of 14 steps, checkpoints at
+# The command-line runs compile tiny_config's programs (hn_jax.testing.runs) (2 epochs of 14 steps, checkpoints at
 # steps 14 and 28): the persistent compilation cache has them.
 SAME_PROGRAMS = ["--config.image_size=16", "--config.embedding_dim=16",
                  "--config.lr_drop_epochs=(2,)"]
 
 
-def tiny_config(**overrides):
-  """tests/test_train.py's run (the same compiled step, from the persistent cache)."""
-  config = digits.get_config()
-  config.update(dict(image_size=16, embedding_dim=16, batch_size=64, eval_batch_size=512,
-                     num_epochs=2, eval_every=1, lr_drop_epochs=(2,)))
-  config.update(overrides)
-  return config
-
-
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("finished")
-  metrics = train.train_and_evaluate(tiny_config(), str(workdir))
-  return workdir, metrics
+def finished_run(tiny_run):
+  """tiny_config()'s run (tests/conftest.py: trained once per session, shared: copy it)."""
+  return tiny_run
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -331,14 +321,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_at_the_next_step_and_a_second_one_stops_at_once(
     finished_run, tmp_path, monkeypatch):
-  add = train.EpochLog.add
-
-  def add_then_ctrl_c(self, step, metrics):
-    add(self, step, metrics)
-    if step == 5:
-      os.kill(os.getpid(), signal.SIGINT)
-
-  monkeypatch.setattr(train.EpochLog, "add", add_then_ctrl_c)
+  signal_at_step(monkeypatch, 5, signal.SIGINT)
   with pytest.raises(errors.Interrupted, match="Ctrl-C: saved the checkpoint of step 5; run "
                      "the same command to resume"):
     train.train_and_evaluate(tiny_config(), str(tmp_path / "once"))
@@ -347,15 +330,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_a_second_one_stops_at_once(
   monkeypatch.undo()
   resumed = train.train_and_evaluate(tiny_config(), str(tmp_path / "once"))
   assert resumed == finished_run[1], "resumed from the Ctrl-C's checkpoint, exactly"
-  monkeypatch.setattr(train.EpochLog, "add", add)
-
-  def add_then_two(self, step, metrics):
-    add(self, step, metrics)
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGINT)
-      os.kill(os.getpid(), signal.SIGINT)
-
-  monkeypatch.setattr(train.EpochLog, "add", add_then_two)
+  signal_at_step(monkeypatch, 3, signal.SIGINT, times=2)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(tiny_config(), str(tmp_path / "twice"))
   assert sorted(p.name for p in (tmp_path / "twice" / "checkpoints").iterdir()) == ["0"]

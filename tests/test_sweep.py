@@ -17,8 +17,11 @@ from hn_jax.tools import report, reproduce
 pytestmark = pytest.mark.slow  # trains whole runs
 
 REPO = Path(__file__).resolve().parents[1]
+# hn_jax.testing.runs.tiny_config's settings (batch 64, the learning rate 0.05 and its drop
+# after epoch 2), one epoch: in the whole suite, the sct runs' programs are those of
+# tests/conftest.py's tiny_run (trained by earlier files), from the persistent compilation cache.
 TINY = [f"--config={REPO}/configs/digits.py", "--methods=sct,hn", "--lrs=0.05", "--seeds=0,1",
-        "--config.image_size=16", "--config.embedding_dim=16", "--config.batch_size=128",
+        "--config.image_size=16", "--config.embedding_dim=16", "--config.lr_drop_epochs=(2,)",
         "--config.num_epochs=1", "--config.eval_every=1"]
 
 
@@ -46,7 +49,7 @@ def test_report_table_matches_the_event_files(sweep):
   by_key = {(r["group"], r["metric"]): r for r in rows}
   assert len(rows) == 2 * 4  # 2 groups x R@1, 2, 4, 8
   for method in ("sct", "hn"):
-    group = f"{method}_B128_R1_D16_lr0.05_lam1.0"
+    group = f"{method}_B64_R1_D16_lr0.05_lam1.0"
     for k in (1, 2, 4, 8):
       finals = []
       for seed in (0, 1):
@@ -61,7 +64,7 @@ def test_report_table_matches_the_event_files(sweep):
       assert row["std"] == pytest.approx(np.std(finals, ddof=1), abs=1e-9)
   text = subprocess.run([sys.executable, "-m", "hn_jax.tools.report", str(sweep)], cwd=REPO,
                         capture_output=True, text=True, timeout=120, check=True).stdout
-  assert "sct_B128_R1_D16_lr0.05_lam1.0" in text and "DIGITS_test_R_8" in text
+  assert "sct_B64_R1_D16_lr0.05_lam1.0" in text and "DIGITS_test_R_8" in text
 
 
 def test_report_plot(sweep, tmp_path):
@@ -76,7 +79,7 @@ def test_table_command(made):
   top, out, _, _ = made
   result = json.loads((top / "result.json").read_text())
   base = top / "DIGITS_R50"
-  group = "{}_B128_R1_D16_lr{}_lam1.0"
+  group = "{}_B64_R1_D16_lr{}_lam1.0"
   assert {(r["method"], r["lr"]) for r in result["search"]} == {("sct", "0.05"), ("hn", "0.05")}
   for r in result["search"]:  # seeds 0 and 1, the default search seeds
     runs = [report.load_scalars(base / group.format(r["method"], r["lr"]) / s) for s in "01"]
@@ -132,19 +135,11 @@ def test_a_run_whose_final_checkpoint_is_damaged_is_trained_again(made, capsys, 
 
 
 def test_ctrl_c_stops_the_study_and_the_same_command_resumes_it(tmp_path, monkeypatch, capsys):
-  import os
   import signal
-  from hn_jax import train
+  from hn_jax.testing.runs import signal_at_step
   argv = [f"--root={tmp_path}", TINY[0], "--methods=sct", TINY[2], *TINY[4:], "--seeds=0",
           "--search_seeds=0"]  # one run
-  add = train.EpochLog.add
-
-  def add_then_ctrl_c(self, step, metrics):
-    add(self, step, metrics)
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGINT)
-
-  monkeypatch.setattr(train.EpochLog, "add", add_then_ctrl_c)
+  signal_at_step(monkeypatch, 3, signal.SIGINT)
   assert reproduce.main(argv) == 130
   err = capsys.readouterr().err
   assert "hn_jax.tools.reproduce: Ctrl-C: saved the checkpoint of step 3" in err

@@ -13,31 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from configs import digits
 from hn_jax import errors, run_config, sharding, train, train_step
+from hn_jax.testing.runs import signal_at_step, tiny_config
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(**overrides):
-  config = digits.get_config()
-  config.image_size = 16
-  config.embedding_dim = 16
-  config.batch_size = 64
-  config.eval_batch_size = 512
-  config.num_epochs = 2
-  config.eval_every = 1
-  config.lr_drop_epochs = (2,)
-  config.update(overrides)
-  return config
-
-
 @pytest.fixture(scope="module")
-def two_epoch_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("run")
-  metrics = train.train_and_evaluate(tiny_config(), str(workdir))
-  return workdir, metrics
+def two_epoch_run(tiny_run):
+  """tiny_config()'s run (tests/conftest.py: trained once per session, shared: read only)."""
+  return tiny_run
 
 
 def test_run_logs_the_paper_keys(two_epoch_run):
@@ -72,14 +58,8 @@ def test_training_learns(two_epoch_run):
 def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path, monkeypatch,
                                                         caplog):
   workdir, uninterrupted = two_epoch_run
-  add = train.EpochLog.add
-
-  def add_then_preempt(self, step, metrics):
-    add(self, step, metrics)
-    if step == 5:  # mid-epoch 1 (14 steps an epoch): a real SIGTERM to this process
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(train.EpochLog, "add", add_then_preempt)
+  # Mid-epoch 1 (14 steps an epoch): a real SIGTERM to this process after step 5.
+  signal_at_step(monkeypatch, 5, signal.SIGTERM)
   with pytest.raises(errors.Preempted, match="Preempted: saved the checkpoint of step 5; run "
                      "the same command to resume"):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
@@ -218,17 +198,24 @@ def _nudged(tree, seed=0):
   return jax.tree.map(nudge, tree)
 
 
-def _step_on(devices, config, images, labels, nudge=False):
+def _steps_on(devices, config, images, labels, nudges=(False,)):
+  """One step from the initial weights on `devices` for each entry of `nudges` (True: those
+  weights nudged by _nudged first): [(new params, metrics)], all by one compiled step."""
   mesh = sharding.create_mesh(devices)
   tx = train_step.create_optimizer(config, steps_per_epoch=10)
-  graphdef, state = train_step.create_train_state(train_step.init_model(config), tx)
-  if nudge:
-    state = state.replace(params=_nudged(state.params))
-  state = sharding.replicate(state, mesh)
-  step = train_step.make_train_step(graphdef, tx, config, mesh)
   batch = sharding.global_batch({"images": images, "labels": labels}, mesh)
-  state, metrics = step(state, batch["images"], batch["labels"])
-  return jax.device_get(state.params), jax.device_get(metrics)
+  step, results = None, []
+  for nudge in nudges:
+    # A fresh state each time (the same seed: the same weights), as the step donates its own.
+    graphdef, state = train_step.create_train_state(train_step.init_model(config), tx)
+    if nudge:
+      state = state.replace(params=_nudged(state.params))
+    state = sharding.replicate(state, mesh)
+    if step is None:
+      step = train_step.make_train_step(graphdef, tx, config, mesh)
+    state, metrics = step(state, batch["images"], batch["labels"])
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  return results
 
 
 @pytest.mark.slow
@@ -239,9 +226,8 @@ def test_sharded_step_equals_single_device_step(loss):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(64, 16, 16, 3)).astype(np.float32)
   labels = np.repeat(np.arange(32), 2).astype(np.int32)
-  one = _step_on(jax.devices()[:1], config, images, labels)
-  eight = _step_on(jax.devices(), config, images, labels)
-  nudged = _step_on(jax.devices()[:1], config, images, labels, nudge=True)
+  one, nudged = _steps_on(jax.devices()[:1], config, images, labels, nudges=(False, True))
+  (eight,) = _steps_on(jax.devices(), config, images, labels)
   for key in ("loss", "hn_ratio", "num_valid", "num_hard"):
     # Class (a), one step (other reduction order over 8 shards): counts are exact; the loss
     # measured at most 1/33 of the tolerance (1.4e-6 absolute under --xla_cpu_max_isa=AVX).
