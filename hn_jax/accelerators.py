@@ -145,11 +145,26 @@ def compile_only_devices(topology: Topology) -> list[Any]:
     description = topologies.get_topology_desc(platform="tpu",
                                                topology_name=topology.libtpu_name, **kwargs)
   else:
+    from hn_jax import platforms  # pylint: disable=g-import-not-at-top
     with open(os.path.join(_TARGET_CONFIGS, _GPU_TARGETS[topology.chip.kind])) as f:
       target = f.read()
-    description = topologies.get_topology_desc(
-        platform="cuda", topology_name=topology.name,
-        topology=f"1x{topology.hosts}x{topology.gpus_per_host}", target_config=target)
+
+    def describe():
+      return topologies.get_topology_desc(
+          platform="cuda", topology_name=topology.name,
+          topology=f"1x{topology.hosts}x{topology.gpus_per_host}", target_config=target)
+
+    platforms.load_cuda_plugin(started=False)
+    try:
+      description = describe()
+    except NotImplementedError:  # JAX started before the plugin was let in: register it now
+      platforms.load_cuda_plugin(started=True)
+      try:
+        description = describe()
+      except NotImplementedError:
+        raise TopologyError(f"--topology={topology.name}: JAX's CUDA plugin is not installed; "
+                            "pip install the jax-cuda12-plugin and jax-cuda12-pjrt lines of "
+                            "requirements.txt") from None
   devices = list(description.devices)
   if len(devices) != topology.chips:
     raise TopologyError(f"--topology={topology.name}: the compiler made {len(devices)} devices "

@@ -29,6 +29,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -113,10 +114,15 @@ def compile_program(name: str, lowered: Any, batch_per_chip: int, chip: accelera
                     flops_per_chip: Callable[[], float] | None = None) -> Program:
   """Compiles `lowered` and reads its figures; a compiler refusal for memory is a no-fit.
   `flops_per_chip` counts the FLOPs where the compiler does not."""
+  import jax  # pylint: disable=g-import-not-at-top
   program = Program(name, batch_per_chip)
   start = time.perf_counter()
+  cache = jax.config.jax_enable_compilation_cache
   try:
-    with cli.stderr_silenced():
+    # The persistent cache cannot hold programs for compile-only devices.
+    jax.config.update("jax_enable_compilation_cache", False)
+    with cli.stderr_silenced(), warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "Error reading persistent compilation cache")
       compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError, by message)
     if not _REFUSAL.search(str(e)):
@@ -125,6 +131,8 @@ def compile_program(name: str, lowered: Any, batch_per_chip: int, chip: accelera
     program.refused = " ".join(str(e).split())[:300]
     program.fits = False
     return program
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
   program.compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   program.argument_bytes = int(memory.argument_size_in_bytes)
@@ -434,11 +442,11 @@ def _preflight(_: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line (without the program name); returns the exit status."""
   from hn_jax import run_config  # pylint: disable=g-import-not-at-top
+  if argv is None and not cli.wants_help(sys.argv[1:]):  # the command line itself
+    _raise_stack_limit_and_reexec(sys.argv[1:])
   return cli.run(_preflight, FLAGS, argv, prog=PROG, doc=__doc__, required=("topology",),
                  errors=(run_config.ConfigError, accelerators.TopologyError))
 
 
 if __name__ == "__main__":
-  if not cli.wants_help(sys.argv[1:]):
-    _raise_stack_limit_and_reexec(sys.argv[1:])
   sys.exit(main())
