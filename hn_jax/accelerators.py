@@ -142,8 +142,15 @@ def compile_only_devices(topology: Topology) -> list[Any]:
   prepare_process_for(topology)
   if topology.chip.platform == "tpu":
     kwargs = {"chip_config_name": "megacore"} if topology.chip.kind == "v4" else {}
-    description = topologies.get_topology_desc(platform="tpu",
-                                               topology_name=topology.libtpu_name, **kwargs)
+    try:
+      description = topologies.get_topology_desc(platform="tpu",
+                                                 topology_name=topology.libtpu_name, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError, by message)
+      if "INVALID_ARGUMENT" not in str(e):
+        raise
+      message = str(e).split("INVALID_ARGUMENT:", 1)[-1].strip().splitlines()[0]
+      raise TopologyError(f"--topology={topology.name}: libtpu refuses {topology.libtpu_name}: "
+                          f"{message}; {TOPOLOGY_HELP}") from None
   else:
     from hn_jax import platforms  # pylint: disable=g-import-not-at-top
     with open(os.path.join(_TARGET_CONFIGS, _GPU_TARGETS[topology.chip.kind])) as f:

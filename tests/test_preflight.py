@@ -254,7 +254,8 @@ def test_gpu_host_without_the_memory_exits_1_with_one_line():
 
 @pytest.mark.parametrize("args, message", [
     (["--topology=v5e:2x2", "--config.batch_size=6"], "not divisible by the 4 devices"),
-    (["--topology=v5e:3x3"], "not a known target"),
+    (["--topology=v5e:3x3"], "libtpu refuses v5e:3x3"),
+    (["--topology=tpu7"], "not a known target"),
     (["--topology=h100:8", "--config.loss=nope"], "config.loss='nope' is not a loss"),
 ])
 def test_command_refuses_what_cannot_run_there_before_compiling(args, message):
