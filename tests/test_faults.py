@@ -401,11 +401,13 @@ def test_non_finite_settings_are_refused_up_front(key):
 @pytest.mark.slow
 def test_a_run_stopped_by_non_finite_steps_resumes_with_the_lower_rate_it_is_told_to_use(
     tmp_path):
-  config = tiny_config(learning_rate=1e30, max_consecutive_skips=3)
+  # The default limit of non-finite steps (10 in a row, tests/test_train.py's stopped run: the
+  # same programs); the lower rate is tiny_config's own (tiny_run's programs, from the cache).
+  config = tiny_config(learning_rate=1e30)
   with pytest.raises(errors.TrainingStopped, match="lower config.learning_rate .* then resume"):
     train.train_and_evaluate(config, str(tmp_path))
-  metrics = train.train_and_evaluate(tiny_config(learning_rate=0.05, max_consecutive_skips=3),
-                                     str(tmp_path))
+  assert tiny_config().learning_rate == 0.05
+  metrics = train.train_and_evaluate(tiny_config(learning_rate=0.05), str(tmp_path))
   assert 0 < metrics["DIGITS_test_R_1"] <= 1
   history = json.loads((tmp_path / "config_history.json").read_text())
   assert [h["changes"] for h in history] == [{"learning_rate": [1e30, 0.05]}]
