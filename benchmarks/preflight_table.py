@@ -1,0 +1,100 @@
+"""The preflight's table for RESULTS.md: the paper's configs on the accelerators one would rent.
+
+  python benchmarks/preflight_table.py --out=/tmp/preflight [--configs=cub,sop] \
+      [--targets=v4-8,v5e:4x4,...] [--search=v5e:4x4,h200:1] [--smoke]
+
+Each (config, target) is `hn_jax.preflight.run_preflight` of the config with bf16 compute
+(the paper's settings otherwise), no accelerator needed; its report is saved as
+OUT/<config>@<target>.json and reused when there, so a long table can be built in several
+runs (or several processes, one per target). Prints the markdown table. --smoke: the small
+model at 32 px on one TPU and one GPU target (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hn_jax import preflight  # noqa: E402  (after the path)
+
+CONFIGS = ("cub", "car", "sop", "inshop", "hotel")
+TARGETS = ("v4-8", "v5e:4x4", "v5e:8x8", "v5p-8", "h100:8", "h200:1")
+
+
+def config_of(name: str, smoke: bool):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.half_precision = True
+  if smoke:
+    config.update(model="small", image_size=32, batch_size=32, eval_batch_size=64)
+  return config
+
+
+def report_of(name: str, target: str, out: str, *, search: bool, smoke: bool) -> dict:
+  path = os.path.join(out, f"{name}@{target}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  print(f"preflight_table: {name} on {target} ...", file=sys.stderr, flush=True)
+  report = preflight.run_preflight(config_of(name, smoke), target, search_batch=search,
+                                   say=lambda line: print(line, file=sys.stderr, flush=True))
+  report["config"] = name
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return report
+
+
+def table(reports: list[dict]) -> str:
+  gib = 1024**3
+  rows = ["| config | target | chips | batch/chip | fits | train peak/chip (headroom) | "
+          "embed peak/chip | largest batch/chip | GFLOP/image | roofline images/s/chip | "
+          "compile s (train, embed, eval) |",
+          "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
+  for r in reports:
+    programs = {p["name"]: p for p in r["programs"]}
+    train, embed = programs["train"], programs.get("embed")
+    usable = r["usable_memory_bytes"]
+    peak = (f"{train['peak_bytes'] / gib:.2f} GiB ({100 * (1 - train['peak_bytes'] / usable):.0f}%)"
+            if train["peak_bytes"] else "refused")
+    largest = r.get("largest_batch")
+    largest = ("" if not largest else
+               f"{'>= ' if largest['at_least'] else ''}{largest['batch_per_chip']} "
+               f"({largest['compiles']} compiles, {largest['seconds']:.0f} s)")
+    roof = train.get("roofline", {})
+    evals = sum(p["compile_seconds"] for n, p in programs.items() if n not in ("train", "embed"))
+    embed_peak = f"{embed['peak_bytes'] / gib:.2f} GiB" if embed and embed["peak_bytes"] else "-"
+    rows.append(
+        f"| {r['config']} | {r['topology']} | {r['chips']} | {train['batch_per_chip']} | "
+        f"{'yes' if r['fits'] else 'NO'} | {peak} | {embed_peak} | {largest} | "
+        f"{train.get('flops_per_image', 0) / 1e9:.1f} | "
+        f"{roof.get('images_per_second') or 0:,.0f} ({roof.get('bound_by') or '-'}) | "
+        f"{train['compile_seconds']:.0f}, {embed['compile_seconds'] if embed else 0:.0f}, "
+        f"{evals:.0f} |")
+  return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", required=True, help="folder of the reports (reused when there)")
+  parser.add_argument("--configs", default=",".join(CONFIGS))
+  parser.add_argument("--targets", default=",".join(TARGETS))
+  parser.add_argument("--search", default="", help="targets whose largest batch is searched")
+  parser.add_argument("--smoke", action="store_true", help="small model, two targets")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.configs, args.targets, args.search = "digits", "v5e:2x2,h100:2", ""
+  os.makedirs(args.out, exist_ok=True)
+  search = set(filter(None, args.search.split(",")))
+  reports = [report_of(c, t, args.out, search=t in search, smoke=args.smoke)
+             for t in args.targets.split(",") for c in args.configs.split(",")]
+  print(table(reports))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
