@@ -274,3 +274,23 @@ def test_cpu_only_processes_keep_the_accelerator_plugins_unloaded():
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
   assert result.stdout.split() == ["cpu", "cpu"] and result.stderr == "", result.stderr
+
+
+def test_the_state_is_built_as_shapes_without_weights_or_tensorflow(tmp_path):
+  code = (
+      "import sys, hn_jax, jax\n"
+      "from hn_jax import run_config, train_step\n"
+      "c = run_config.defaults(); c.model = 'resnet50'; c.pretrained = sys.argv[1]\n"
+      "graphdef, state, tx = train_step.abstract_state(c)\n"
+      "leaves = jax.tree.leaves(state)\n"
+      "print(all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves), len(leaves),\n"
+      "      sum(x.size for x in jax.tree.leaves(state.params)),\n"
+      "      'tensorflow' in sys.modules, 'clu' in sys.modules)\n")
+  # A weights file that does not exist: the shapes do not need it.
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.pth")],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  shapes_only, leaves, params, tf, clu = result.stdout.split()
+  assert shapes_only == "True" and int(leaves) > 200  # weights, statistics, momenta
+  assert 23_000_000 < int(params) < 24_000_000  # ResNet50's backbone and a 64-d head
+  assert (tf, clu) == ("False", "False")
