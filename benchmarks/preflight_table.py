@@ -27,7 +27,10 @@ TARGETS = ("v4-8", "v5e:4x4", "v5e:8x8", "v5p-8", "h100:8", "h200:1")
 
 
 def config_of(name: str, smoke: bool):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  """configs/<name>.py's config (`vit_s16:cub`: its `get_config("cub")`), in bf16."""
+  module, _, argument = name.partition(":")
+  get_config = importlib.import_module(f"configs.{module}").get_config
+  config = get_config(argument) if argument else get_config()
   config.half_precision = True
   if smoke:
     config.update(model="small", image_size=32, batch_size=32, eval_batch_size=64)
@@ -35,7 +38,7 @@ def config_of(name: str, smoke: bool):
 
 
 def report_of(name: str, target: str, out: str, *, search: bool, smoke: bool) -> dict:
-  path = os.path.join(out, f"{name}@{target}.json")
+  path = os.path.join(out, f"{name.replace(':', '-')}@{target}.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
@@ -83,15 +86,17 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="folder of the reports (reused when there)")
   parser.add_argument("--configs", default=",".join(CONFIGS))
   parser.add_argument("--targets", default=",".join(TARGETS))
-  parser.add_argument("--search", default="", help="targets whose largest batch is searched")
+  parser.add_argument("--search", default="", help="targets whose largest batch is searched "
+                      "(with the first config: the others share its model and image size)")
   parser.add_argument("--smoke", action="store_true", help="small model, two targets")
   args = parser.parse_args(argv)
   if args.smoke:
     args.configs, args.targets, args.search = "digits", "v5e:2x2,h100:2", ""
   os.makedirs(args.out, exist_ok=True)
   search = set(filter(None, args.search.split(",")))
-  reports = [report_of(c, t, args.out, search=t in search, smoke=args.smoke)
-             for t in args.targets.split(",") for c in args.configs.split(",")]
+  configs = args.configs.split(",")
+  reports = [report_of(c, t, args.out, search=t in search and c == configs[0], smoke=args.smoke)
+             for t in args.targets.split(",") for c in configs]
   print(table(reports))
   return 0
 
