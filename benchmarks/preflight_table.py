@@ -44,7 +44,8 @@ def report_of(name: str, target: str, out: str, *, search: bool, smoke: bool) ->
       return json.load(f)
   print(f"preflight_table: {name} on {target} ...", file=sys.stderr, flush=True)
   report = preflight.run_preflight(config_of(name, smoke), target, search_batch=search,
-                                   say=lambda line: print(line, file=sys.stderr, flush=True))
+                                   say=lambda line: print(line, file=sys.stderr, flush=True),
+                                   cache_dir=os.path.join(out, "programs"))
   report["config"] = name
   with open(path + ".tmp", "w") as f:
     json.dump(report, f, indent=1)

@@ -22,6 +22,7 @@ No library does this for a training config; MaxText's AOT check is the nearest, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -55,8 +56,10 @@ EVAL_SPLITS = {"cub": (5924, None), "cars": (8131, None), "sop": (60502, None),
                "digits": (896, None)}
 # MAP@R ranks the top k = the largest class's size, which is data; this bound is compiled.
 EVAL_TOP_K = 100
-# The batch search stops at this many times the configured per-chip batch.
+# The batch search stops at this many times the configured per-chip batch, or at
+# SEARCH_CEILING_MIN per chip if that is more.
 SEARCH_CEILING = 16
+SEARCH_CEILING_MIN = 1024
 
 
 @dataclasses.dataclass
@@ -111,9 +114,34 @@ _REFUSAL = re.compile(r"(RESOURCE_EXHAUSTED|exceeds available HBM|[Oo]ut of memo
 
 
 def compile_program(name: str, lowered: Any, batch_per_chip: int, chip: accelerators.Chip,
-                    flops_per_chip: Callable[[], float] | None = None) -> Program:
+                    flops_per_chip: Callable[[], float] | None = None,
+                    cache_dir: str | None = None) -> Program:
   """Compiles `lowered` and reads its figures; a compiler refusal for memory is a no-fit.
-  `flops_per_chip` counts the FLOPs where the compiler does not."""
+  `flops_per_chip` counts the FLOPs where the compiler does not. With `cache_dir`, the
+  figures of a program compiled before for the same chip (same program text) are read back
+  instead (a table of many configs, a search run twice)."""
+  key = None
+  if cache_dir:
+    text = lowered.as_text()
+    key = os.path.join(cache_dir, hashlib.sha256((chip.kind + text).encode()).hexdigest()
+                       + ".json")
+    if os.path.exists(key):
+      with open(key) as f:
+        program = Program(**json.load(f))
+      program.name, program.batch_per_chip = name, batch_per_chip
+      program.fits = not program.refused and program.peak_bytes <= chip.usable_memory_bytes
+      return program
+  program = _compile(name, lowered, batch_per_chip, chip, flops_per_chip)
+  if key:
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(key + ".tmp", "w") as f:
+      json.dump(dataclasses.asdict(program), f)
+    os.replace(key + ".tmp", key)
+  return program
+
+
+def _compile(name: str, lowered: Any, batch_per_chip: int, chip: accelerators.Chip,
+             flops_per_chip: Callable[[], float] | None) -> Program:
   import jax  # pylint: disable=g-import-not-at-top
   program = Program(name, batch_per_chip)
   start = time.perf_counter()
@@ -232,7 +260,7 @@ def batch_step(images_per_class: int, chips: int, hosts: int) -> int:
 
 def largest_batch(programs: Programs, chip: accelerators.Chip, first: Program, step: int,
                   say=lambda line: None, max_compiles: int = 10,
-                  ceiling: int | None = None) -> dict[str, Any]:
+                  ceiling: int | None = None, cache_dir: str | None = None) -> dict[str, Any]:
   """The largest per-chip batch (a multiple of `step`) whose train step fits, by compiling:
   each guess from the memory line through the two largest fitting compiles, bisection where
   the line points outside what is known; at most `ceiling` per chip (a batch that large
@@ -245,7 +273,7 @@ def largest_batch(programs: Programs, chip: accelerators.Chip, first: Program, s
     if batch not in compiled:
       say(f"{PROG}: compiling the train step at {batch} per chip")
       compiled[batch] = compile_program("train", programs.train(batch), batch, chip,
-                                        lambda: programs.hlo_flops("train", batch))
+                                        lambda: programs.hlo_flops("train", batch), cache_dir)
     return compiled[batch]
 
   def bounds() -> tuple[int, int | None]:
@@ -316,9 +344,11 @@ def _gib(n: float) -> str:
 
 
 def run_preflight(config: Any, topology_name: str, *, search_batch: bool = True,
-                  evaluation: bool = True, say=print) -> dict[str, Any]:
+                  evaluation: bool = True, say=print,
+                  cache_dir: str | None = None) -> dict[str, Any]:
   """Compiles the config's programs for the target; the report (JSON-able); raises
-  run_config.ConfigError for a config that cannot run there (before compiling)."""
+  run_config.ConfigError for a config that cannot run there (before compiling).
+  `cache_dir`: see `compile_program`."""
   from hn_jax import run_config  # pylint: disable=g-import-not-at-top
   topology = accelerators.parse_topology(topology_name)
   chip = topology.chip
@@ -342,15 +372,15 @@ def run_preflight(config: Any, topology_name: str, *, search_batch: bool = True,
   programs = Programs(checked, devices)
   per_chip = config.batch_size // len(devices)
   train = compile_program("train", programs.train(per_chip), per_chip, chip,
-                          lambda: programs.hlo_flops("train", per_chip))
+                          lambda: programs.hlo_flops("train", per_chip), cache_dir)
   compiled = [train]
   if evaluation:
     eval_per_chip = config.eval_batch_size // len(devices)
     embed = compile_program("embed", programs.embed(), eval_per_chip, chip,
-                            lambda: programs.hlo_flops("embed", eval_per_chip))
+                            lambda: programs.hlo_flops("embed", eval_per_chip), cache_dir)
     compiled.append(embed)
     for name, (lowered, rows) in programs.evaluation().items():
-      compiled.append(compile_program(name, lowered, rows, chip))
+      compiled.append(compile_program(name, lowered, rows, chip, cache_dir=cache_dir))
   for program in compiled:
     entry = dataclasses.asdict(program)
     if program.name in ("train", "embed") and program.fits:
@@ -359,8 +389,9 @@ def run_preflight(config: Any, topology_name: str, *, search_batch: bool = True,
     report["programs"].append(entry)
   if search_batch:
     step = batch_step(config.images_per_class, len(devices), hosts)
-    report["largest_batch"] = largest_batch(programs, chip, train, step, say=say,
-                                            ceiling=SEARCH_CEILING * max(step, per_chip))
+    report["largest_batch"] = largest_batch(
+        programs, chip, train, step, say=say, cache_dir=cache_dir,
+        ceiling=max(SEARCH_CEILING * max(step, per_chip), SEARCH_CEILING_MIN))
     report["largest_batch"]["step"] = step
   misfits = [p for p in compiled if not p.fits]
   report["fits"] = not misfits

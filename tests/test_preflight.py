@@ -107,7 +107,7 @@ class _LineOfMemory:
   def peak(self, b):
     return int(self.fixed + self.per_image * b + self.quadratic * b * b)
 
-  def compile(self, name, lowered, batch, chip, flops=None):
+  def compile(self, name, lowered, batch, chip, flops=None, cache_dir=None):
     self.compiled.append(batch)
     program = preflight.Program(name, batch, peak_bytes=self.peak(batch))
     program.fits = program.peak_bytes <= self.usable
@@ -306,3 +306,18 @@ def test_the_state_is_built_as_shapes_without_weights_or_tensorflow(tmp_path):
   assert shapes_only == "True" and int(leaves) > 100  # weights, statistics, momenta
   assert 11_100_000 < int(params) < 11_300_000  # ResNet18's backbone and a 64-d head
   assert (tf, clu) == ("False", "False")
+
+
+def test_figures_of_a_program_compiled_before_are_read_back(tmp_path, monkeypatch):
+  chip = accelerators.parse_topology("v5e:2x2").chip
+  lowered = jax.jit(lambda x: x * 2).lower(jax.ShapeDtypeStruct((8,), jnp.float32))
+  first = preflight.compile_program("train", lowered, 4, chip, cache_dir=str(tmp_path))
+  monkeypatch.setattr(preflight, "_compile", lambda *a: pytest.fail("compiled again"))
+  again = preflight.compile_program("embed", lowered, 2, chip, cache_dir=str(tmp_path))
+  assert (again.name, again.batch_per_chip) == ("embed", 2)
+  assert again.peak_bytes == first.peak_bytes and again.fits
+  tiny = accelerators.Chip(**{**chip.__dict__, "usable_memory_bytes": 1})
+  assert not preflight.compile_program("train", lowered, 4, tiny, cache_dir=str(tmp_path)).fits
+  other = accelerators.parse_topology("h100:1").chip  # another chip: compiled anew
+  with pytest.raises(pytest.fail.Exception, match="compiled again"):
+    preflight.compile_program("train", lowered, 4, other, cache_dir=str(tmp_path))
