@@ -23,6 +23,10 @@ BENCHMARKS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 SMOKE_ELSEWHERE = {
     "train_step.py": "tests/test_benchmark_train_step.py",
     "train_loop.py": "tests/test_benchmark_train_loop.py",
+    "gradient_reduction.py": "tests/test_gradient_reduction.py",
+    # These two compile for a TPU target: in-process beside the preflight's own tests.
+    "preflight_table.py": "tests/test_preflight.py",
+    "mining_precision.py": "tests/test_preflight.py",
 }
 # The rest: the arguments of their smoke run here (JSON path appended).
 SMOKE_HERE = {

@@ -321,3 +321,21 @@ def test_figures_of_a_program_compiled_before_are_read_back(tmp_path, monkeypatc
   other = accelerators.parse_topology("h100:1").chip  # another chip: compiled anew
   with pytest.raises(pytest.fail.Exception, match="compiled again"):
     preflight.compile_program("train", lowered, 4, other, cache_dir=str(tmp_path))
+
+
+def test_benchmark_scripts_smoke(tmp_path, capsys):
+  """benchmarks/preflight_table.py and benchmarks/mining_precision.py at --smoke."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  try:
+    import mining_precision  # pylint: disable=g-import-not-at-top
+    import preflight_table  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(REPO / "benchmarks"))
+  assert preflight_table.main(["--smoke", f"--out={tmp_path}"]) == 0  # "--smoke" runs
+  table = capsys.readouterr().out
+  assert "| digits | v5e:2x2 | 4 | 8 | yes |" in table, table
+  assert preflight_table.main(["--smoke", f"--out={tmp_path}"]) == 0  # read back, no compile
+  assert capsys.readouterr().out == table
+  assert mining_precision.main(["--smoke"]) == 0
+  out = capsys.readouterr().out
+  assert "| 64 | 32 | highest / default |" in out, out
