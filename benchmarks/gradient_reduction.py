@@ -293,6 +293,7 @@ def build_config(args) -> ml_collections.ConfigDict:
     config.synthetic_images_per_class = 4
     config.batch_size = 8
     config.eval_batch_size = 32
+    config.image_size = 16
   if args.epochs:
     config.num_epochs = args.epochs
   return config
