@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
   began = time.time()
   config = build_config(args)
-  ns = [int(n) for n in args.ns.split(",")] if args.ns else ([2, 4] if args.smoke
+  ns = [int(n) for n in args.ns.split(",")] if args.ns else ([4] if args.smoke
                                                             else [4, 8, 16, 64])
   masked_ns = [ns[0]] if args.smoke else [8]
   nbatches = 2 if args.smoke else args.batches
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
   epochs = 1 if args.smoke else config.num_epochs
   total = epochs * spe
   points = ([int(x) for x in args.points.split(",")] if args.points
-            else [0, total - 1] if args.smoke else [0, total // 2, total])
+            else [0] if args.smoke else [0, total // 2, total])
   if max(points) > total:
     raise SystemExit(f"--points beyond the {total} steps of {epochs} epochs")
   results = not (args.no_results or args.smoke)

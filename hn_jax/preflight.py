@@ -49,6 +49,9 @@ flags.DEFINE_bool("search_batch", True, "Find the largest per-chip batch whose t
                   "(a few more compiles).", flag_values=FLAGS)
 flags.DEFINE_bool("evaluation", True, "Also compile the embed step and the evaluation's "
                   "kernels.", flag_values=FLAGS)
+flags.DEFINE_string("cache_dir", None, "Keep each compiled program's figures here and read "
+                    "them back when the same program is compiled for the same chip again.",
+                    flag_values=FLAGS)
 
 # Queries and gallery of each dataset's evaluation (docs/datasets.md; None: leave-one-out).
 EVAL_SPLITS = {"cub": (5924, None), "cars": (8131, None), "sop": (60502, None),
@@ -457,7 +460,7 @@ def _raise_stack_limit_and_reexec(argv: Sequence[str]) -> None:
 def _preflight(_: list[str]) -> int:
   topology_name = FLAGS.topology
   report = run_preflight(FLAGS.config, topology_name, search_batch=FLAGS.search_batch,
-                         evaluation=FLAGS.evaluation,
+                         evaluation=FLAGS.evaluation, cache_dir=FLAGS.cache_dir,
                          say=lambda line: print(line, file=sys.stderr, flush=True))
   print(format_report(report), flush=True)
   if FLAGS.json:

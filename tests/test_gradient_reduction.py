@@ -181,22 +181,6 @@ def _tiny_batch():
   return images, labels, jnp.asarray(rng.random(8) < 0.5)
 
 
-def test_project_model_partials_sum_to_the_train_steps_gradient():
-  """The project's small model in float32, BatchNorm and mining over the global batch: the
-  float32 sum of the emulated partials (local, masked) is the full-batch gradient."""
-  from hn_jax import train_step
-  config = _tiny_config()
-  images, labels, flips = _tiny_batch()
-  graphdef, state, _ = train_step.init_state(config, 10)
-  grads = bench.make_gradients_fn(graphdef, config, [2], masked_ns=[4])(
-      state.params, state.batch_stats, images, labels, flips)
-  full = bench._leaves(grads["full"])  # pylint: disable=protected-access
-  for key in ("f32/2", "masked-f32/4"):
-    cmp = bench.compare(grads[key], grads["full"])
-    assert cmp["rel"] < 1e-5, (key, cmp["rel"])
-    assert max(v["rel"] for v in cmp["per"].values()) < 1e-4, key
-  assert len(full) == len(cmp["per"])
-
 @pytest.mark.slow
 def test_emulated_step_on_one_device_is_the_train_step():
   """Everything but the gradients' reduction is `make_train_step`'s: with 1 device and the
@@ -228,8 +212,8 @@ def test_smoke_run_prints_its_tables(tmp_path):
   assert "| comparison | rel mean | rel max | cos min |" in proc.stdout
   assert "| ring/4 vs f32/4 |" in proc.stdout and "### Per tensor" in proc.stdout
   result = json.loads(out.read_text())
-  assert result["smoke"] and result["ns"] == [2, 4] and result["steps"] == 4
-  assert sorted(result["points"]) == ["step 0", "step 3"]
+  assert result["smoke"] and result["ns"] == [4] and result["steps"] == 4
+  assert sorted(result["points"]) == ["step 0"]
   for point in result["points"].values():
     s = point["summary"]
     # A bf16 reduction changes the sum by about bf16's precision, not by nothing or a lot.

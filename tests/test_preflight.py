@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import digits
 from hn_jax import accelerators, losses, platforms, preflight, run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +24,17 @@ TINY = ["--config=configs/digits.py", "--config.image_size=16", "--config.batch_
 
 
 def tiny_config(**overrides):
-  config = run_config.defaults()
-  config.update(dataset="digits", model="small", image_size=16, embedding_dim=32,
-                batch_size=16, eval_batch_size=64, mean=(0.3,) * 3, std=(0.4,) * 3)
+  """TINY's config: configs/digits.py at 16 px (the command tests compile the same programs)."""
+  config = digits.get_config()
+  config.update(image_size=16, batch_size=16, eval_batch_size=64)
   config.update(overrides)
   return config
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+  """One folder of compiled programs' figures for the module: each program compiles once."""
+  return str(tmp_path_factory.mktemp("figures"))
 
 
 def run_command(*args, env=None):
@@ -173,8 +180,9 @@ def test_mining_similarities_are_float32_on_every_backend():
 
 
 @pytest.fixture(scope="module")
-def tpu_report():
-  return preflight.run_preflight(tiny_config(), "v5e:2x2", search_batch=False, say=lambda _: 0)
+def tpu_report(figures):
+  return preflight.run_preflight(tiny_config(), "v5e:2x2", search_batch=False, say=lambda _: 0,
+                                 cache_dir=figures)
 
 
 def test_tpu_slice_compiles_and_fits(tpu_report):
@@ -195,12 +203,12 @@ def test_tpu_slice_compiles_and_fits(tpu_report):
   assert "train" in table and "GFLOP per image" in table and "all-gather f32" in table
 
 
-def test_tpu_slice_too_small_for_the_program_does_not_fit(monkeypatch):
+def test_tpu_slice_too_small_for_the_program_does_not_fit(monkeypatch, tpu_report, figures):
   chips = accelerators._chips()
   tiny = accelerators.Chip(**{**chips["v5e"].__dict__, "usable_memory_bytes": 2**20})
   monkeypatch.setattr(accelerators, "_chips", lambda: {**chips, "v5e": tiny})
   report = preflight.run_preflight(tiny_config(), "v5e:2x2", search_batch=False,
-                                   evaluation=False, say=lambda _: 0)
+                                   evaluation=False, say=lambda _: 0, cache_dir=figures)
   (train,) = report["programs"]
   assert train["peak_bytes"] > 2**20 and not train["fits"] and not report["fits"]
   (line,) = report["misfits"]
@@ -230,28 +238,35 @@ def test_a_compiler_refusal_is_a_no_fit_and_other_errors_are_not():
     preflight.compile_program("train", Broken(), 8, chip)
 
 
-def test_gpu_host_that_fits_exits_0_and_writes_json(tmp_path):
-  out = tmp_path / "report.json"
-  result = run_command(*TINY, "--topology=h100:2", "--search_batch=false",
-                       "--evaluation=false", f"--json={out}")  # the TPU test compiles those
-  assert result.returncode == 0, result.stderr
-  assert "train" in result.stdout
-  report = json.loads(out.read_text())
-  assert report["fits"] and report["topology"] == "h100:2" and report["chips"] == 2
-  train = report["programs"][0]
-  assert train["name"] == "train" and train["flops_per_image"] > 0 and train["fits"]
-  assert "Could not find cuda" not in result.stderr and "libtpu" not in result.stderr
-
-
-def test_gpu_host_without_the_memory_does_not_fit(monkeypatch):
+def test_gpu_host_fits_and_without_the_memory_does_not(monkeypatch, figures):
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+  report = preflight.run_preflight(tiny_config(), "h200:2", search_batch=False,
+                                   evaluation=False, say=lambda _: 0, cache_dir=figures)
+  (train,) = report["programs"]
+  assert report["fits"] and train["fits"] and train["flops_per_image"] > 0
+  assert 0 < train["argument_bytes"] <= train["peak_bytes"] < 2**30
+  assert any(c["op"] == "all-reduce" for c in train["collectives"])
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.00001")  # ~1.4 MiB of 141 GB
   report = preflight.run_preflight(tiny_config(), "h200:2", search_batch=False,
-                                   evaluation=False, say=lambda _: 0)
+                                   evaluation=False, say=lambda _: 0, cache_dir=figures)
   (train,) = report["programs"]
   assert train["peak_bytes"] > report["usable_memory_bytes"] and not report["fits"]
   (line,) = report["misfits"]
   assert line.startswith("the train program at 8 per chip needs") and "over)" in line
   assert " NO" in preflight.format_report(report)
+
+
+def test_command_that_fits_exits_0_and_writes_json(tmp_path, tpu_report, figures):
+  out = tmp_path / "report.json"
+  result = run_command(*TINY, "--topology=v5e:2x2", "--search_batch=false",
+                       f"--cache_dir={figures}", f"--json={out}")
+  assert result.returncode == 0, result.stderr
+  assert "train" in result.stdout and "recall" in result.stdout
+  report = json.loads(out.read_text())
+  assert report["fits"] and report["topology"] == "v5e:2x2" and report["chips"] == 4
+  assert report["programs"] == tpu_report["programs"]  # the module's compiles, read back
+  assert "Could not find cuda" not in result.stderr and "libtpu" not in result.stderr
+  assert result.stderr.count("\n") == 1  # the one line saying what is compiled for what
 
 
 def test_command_that_does_not_fit_exits_1_with_one_line(monkeypatch, capsys):
@@ -323,7 +338,7 @@ def test_figures_of_a_program_compiled_before_are_read_back(tmp_path, monkeypatc
     preflight.compile_program("train", lowered, 4, other, cache_dir=str(tmp_path))
 
 
-def test_benchmark_scripts_smoke(tmp_path, capsys):
+def test_benchmark_scripts_smoke(tmp_path, capsys, tpu_report, figures):
   """benchmarks/preflight_table.py and benchmarks/mining_precision.py at --smoke."""
   sys.path.insert(0, str(REPO / "benchmarks"))
   try:
@@ -331,10 +346,11 @@ def test_benchmark_scripts_smoke(tmp_path, capsys):
     import preflight_table  # pylint: disable=g-import-not-at-top
   finally:
     sys.path.remove(str(REPO / "benchmarks"))
-  assert preflight_table.main(["--smoke", f"--out={tmp_path}"]) == 0  # "--smoke" runs
+  args = ["--smoke", f"--out={tmp_path}", f"--cache_dir={figures}"]
+  assert preflight_table.main(args) == 0  # "--smoke" runs (the module's train step, read back)
   table = capsys.readouterr().out
-  assert "| digits | v5e:2x2 | 4 | 8 | yes |" in table, table
-  assert preflight_table.main(["--smoke", f"--out={tmp_path}"]) == 0  # read back, no compile
+  assert "| digits | v5e:2x2 | 4 | 4 | yes |" in table, table
+  assert preflight_table.main(args) == 0  # its report read back
   assert capsys.readouterr().out == table
   assert mining_precision.main(["--smoke"]) == 0
   out = capsys.readouterr().out
