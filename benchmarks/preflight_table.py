@@ -40,14 +40,14 @@ def config_of(name: str, smoke: bool):
 
 
 def report_of(name: str, target: str, out: str, *, search: bool, smoke: bool,
-              cache_dir: str) -> dict:
+              cache_dir: str, evaluation: bool = True) -> dict:
   path = os.path.join(out, f"{name.replace(':', '-')}@{target}.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
   print(f"preflight_table: {name} on {target} ...", file=sys.stderr, flush=True)
   report = preflight.run_preflight(config_of(name, smoke), target, search_batch=search,
-                                   evaluation=not smoke,
+                                   evaluation=evaluation and not smoke,
                                    say=lambda line: print(line, file=sys.stderr, flush=True),
                                    cache_dir=cache_dir)
   report["config"] = name
@@ -94,6 +94,8 @@ def main(argv=None) -> int:
   parser.add_argument("--search", default="", help="targets whose largest batch is searched "
                       "(with the first config: the others share its model and image size)")
   parser.add_argument("--smoke", action="store_true", help="the small model on one TPU target")
+  parser.add_argument("--train_only", action="store_true", help="only the train step (the "
+                      "embed step and evaluation kernels take minutes more per target)")
   parser.add_argument("--cache_dir", default=None, help="figures of compiled programs, read "
                       "back when compiled again (default: OUT/programs)")
   args = parser.parse_args(argv)
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
   configs = args.configs.split(",")
   cache_dir = args.cache_dir or os.path.join(args.out, "programs")
   reports = [report_of(c, t, args.out, search=t in search and c == configs[0], smoke=args.smoke,
-                       cache_dir=cache_dir) for t in args.targets.split(",") for c in configs]
+                       cache_dir=cache_dir, evaluation=not args.train_only)
+             for t in args.targets.split(",") for c in configs]
   print(table(reports))
   return 0
 
