@@ -94,6 +94,8 @@ def main(argv=None) -> int:
   parser.add_argument("--search", default="", help="targets whose largest batch is searched "
                       "(with the first config: the others share its model and image size)")
   parser.add_argument("--smoke", action="store_true", help="the small model on one TPU target")
+  parser.add_argument("--existing", action="store_true", help="print the reports OUT already "
+                      "holds (any config and target), compile nothing")
   parser.add_argument("--train_only", action="store_true", help="only the train step (the "
                       "embed step and evaluation kernels take minutes more per target)")
   parser.add_argument("--cache_dir", default=None, help="figures of compiled programs, read "
@@ -102,6 +104,14 @@ def main(argv=None) -> int:
   if args.smoke:
     args.configs, args.targets, args.search = "digits", "v5e:2x2", ""
   os.makedirs(args.out, exist_ok=True)
+  if args.existing:
+    reports = []
+    for name in sorted(os.listdir(args.out)):
+      if name.endswith(".json") and "@" in name:
+        with open(os.path.join(args.out, name)) as f:
+          reports.append(json.load(f))
+    print(table(reports))
+    return 0
   search = set(filter(None, args.search.split(",")))
   configs = args.configs.split(",")
   cache_dir = args.cache_dir or os.path.join(args.out, "programs")
