@@ -368,9 +368,10 @@ def run_preflight(config: Any, topology_name: str, *, search_batch: bool = True,
       "batch_size": config.batch_size, "image_size": config.image_size,
       "embedding_dim": config.embedding_dim, "half_precision": bool(config.half_precision),
       "programs": []}
+  plural = lambda n, word: f"{n} {word}{'s' if n > 1 else ''}"  # noqa: E731
   say(f"{PROG}: {config.model}, batch {config.batch_size}, {config.image_size} px, "
-      f"{'bf16' if config.half_precision else 'float32'} on {topology_name}: {len(devices)} "
-      f"{chip.kind} chips, {hosts} host{'s' if hosts > 1 else ''}, "
+      f"{'bf16' if config.half_precision else 'float32'} on {topology_name}: "
+      f"{plural(len(devices), chip.kind + ' chip')}, {plural(hosts, 'host')}, "
       f"{_gib(chip.usable_memory_bytes)} usable per chip")
   programs = Programs(checked, devices)
   per_chip = config.batch_size // len(devices)
