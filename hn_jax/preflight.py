@@ -81,6 +81,7 @@ class Program:
   refused: str = ""                    # the compiler's own no-fit message (TPU)
   fits: bool = True
   xla_optimal_seconds: float | None = None
+  note: str = ""
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -154,7 +155,16 @@ def _compile(name: str, lowered: Any, batch_per_chip: int, chip: accelerators.Ch
     jax.config.update("jax_enable_compilation_cache", False)
     with cli.stderr_silenced(), warnings.catch_warnings():
       warnings.filterwarnings("ignore", "Error reading persistent compilation cache")
-      compiled = lowered.compile()
+      try:
+        compiled = lowered.compile()
+      except Exception as e:  # pylint: disable=broad-except
+        # XLA's GPU compiler, with no GPU to autotune on, can fail to tile a Triton GEMM
+        # (seen: ViT-S/16's attention products on H100); cuBLAS GEMMs are what it would
+        # otherwise pick among, so compile with those.
+        if chip.platform != "cuda" or "tile sizes" not in str(e):
+          raise
+        compiled = lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False})
+        program.note = "compiled with cuBLAS GEMMs (XLA could not tile a Triton GEMM)"
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError, by message)
     if not _REFUSAL.search(str(e)):
       raise
@@ -425,7 +435,8 @@ def format_report(report: dict[str, Any]) -> str:
     headroom = 100 * (1 - p["peak_bytes"] / usable)
     lines.append(f"{p['name']:<12} {p['batch_per_chip']:>8} {_gib(p['argument_bytes']):>10} "
                  f"{_gib(p['temp_bytes']):>10} {_gib(p['peak_bytes']):>10} {headroom:>8.0f}% "
-                 f"{p['compile_seconds']:>7.1f}s  {'yes' if p['fits'] else 'NO'}")
+                 f"{p['compile_seconds']:>7.1f}s  {'yes' if p['fits'] else 'NO'}"
+                 + (f"  ({p['note']})" if p.get("note") else ""))
   for p in report["programs"]:
     if p["name"] == "train" and "roofline" in p:
       r = p["roofline"]
