@@ -355,3 +355,24 @@ def test_benchmark_scripts_smoke(tmp_path, capsys, tpu_report, figures):
   assert mining_precision.main(["--smoke"]) == 0
   out = capsys.readouterr().out
   assert "| 64 | 32 | highest / default |" in out, out
+
+
+def test_a_gpu_gemm_xla_cannot_tile_is_compiled_with_cublas():
+  real = jax.jit(lambda x: x @ x).lower(jax.ShapeDtypeStruct((8, 8), jnp.float32)).compile()
+
+  class Untileable:
+    options = []
+
+    def compile(self, compiler_options=None):
+      self.options.append(compiler_options)
+      if compiler_options is None:
+        raise RuntimeError("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot")
+      return real
+
+  chip = accelerators.parse_topology("h100:1").chip
+  lowered = Untileable()
+  program = preflight.compile_program("train", lowered, 8, chip)
+  assert lowered.options == [None, {"xla_gpu_enable_triton_gemm": False}]
+  assert program.fits and program.peak_bytes > 0 and "cuBLAS" in program.note
+  with pytest.raises(RuntimeError, match="tile sizes"):  # not on a TPU: its compiler has none
+    preflight.compile_program("train", Untileable(), 8, accelerators.parse_topology("v5e:2x2").chip)
