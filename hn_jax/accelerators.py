@@ -12,7 +12,8 @@ Chip figures (per chip; dense, no sparsity), from the vendors' published pages:
   H100 SXM, H200: NVIDIA's H100 and H200 Tensor Core GPU datasheets (BF16 and TF32 Tensor
   Core peaks without sparsity, GPU memory, memory bandwidth).
 Usable memory: on TPUs what the compiler allows a program (it refuses more: "exceeds available
-HBM"; v5e's 16 GiB leaves 15.75 GiB); on GPUs the share JAX takes at start-up
+HBM"; v5e's 16 GiB leaves 15.75 GiB, and the other TPUs are assumed to keep back the same
+0.25 GiB); on GPUs the share JAX takes at start-up
 (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set) of the memory the target describes.
 """
 
