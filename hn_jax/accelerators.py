@@ -82,14 +82,18 @@ class TopologyError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-  """A named target: its chip and how many chips and hosts it has."""
+  """A named target: its chip and how many chips it has."""
 
   name: str                 # as the user gave it
   chip: Chip
   chips: int
-  hosts: int
   libtpu_name: str | None = None  # TPUs: e.g. v5e:4x4
   gpus_per_host: int = 0          # GPUs
+
+  @property
+  def hosts(self) -> int | None:
+    """GPUs: hosts x GPUs per host as named. TPUs: None (libtpu's compile-only devices say)."""
+    return self.chips // self.gpus_per_host if self.gpus_per_host else None
 
 
 def parse_topology(name: str) -> Topology:
@@ -117,15 +121,14 @@ def parse_topology(name: str) -> Topology:
     chips = 1
     for d in dims:
       chips *= d
-    return Topology(name, chips_table[kind], chips, max(1, -(-chips // 4)), libtpu_name=text)
+    return Topology(name, chips_table[kind], chips, libtpu_name=text)
   gpu = _GPU_NAME.match(text)
   if gpu:
     hosts, per_host = int(gpu.group(2) or 1), int(gpu.group(3))
     if hosts < 1 or not 1 <= per_host <= 8:
       raise TopologyError(f"--topology={name}: give 1 to 8 GPUs per host, e.g. h100:8 or "
                           "h100:2x8")
-    return Topology(name, chips_table[gpu.group(1)], hosts * per_host, hosts,
-                    gpus_per_host=per_host)
+    return Topology(name, chips_table[gpu.group(1)], hosts * per_host, gpus_per_host=per_host)
   raise TopologyError(f"--topology={name} is not a known target; use {TOPOLOGY_HELP}")
 
 

@@ -22,6 +22,7 @@ No library does this for a training config; MaxText's AOT check is the nearest, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -227,24 +228,28 @@ class Programs:
             jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=self.batch))
     return step.jitted.lower(self.state, *args)
 
+  @functools.cached_property
+  def _on_one_cpu(self) -> "Programs":
+    import jax  # pylint: disable=g-import-not-at-top
+    return Programs(self.config, jax.devices("cpu")[:1])
+
   def hlo_flops(self, program: str, batch_per_chip: int) -> float:
     """FLOPs of `program` ("train" or "embed") at `batch_per_chip` images, counted by XLA on
     the unoptimized program for one CPU device (no compile; the GPU compiler counts none)."""
-    import jax  # pylint: disable=g-import-not-at-top
-    config = self.config.copy_and_resolve_references()
-    with config.unlocked():
-      config.batch_size = config.eval_batch_size = batch_per_chip
-    one = Programs(config, jax.devices("cpu")[:1])
-    lowered = one.train(batch_per_chip) if program == "train" else one.embed()
+    one = self._on_one_cpu
+    lowered = one.train(batch_per_chip) if program == "train" else one.embed(batch_per_chip)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
-  def embed(self) -> Any:
+  def embed(self, batch_per_chip: int | None = None) -> Any:
+    """The embed step at `batch_per_chip` images per chip (default: the evaluation batch)."""
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from hn_jax import train_step  # pylint: disable=g-import-not-at-top
-    n, size = self.config.eval_batch_size, self.config.image_size
+    n = (self.config.eval_batch_size if batch_per_chip is None
+         else batch_per_chip * self.chips)
+    size = self.config.image_size
     step = train_step.make_embed_step(self.graphdef, self.mesh, self.config)
     return step.lower(self.state, jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8,
                                                        sharding=self.batch))
