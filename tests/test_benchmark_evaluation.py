@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hn_jax import evaluation
+from hn_jax.testing import benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,10 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(name="bench")
 def fixture_bench(monkeypatch):
   monkeypatch.setattr(evaluation, "_HOST_PATH_ON_CPU", evaluation._HOST_PATH_ON_CPU)
-  spec = importlib.util.spec_from_file_location("bench_eval", REPO / "benchmarks/evaluation.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmarks.load("evaluation")
 
 
 def test_smoke_cases_agree_across_methods(bench):

@@ -5,7 +5,6 @@ with the same loss: the loss written in torch in the script must equal hn_jax's,
 torch ResNet must have hn_jax's (torchvision's) layout, key by key.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from flax import nnx
 
 from hn_jax import losses, models, pretrained
-from hn_jax.testing import torch_reference
+from hn_jax.testing import benchmarks, torch_reference
 
 torch = pytest.importorskip("torch")
 
@@ -27,14 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train_step.py"
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("benchmark_train_step", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load_script()
+bench = benchmarks.load("train_step")
 
 
 def test_smoke_run_without_tensorflow(tmp_path):
@@ -45,9 +37,7 @@ def test_smoke_run_without_tensorflow(tmp_path):
   torch only make this smoke test quicker on a busy machine (the figures mean nothing here).
   """
   out = tmp_path / "tiny.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                        + " --xla_backend_optimization_level=0").strip())
+  env = benchmarks.quick_compile_env()
   proc = subprocess.run(
       [sys.executable, str(SCRIPT), "--smoke", "--torch_modes=eager", "--check_no_tf",
        f"--json={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -231,9 +221,7 @@ def test_torch_googlenet_and_vit_steps_run_tiny():
 def test_jax_and_torch_vit_steps_run_end_to_end(tmp_path):
   """The script on vit_mini (both frameworks, float32, one timed step): rows and which model."""
   out = tmp_path / "vit.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                        + " --xla_backend_optimization_level=0").strip())
+  env = benchmarks.quick_compile_env()
   proc = subprocess.run(
       [sys.executable, str(SCRIPT), "--smoke", "--jax_model=vit_mini", "--dtypes=float32",
        "--torch_modes=eager", "--steps=1", "--warmup=0", f"--json={out}"], cwd=REPO, env=env,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from hn_jax.testing import benchmarks
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))
 
@@ -106,11 +108,7 @@ def test_smoke_run(script, tmp_path):
 def test_pretrained_check_has_a_googlenet_reference():
   """The smoke run leaves GoogLeNet out (its JAX compile is the slowest): its reference here."""
   torch = pytest.importorskip("torch")
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("pretrained_check",
-                                                REPO / "benchmarks" / "pretrained_check.py")
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = benchmarks.load("pretrained_check")
   model, features, what = bench._reference("googlenet", 64)  # pylint: disable=protected-access
   model.eval()
   with torch.no_grad():

@@ -7,7 +7,6 @@ The script itself (`--smoke`, two minutes on 2 cores) is not run here; these are
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,20 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from hn_jax.testing import benchmarks
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "device_check.sh"
 HOOKS = REPO / "benchmarks" / "device_check_hooks"
 
 
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-summary = _load("device_summary")
-train_step = _load("train_step")
+summary = benchmarks.load("device_summary")
+train_step = benchmarks.load("train_step")
 
 
 def _plan(*flags: str) -> dict[str, int]:

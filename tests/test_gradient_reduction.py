@@ -7,7 +7,6 @@ BatchNorm does, and a second linear map), and on the project's model against the
 full-batch gradient and train step.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,18 +20,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from hn_jax.testing import benchmarks
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gradient_reduction.py"
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("benchmark_gradient_reduction", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load_script()
+bench = benchmarks.load("gradient_reduction")
 
 B, DIN, DH, DOUT = 8, 5, 6, 4
 

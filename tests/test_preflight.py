@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from hn_jax import accelerators, losses, platforms, preflight, run_config
+from hn_jax import accelerators, losses, platforms, preflight
+from hn_jax.testing import benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/digits.py", "--config.image_size=16", "--config.batch_size=16",
@@ -340,12 +341,8 @@ def test_figures_of_a_program_compiled_before_are_read_back(tmp_path, monkeypatc
 
 def test_benchmark_scripts_smoke(tmp_path, capsys, tpu_report, figures):
   """benchmarks/preflight_table.py and benchmarks/mining_precision.py at --smoke."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  try:
-    import mining_precision  # pylint: disable=g-import-not-at-top
-    import preflight_table  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.remove(str(REPO / "benchmarks"))
+  mining_precision = benchmarks.load("mining_precision")
+  preflight_table = benchmarks.load("preflight_table")
   args = ["--smoke", f"--out={tmp_path}", f"--cache_dir={figures}"]
   assert preflight_table.main(args) == 0  # "--smoke" runs (the module's train step, read back)
   table = capsys.readouterr().out
