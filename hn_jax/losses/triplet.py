@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from hn_jax.losses.registry import register
 
 METHODS = ("hn", "shn", "sct")
 
@@ -129,3 +132,39 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array, *, method: str = "sct
   }
   aux = {k: jax.lax.stop_gradient(v) for k, v in aux.items()}
   return loss, aux
+
+
+class BatchHardTriplet(nnx.Module):
+  """The paper's loss of `method` (hn, shn or sct) as a module: `triplet_loss` of the batch.
+
+  loss = mean over valid anchors of softplus((S_an - S_ap) / temperature) with the easiest
+  positive and the hardest (shn: hardest semi-hard) negative; sct replaces the term of a hard
+  triplet by lam * S_an. Xuan, Stylianou, Liu, Pless: "Hard negative examples are hard, but
+  useful", ECCV 2020.
+  """
+
+  def __init__(self, method: str, *, lam: float = 1.0, temperature: float = 0.1,
+               hard_threshold: float = 0.8):
+    self.method = method
+    self.lam = lam
+    self.temperature = temperature
+    self.hard_threshold = hard_threshold
+
+  def __call__(self, embeddings: jax.Array,
+               labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return triplet_loss(embeddings, labels, method=self.method, lam=self.lam,
+                        temperature=self.temperature, hard_threshold=self.hard_threshold)
+
+
+def _paper_factory(method: str):
+  def factory(*, embedding_dim: int, num_classes: int, rngs: nnx.Rngs, lam: float = 1.0,
+              temperature: float = 0.1, hard_threshold: float = 0.8) -> BatchHardTriplet:
+    del embedding_dim, num_classes, rngs  # nothing trainable
+    return BatchHardTriplet(method, lam=lam, temperature=temperature,
+                            hard_threshold=hard_threshold)
+  factory.__name__ = f"{method}_loss"
+  return factory
+
+
+for _method in METHODS:
+  register(_method, _paper_factory(_method))
