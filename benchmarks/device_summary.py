@@ -2,6 +2,10 @@
 
     python benchmarks/device_summary.py env --json=OUT/env.json
     python benchmarks/device_summary.py table --out=OUT [--smoke] [--ratio_batch=128 --big_batch=512]
+    python benchmarks/device_summary.py --smoke [--json=FILE]
+
+`--smoke` alone: `env` and `table` on a fresh temporary OUT (no step has run there, so every
+figure is missing), to test the script wherever it is, with or without an accelerator.
 
 `env`: the accelerator (nvidia-smi), Python, the versions of the packages the check uses,
 whether TensorFlow, TFDS or CLU are installed (by distribution metadata: nothing is
@@ -305,7 +309,10 @@ def _markdown(rows: list[tuple[str, ...]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser.add_argument("--smoke", action="store_true",
+                      help="alone: env and table on a temporary OUT (tests the script)")
+  parser.add_argument("--json", default=None, help="with --smoke alone: where the summary goes")
+  sub = parser.add_subparsers(dest="command")
   p_env = sub.add_parser("env")
   p_env.add_argument("--json", required=True)
   p_table = sub.add_parser("table")
@@ -314,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
   p_table.add_argument("--ratio_batch", type=int, default=128)
   p_table.add_argument("--big_batch", type=int, default=512)
   args = parser.parse_args(argv)
+  if args.command is None:
+    if not args.smoke:
+      parser.error("name a command (env or table), or pass --smoke alone")
+    return _smoke(args.json)
   if args.command == "env":
     return env(args.json)
   out = Path(args.out)
@@ -325,6 +336,18 @@ def main(argv: list[str] | None = None) -> int:
   print(format_table(result))
   (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
   return 0
+
+
+def _smoke(json_path: str | None) -> int:
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory(prefix="device_summary_smoke_") as tmp:
+    out = Path(tmp)
+    status = env(str(out / "env.json"))
+    result = collect(out, 128, 512, smoke=True)
+    print(format_table(result))
+    text = json.dumps(result, indent=1) + "\n"
+    (Path(json_path) if json_path else out / "summary.json").write_text(text)
+  return status
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -88,7 +89,8 @@ def table(reports: list[dict]) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="folder of the reports (reused when there)")
+  parser.add_argument("--out", default=None, help="folder of the reports (reused when there); "
+                      "with --smoke, a temporary folder by default")
   parser.add_argument("--configs", default=",".join(CONFIGS))
   parser.add_argument("--targets", default=",".join(TARGETS))
   parser.add_argument("--search", default="", help="targets whose largest batch is searched "
@@ -103,6 +105,11 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.smoke:
     args.configs, args.targets, args.search = "digits", "v5e:2x2", ""
+  if args.out is None:
+    if not args.smoke:
+      parser.error("--out is required (the folder of the reports)")
+    with tempfile.TemporaryDirectory(prefix="preflight_table_smoke_") as tmp:
+      return main([*(argv if argv is not None else sys.argv[1:]), f"--out={tmp}"])
   os.makedirs(args.out, exist_ok=True)
   if args.existing:
     reports = []

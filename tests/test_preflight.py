@@ -349,6 +349,9 @@ def test_benchmark_scripts_smoke(tmp_path, capsys, tpu_report, figures):
   assert "| digits | v5e:2x2 | 4 | 4 | yes |" in table, table
   assert preflight_table.main(args) == 0  # its report read back
   assert capsys.readouterr().out == table
+  # --smoke alone: the same table from a temporary folder of reports.
+  assert preflight_table.main(["--smoke", f"--cache_dir={figures}"]) == 0
+  assert capsys.readouterr().out == table
   assert mining_precision.main(["--smoke"]) == 0
   out = capsys.readouterr().out
   assert "| 64 | 32 | highest / default |" in out, out
