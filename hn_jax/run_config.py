@@ -77,6 +77,12 @@ def defaults() -> ml_collections.ConfigDict:
   config.cache_memory_gb = 0.0  # RAM "auto" may fill with decoded images; 0: a quarter of it.
   config.synthetic_classes = 200  # synthetic: classes generated; the first half train, the rest test.
   config.synthetic_images_per_class = 10  # synthetic: images per class.
+  # Validation on held-out training classes (docs/study.md): 0, off (evaluate on the test
+  # split); k >= 2, deal the training classes into k folds by fold_seed, train on all but
+  # `fold` and evaluate on `fold` (the test split is not read).
+  config.folds = 0
+  config.fold = 0
+  config.fold_seed = 0
   config.image_size = 256  # Side of the square crop fed to the model.
   config.mean = (0.485, 0.456, 0.406)  # Per-channel RGB mean of the dataset, images in [0, 1].
   config.std = (0.229, 0.224, 0.225)  # Per-channel RGB standard deviation.
@@ -147,6 +153,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
       need(math.isfinite(value), f"config.{key}={value} must be a finite number")
   need(config.loss in losses.METHODS,
        f"config.loss={config.loss!r} is not a loss; use one of {', '.join(losses.METHODS)}")
+  folds = config.get("folds", 0)
+  need(folds == 0 or folds >= 2,
+       f"config.folds={folds}: use 0 (no validation folds) or at least 2")
+  need(folds == 0 or 0 <= config.get("fold", 0) < folds,
+       f"config.fold={config.get('fold', 0)}: use a fold in 0..{folds - 1} (config.folds={folds})")
   need(config.dataset in datasets.DATASET_NAMES,
        f"config.dataset={config.dataset!r} is not a dataset; use one of "
        f"{', '.join(datasets.DATASET_NAMES)}")

@@ -23,6 +23,7 @@ import os
 import ml_collections
 import numpy as np
 
+from hn_jax.data import folds
 from hn_jax.data.splits import RecordSource, Split
 
 IN_MEMORY = ("digits", "synthetic")
@@ -126,10 +127,29 @@ def _prepared(name: str, config: ml_collections.ConfigDict) -> Dataset:
 
 
 def load(config: ml_collections.ConfigDict) -> Dataset:
-  """The dataset `config.dataset` names; DataNotPreparedError if it is not prepared."""
+  """The dataset `config.dataset` names; DataNotPreparedError if it is not prepared.
+
+  With `config.folds` set, its training split held out by class folds (`validation`).
+  """
   if config.dataset in IN_MEMORY:
     from hn_jax.data import in_memory  # pylint: disable=g-import-not-at-top
-    return in_memory.digits() if config.dataset == "digits" else in_memory.synthetic(config)
-  if config.dataset in PREPARED:
-    return _prepared(config.dataset, config)
-  raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+    data = in_memory.digits() if config.dataset == "digits" else in_memory.synthetic(config)
+  elif config.dataset in PREPARED:
+    data = _prepared(config.dataset, config)
+  else:
+    raise ValueError(f"unknown dataset {config.dataset!r}; choose one of "
+                     f"{', '.join(DATASET_NAMES)}")
+  if config.get("folds", 0):
+    return validation(data, config.folds, config.get("fold", 0), config.get("fold_seed", 0))
+  return data
+
+
+VALIDATION_SUFFIX = "_VAL"  # of the DATA prefix of a run evaluated on held-out training classes
+
+
+def validation(data: Dataset, num_folds: int, fold: int, seed: int) -> Dataset:
+  """`data` for a run that trains on all class folds of its training split but `fold` and
+  evaluates on `fold` (hn_jax.data.folds); its scalars read `{KEY}_VAL_test_...`."""
+  train, held_out = folds.split_train(data.train, num_folds, fold, seed)
+  return Dataset(key=data.key + VALIDATION_SUFFIX, train=train, test=held_out,
+                 test_ks=data.test_ks, train_recall=False)
