@@ -6,6 +6,6 @@ called as `module(embeddings, labels) -> (loss, aux)`; `NAMES` lists the registe
 """
 
 from hn_jax.losses.registry import (MemoryState, NAMES, create, hyperparameters,  # noqa: F401
-                                    register)
+                                    register, search_space)
 from hn_jax.losses.triplet import (DUPLICATE_SIMILARITY, METHODS,  # noqa: F401
                                    cosine_similarities, triplet_loss, triplet_terms)  # registers hn, shn, sct

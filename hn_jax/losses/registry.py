@@ -19,6 +19,9 @@ Factory = Callable[..., nnx.Module]
 CONTEXT = ("embedding_dim", "num_classes", "rngs")
 
 _FACTORIES: dict[str, Factory] = {}
+# name -> {hyperparameter or "learning_rate": (low, high, scale)}: where a study searches
+# (hn_jax.tools.study); scale is "log" or "linear", and "int" rounds a linear range.
+_SEARCH_SPACES: dict[str, dict[str, tuple[float, float, str]]] = {}
 # The registered names, in registration order (kept in place, so `losses.NAMES` stays current).
 NAMES: list[str] = []
 
@@ -27,8 +30,13 @@ class MemoryState(nnx.Variable):
   """A loss's state carried from step to step without gradient (cross-batch memory)."""
 
 
-def register(name: str, factory: Factory | None = None) -> Any:
-  """Adds `factory` under `name`; used bare (`register("x", f)`) or as a decorator."""
+def register(name: str, factory: Factory | None = None, *,
+             search_space: dict[str, tuple[float, float, str]] | None = None) -> Any:
+  """Adds `factory` under `name`; used bare (`register("x", f)`) or as a decorator.
+
+  `search_space` declares the ranges a study searches: {setting: (low, high, scale)} over the
+  loss's hyperparameters and "learning_rate" (scale "log", "linear" or "int").
+  """
 
   def add(f: Factory) -> Factory:
     if name in _FACTORIES and _FACTORIES[name] is not f:
@@ -36,6 +44,8 @@ def register(name: str, factory: Factory | None = None) -> Any:
     if name not in _FACTORIES:
       NAMES.append(name)
     _FACTORIES[name] = f
+    if search_space is not None:
+      _SEARCH_SPACES[name] = dict(search_space)
     return f
 
   return add if factory is None else add(factory)
@@ -53,6 +63,12 @@ def hyperparameters(name: str) -> dict[str, Any]:
   return {p.name: p.default for p in signature.parameters.values()
           if p.name not in CONTEXT
           and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def search_space(name: str) -> dict[str, tuple[float, float, str]]:
+  """The ranges a study searches for `name` (empty: the study's default learning rates)."""
+  factory_of(name)
+  return dict(_SEARCH_SPACES.get(name, {}))
 
 
 def create(name: str, *, embedding_dim: int, num_classes: int, rngs: nnx.Rngs,

@@ -166,5 +166,11 @@ def _paper_factory(method: str):
   return factory
 
 
+# What a study searches (hn_jax.tools.study): the temperature around the paper's 0.1, sct's
+# weight around its 1, and the learning rate of plain SGD around the rates the paper's
+# configs use.
+_SEARCH_SPACE = {"learning_rate": (0.03, 3.0, "log"), "temperature": (0.03, 0.3, "log")}
 for _method in METHODS:
-  register(_method, _paper_factory(_method))
+  register(_method, _paper_factory(_method),
+           search_space=dict(_SEARCH_SPACE, **({"lam": (0.25, 4.0, "log")}
+                                                if _method == "sct" else {})))

@@ -1,0 +1,120 @@
+"""The mlrc study (hn_jax.tools.study): trials, folds, the choice on validation, the test once."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hn_jax import evaluation, losses
+from hn_jax.data import in_memory
+from hn_jax.testing import runs
+from hn_jax.tools import reproduce, study
+
+
+def test_trials_are_seeded_and_inside_the_declared_ranges(monkeypatch):
+  a = study.trial_settings("sct", 8, seed=0)
+  assert a == study.trial_settings("sct", 8, seed=0)
+  assert a != study.trial_settings("sct", 8, seed=1)
+  assert len(a) == 8 and len({json.dumps(t, sort_keys=True) for t in a}) == 8
+  for name, (low, high, _) in study.space("sct").items():
+    values = [t[name] for t in a]
+    assert all(low * 0.999 <= v <= high * 1.001 for v in values), (name, values)
+  # The same budget for every loss; a loss that declares nothing still searches the rate.
+  assert {len(study.trial_settings(m, 5, 0)) for m in ("hn", "shn", "sct")} == {5}
+  monkeypatch.setattr(losses, "search_space", lambda name: {})
+  assert set(study.space("hn")) == {"learning_rate"}
+
+
+def test_a_trial_config_sets_the_loss_settings_and_the_fold():
+  base = runs.tiny_config()
+  run = study.trial_config(base, "sct", {"learning_rate": 0.5, "lam": 2.0}, folds=4, fold=3,
+                           fold_seed=7)
+  assert (run.loss, run.learning_rate, run.lam, run.folds, run.fold, run.fold_seed) == (
+      "sct", 0.5, 2.0, 4, 3, 7)
+  full = study.trial_config(base, "sct", {"learning_rate": 0.5}, folds=4, fold=-1, fold_seed=7)
+  assert full.folds == 0 and base.learning_rate != 0.5  # the base is not changed
+
+
+def test_the_best_mean_validation_score_wins_and_ties_go_to_the_earlier_trial():
+  t = [study.Trial("x", i, {}, [], fold_map_r=m) for i, m in
+       enumerate([[0.5, 0.7], [0.7, 0.5], [0.9, None], [0.2, 0.3]])]
+  assert study.choose(t).index == 0  # 0 and 1 tie at 0.6; 2 lacks a fold
+  assert t[2].score == -math.inf
+
+
+@pytest.mark.parametrize("args,words", [(["--protocol=mlrc", "--methods=nope"], "--methods"),
+                                        (["--protocol=mlrc", "--folds=1"], "--folds=1")])
+def test_bad_study_arguments_fail_in_one_line(tmp_path, capsys, args, words):
+  assert reproduce.main([f"--root={tmp_path}", *args]) != 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and words in err[0], err
+
+
+class _Poison:
+  """Stands for the test split's images and labels: any use of them fails the test."""
+
+  def __getattr__(self, name):
+    raise AssertionError(f"the test split was read ({name}) before the choice")
+
+  def __len__(self):
+    raise AssertionError("the test split was read (len) before the choice")
+
+  def __getitem__(self, index):
+    raise AssertionError("the test split was read before the choice")
+
+
+@pytest.mark.slow
+def test_a_study_chooses_without_the_test_split_resumes_and_runs_in_parallel(tmp_path,
+                                                                             monkeypatch):
+  config = runs.tiny_config(num_epochs=1)
+  real_digits = in_memory.digits
+  poisoned = lambda: dataclasses.replace(  # noqa: E731
+      real_digits(), test=dataclasses.replace(real_digits().test, images=_Poison(),
+                                              labels=_Poison()))
+  monkeypatch.setattr(in_memory, "digits", poisoned)
+  read_test = []
+
+  def no_test_figures(workdirs, test_config):
+    read_test.append(list(workdirs))
+    return {"concatenated": dict.fromkeys(study.TEST_METRICS, 0.0),
+            "separate": {m: {"mean": 0.0, "std": 0.0} for m in study.TEST_METRICS},
+            "per_fold": []}
+
+  monkeypatch.setattr(study, "test_figures", no_test_figures)
+  kwargs = dict(methods=["sct"], trials=2, folds=2, log=lambda s: None)
+  first = study.mlrc(config, tmp_path / "seq", **kwargs)
+  # The choice was made without the test split; the test is read for the chosen trial only.
+  assert read_test == [first["trial_results"][first["chosen"]["sct"]["trial"]]["workdirs"]]
+  scores = [t["score"] for t in first["trial_results"]]
+  assert all(s is not None and 0 < s <= 1 for s in scores)
+  assert first["chosen"]["sct"]["score"] == max(scores)
+
+  lines = []
+  again = study.mlrc(config, tmp_path / "seq", **dict(kwargs, log=lines.append))
+  assert again["trial_results"] == first["trial_results"]  # nothing trained again
+  assert sum("already done" in line for line in lines) == 4, lines
+
+  monkeypatch.setattr(in_memory, "digits", real_digits)  # subprocesses read the real data
+  parallel = study.mlrc(config, tmp_path / "par", **dict(kwargs, parallel=2))
+  assert ([t["fold_map_r"] for t in parallel["trial_results"]]
+          == [t["fold_map_r"] for t in first["trial_results"]])
+
+  # The test figures: fold models concatenated (each normalized) and alone, by hand.
+  monkeypatch.undo()
+  workdirs = first["trial_results"][0]["workdirs"]
+  figures = study.test_figures(workdirs, study.trial_config(
+      config, "sct", first["trial_results"][0]["settings"], folds=0, fold=-1, fold_seed=0))
+  from hn_jax.tools import embed  # pylint: disable=import-outside-toplevel
+  data = in_memory.digits()
+  each = []
+  for w in workdirs:
+    run_config, graphdef, state, mesh = embed.load_run(w)
+    each.append(embed.embed_split(run_config, graphdef, state, mesh, data.test, progress=False))
+  joined = np.concatenate(each, axis=1)
+  by_hand = evaluation.map_at_r(joined, data.test.labels)
+  assert figures["concatenated"]["MAP_R"] == pytest.approx(by_hand["MAP_R"], abs=1e-6)
+  alone = [evaluation.map_at_r(e, data.test.labels)["MAP_R"] for e in each]
+  assert figures["separate"]["MAP_R"]["mean"] == pytest.approx(np.mean(alone), abs=1e-6)
+  assert figures["separate"]["MAP_R"]["std"] == pytest.approx(np.std(alone, ddof=1), abs=1e-6)
