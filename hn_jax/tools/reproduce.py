@@ -4,7 +4,7 @@ Usage::
 
     python -m hn_jax.tools.reproduce --root=/tmp/hn_table [--config=configs/synthetic.py]
         [--methods=hn,shn,sct] [--lrs=0.3,1,3] [--seeds=0,1,2,3,4] [--search_seeds=0,1]
-        [--figures=docs/synthetic] [--json=FILE.json] [--config.KEY=VALUE ...]
+        [--figures=/tmp/hn_table/synthetic] [--json=FILE.json] [--config.KEY=VALUE ...]
     python -m hn_jax.tools.reproduce --protocol=mlrc --root=/tmp/hn_study [--methods=...]
         [--trials=10] [--folds=4] [--fold_seed=0] [--trial_seed=0] [--parallel=1] [--json=FILE]
 
