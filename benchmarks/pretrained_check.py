@@ -2,7 +2,7 @@
 
 The references: torchvision's ResNets and GoogLeNet, timm's ViTs, where installed; else the
 models of `hn_jax.testing.torch_reference`, written in those libraries' layouts and keys (the
-torchvision build that matches requirements.txt's CPU torch does not import beside it), and
+torchvision build that matches requirements-test.txt's CPU torch does not import beside it), and
 each row says which it used. For each architecture: the reference initialised under
 `torch.manual_seed(0)`, every BatchNorm and LayerNorm given random affine parameters (and
 BatchNorm random running statistics), saved with `torch.save`, loaded into

@@ -150,6 +150,10 @@ def compile_only_devices(topology: Topology) -> list[Any]:
       description = topologies.get_topology_desc(platform="tpu",
                                                  topology_name=topology.libtpu_name, **kwargs)
     except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError, by message)
+      if "TPU support not installed" in str(e) or "libtpu" in str(e).lower() and (
+          "not found" in str(e).lower() or "not installed" in str(e).lower()):
+        raise TopologyError(f"--topology={topology.name}: libtpu, the TPU compiler, is not "
+                            "installed; pip install -e \".[preflight]\"") from None
       if "INVALID_ARGUMENT" not in str(e):
         raise
       message = str(e).split("INVALID_ARGUMENT:", 1)[-1].strip().splitlines()[0]
@@ -174,8 +178,7 @@ def compile_only_devices(topology: Topology) -> list[Any]:
         description = describe()
       except NotImplementedError:
         raise TopologyError(f"--topology={topology.name}: JAX's CUDA plugin is not installed; "
-                            "pip install the jax-cuda12-plugin and jax-cuda12-pjrt lines of "
-                            "requirements.txt") from None
+                            "pip install -e \".[preflight]\"") from None
   devices = list(description.devices)
   if len(devices) != topology.chips:
     raise TopologyError(f"--topology={topology.name}: the compiler made {len(devices)} devices "

@@ -1,6 +1,6 @@
 """Which JAX platforms a process uses: only the CPU on a machine with no accelerator attached.
 
-`requirements.txt` installs libtpu and the CUDA plugin so that `hn_jax.preflight` can compile
+The `[preflight]` extra (and requirements-test.txt) installs libtpu and the CUDA plugin so that `hn_jax.preflight` can compile
 for TPUs and NVIDIA GPUs without one. Left to itself, JAX would start each installed plugin
 in every process: on a machine with neither a TPU nor a GPU, libtpu prints a page of
 warnings and leaves a lock file in /tmp, and the CUDA plugin logs 8 lines at import, even

@@ -2,7 +2,7 @@
 
 Each is compared with a PyTorch reference holding the reference library's state-dict keys
 (hn_jax.testing.torch_reference: written from torchvision's and timm's layouts, as neither
-library is installable beside the CPU build of torch that requirements.txt pins), on random
+library is installable beside the CPU build of torch that requirements-test.txt pins), on random
 weights written by that reference with `torch.save`, the reference run in float64 and JAX in
 float32 at "highest" precision. The tiny variants (googlenet_mini, vit_mini) train a few
 steps on the digits.

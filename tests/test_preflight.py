@@ -1,6 +1,6 @@
 """hn_jax.preflight: real compiles for a TPU slice and an NVIDIA GPU host, with neither attached.
 
-libtpu and the CUDA plugin are in requirements.txt, so these run (not skip) in CI. The model is
+libtpu and the CUDA plugin are in requirements-test.txt, so these run (not skip) in CI. The model is
 `small` at 16 px: each compile takes seconds.
 """
 
