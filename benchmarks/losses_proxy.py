@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
 
   try:
     import torch  # pylint: disable=import-outside-toplevel
-    import pytorch_metric_learning  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import pytorch_metric_learning  # noqa: F401  pylint: disable=unused-import
   except ImportError:
     parser.error("needs torch and pytorch-metric-learning: pip install "
                  "pytorch-metric-learning==2.9.0")

@@ -286,3 +286,23 @@ def test_matches_pytorch_metric_learning(name):
   np.testing.assert_allclose(loss, loss_t.item(), rtol=1e-5)
   assert_close(g_x, x_t.grad.numpy())
   assert_close(g_weight, getattr(theirs, WEIGHT[name]).grad.numpy())
+
+
+def test_sharded_batch_replicated_proxies_give_the_global_loss():
+  """The global batch split over the devices, the proxies replicated: the one-device loss."""
+  devices = np.array(jax.devices())
+  if N % len(devices):
+    pytest.skip(f"{len(devices)} devices do not divide the batch of {N}")
+  mesh = jax.sharding.Mesh(devices, ("data",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x, y = random_batch(13)
+  weight, loss, _, g_weight, g_x = run("proxy_anchor", x, y)
+  _, fn = compiled("proxy_anchor", tuple(sorted(PML_DEFAULTS["proxy_anchor"].items())))
+  (sharded_loss, _), (sharded_g_weight, sharded_g_x) = fn(
+      jax.device_put(jnp.asarray(weight), replicated),
+      jax.device_put(jnp.asarray(x, jnp.float32), rows),
+      jax.device_put(jnp.asarray(y, jnp.int32), rows))
+  np.testing.assert_allclose(float(sharded_loss), loss, rtol=1e-6)
+  assert_close(np.asarray(sharded_g_x), g_x, rtol=1e-5)
+  assert_close(np.asarray(sharded_g_weight), g_weight, rtol=1e-5)

@@ -135,12 +135,11 @@ class ProxyNCA(nnx.Module):
 
 
 class ProxyAnchor(nnx.Module):
-  """loss = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} e^{-a(s(x,p) - m)})
-  + 1/|P| sum_{p in P} log(1 + sum_{x in X_p-} e^{a(s(x,p) + m)}), s cosine.
+  """loss = mean_{p in P+} log(1+sum_{x in p} e^{a(m-s_xp)}) + mean_p log(1+sum_{x notin p} e^{a(m+s_xp)})
 
-  P+ is the classes present in the batch; proxies (num_classes, D) ~ kaiming_normal fan_out:
-  N(0, 2 / num_classes). Kim, Kim, Cho, Kwak: "Proxy Anchor Loss for Deep Metric Learning",
-  CVPR 2020.
+  s_xp is the cosine of embedding x and proxy p, P+ the classes present in the batch. Proxies
+  (num_classes, D) ~ kaiming_normal fan_out: N(0, 2 / num_classes). Kim, Kim, Cho, Kwak:
+  "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020.
   """
 
   kind = "proxy"
@@ -176,7 +175,7 @@ class ProxyAnchor(nnx.Module):
 
 
 class NormalizedSoftmax(nnx.Module):
-  """loss = mean_i CE(u_i . w_c / T, y_i), u and the columns w_c of W L2-normalized.
+  """loss = mean_i CE(cos(u_i, w_c) / T, y_i), w_c the columns of W.
 
   W (D, num_classes) ~ N(0, 1). Zhai, Wu: "Classification is a Strong Baseline for Deep Metric
   Learning", BMVC 2019.
@@ -198,12 +197,11 @@ class NormalizedSoftmax(nnx.Module):
 
 
 class ArcFace(nnx.Module):
-  """loss = mean_i CE(s * [cos(theta_iy + m) at y_i, cos theta_ic elsewhere], y_i);
-  past theta > 180deg - m the target logit is cos theta - m sin m (kept decreasing).
+  """loss = mean_i CE(s * cos(theta_ic + m [c = y_i]), y_i), theta_ic = angle(u_i, w_c).
 
-  theta_ic is the angle between u_i and column c of W (D, num_classes) ~ N(0, 1); `margin` in
-  degrees. Deng, Guo, Xue, Zafeiriou: "ArcFace: Additive Angular Margin Loss for Deep Face
-  Recognition", CVPR 2019.
+  Past theta > 180deg - m the label's logit is s (cos theta - m sin m), which keeps falling.
+  w_c is column c of W (D, num_classes) ~ N(0, 1); `margin` in degrees. Deng, Guo, Xue,
+  Zafeiriou: "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019.
   """
 
   kind = "proxy"
@@ -232,10 +230,10 @@ class ArcFace(nnx.Module):
 
 
 class CosFace(nnx.Module):
-  """loss = mean_i CE(s * [cos_iy - m at y_i, cos_ic elsewhere], y_i), cosines of u_i and the
-  columns of W (D, num_classes) ~ N(0, 1).
+  """loss = mean_i CE(s * (cos(u_i, w_c) - m [c = y_i]), y_i).
 
-  Wang et al.: "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
+  w_c is column c of W (D, num_classes) ~ N(0, 1). Wang et al.: "CosFace: Large Margin Cosine
+  Loss for Deep Face Recognition", CVPR 2018.
   """
 
   kind = "proxy"
@@ -263,13 +261,12 @@ def _margin_cross_entropy(logits: jax.Array, target: jax.Array, labels: jax.Arra
 
 
 class SoftTriple(nnx.Module):
-  """loss = mean_i CE(la * (S_ic - margin [c = y_i]), y_i), S_ic = sum_k softmax_k(s_ick /
-  gamma) s_ick, s_ick the cosine of u_i and center k of class c.
+  """loss = mean_i CE(la (S_ic - margin [c = y_i]), y_i), S_ic = sum_k softmax_k(s_ick/gamma) s_ick
 
-  Centers: fc (D, num_classes * centers_per_class), column c * K + k is center k of class c,
-  ~ kaiming_uniform(a=sqrt(5)) as PML: U(-b, b), b = 1 / sqrt(num_classes * K). No center
-  regularizer (PML has none). Qian et al.: "SoftTriple Loss: Deep Metric Learning Without
-  Triplet Sampling", ICCV 2019.
+  s_ick is the cosine of u_i and center k of class c. Centers: fc (D, num_classes * K), K =
+  centers_per_class, column c * K + k is center k of class c, ~ kaiming_uniform(a=sqrt(5)) as
+  PML: U(-b, b), b = 1 / sqrt(num_classes * K). No center regularizer (PML has none). Qian et
+  al.: "SoftTriple Loss: Deep Metric Learning Without Triplet Sampling", ICCV 2019.
   """
 
   kind = "proxy"
