@@ -7,8 +7,13 @@
 Times one training step's share of each loss: the loss and its gradients w.r.t. the
 embeddings and the loss's trainable arrays, float32. hn_jax: the registered module's jitted
 `value_and_grad` (compiled before timing). PML 2.9: the loss's forward and `backward()` in
-eager PyTorch on the same embeddings, labels and weights (copied in). Reports the median of
-`--reps` timed calls of each, their ratio and how far the two losses agree.
+eager PyTorch on the same embeddings, labels and weights (copied in). The two take turns,
+`--reps` calls each; reported: the median and the min of each, their ratios and how far the
+two losses agree.
+For a fair CPU comparison run both on one thread:
+
+    OMP_NUM_THREADS=1 JAX_PLATFORMS=cpu XLA_FLAGS='--xla_cpu_multi_thread_eigen=false
+        intra_op_parallelism_threads=1' python benchmarks/losses_proxy.py
 """
 
 from __future__ import annotations
@@ -43,13 +48,17 @@ PML = {
 }
 
 
-def _median_ms(fn, reps: int) -> float:
-  times = []
+def _interleaved_ms(fns, reps: int) -> list[tuple[float, float]]:
+  """(median, min) in ms of `reps` timed calls of each of `fns`, called in turn, so that a
+  shared machine's changing load falls on all of them alike; the min is the call least
+  slowed by the others."""
+  times = [[] for _ in fns]
   for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+    for fn, kept in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      kept.append(time.perf_counter() - start)
+  return [(1e3 * statistics.median(t), 1e3 * min(t)) for t in times]
 
 
 def jax_step(name: str, dim: int, classes: int):
@@ -76,7 +85,6 @@ def measure(name: str, batch: int, dim: int, classes: int, reps: int) -> dict:
   start = time.perf_counter()
   (loss, _), _ = jax.block_until_ready(step(state, xj, yj))
   compile_s = time.perf_counter() - start
-  jax_ms = _median_ms(lambda: jax.block_until_ready(step(state, xj, yj)), reps)
 
   cls_name, attr = PML[name]
   theirs = getattr(pml, cls_name)(num_classes=classes, embedding_size=dim)
@@ -92,9 +100,12 @@ def measure(name: str, batch: int, dim: int, classes: int, reps: int) -> dict:
     return out
 
   torch_loss = torch_step().item()
-  pml_ms = _median_ms(torch_step, reps)
+  (jax_ms, jax_min_ms), (pml_ms, pml_min_ms) = _interleaved_ms(
+      [lambda: jax.block_until_ready(step(state, xj, yj)), torch_step], reps)
   return {"loss": name, "batch": batch, "dim": dim, "classes": classes,
           "hn_jax_ms": jax_ms, "pml_ms": pml_ms, "pml_over_hn_jax": pml_ms / jax_ms,
+          "hn_jax_min_ms": jax_min_ms, "pml_min_ms": pml_min_ms,
+          "pml_over_hn_jax_min": pml_min_ms / jax_min_ms,
           "compile_s": compile_s, "loss_hn_jax": float(loss), "loss_pml": torch_loss,
           "loss_rel_diff": abs(float(loss) - torch_loss) / max(abs(torch_loss), 1e-12)}
 
@@ -105,7 +116,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--classes", type=int, default=100)
   parser.add_argument("--losses", default=",".join(PML))
-  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--reps", type=int, default=15)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, one rep: runs only")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
@@ -126,13 +137,14 @@ def main(argv=None) -> dict:
                  "pytorch-metric-learning==2.9.0")
   rows = []
   print(f"{'loss':20s} {'batch':>6s} {'hn_jax ms':>10s} {'PML ms':>10s} {'PML/hn_jax':>10s} "
-        f"{'loss rel diff':>14s}")
+        f"{'(min) hn_jax':>13s} {'PML':>8s} {'PML/hn_jax':>10s} {'loss rel diff':>14s}")
   for name in names:
     for batch in batches:
       row = measure(name, batch, dim, classes, reps)
       rows.append(row)
       print(f"{name:20s} {batch:6d} {row['hn_jax_ms']:10.2f} {row['pml_ms']:10.2f} "
-            f"{row['pml_over_hn_jax']:10.2f} {row['loss_rel_diff']:14.2e}", flush=True)
+            f"{row['pml_over_hn_jax']:10.2f} {row['hn_jax_min_ms']:13.2f} {row['pml_min_ms']:8.2f} "
+            f"{row['pml_over_hn_jax_min']:10.2f} {row['loss_rel_diff']:14.2e}", flush=True)
   result = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
