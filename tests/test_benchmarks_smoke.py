@@ -36,6 +36,7 @@ SMOKE_HERE = {
     "evaluation.py": ["--smoke", "--methods=ours,numpy-gemm"],
     "event_reader.py": ["--smoke"],
     "input_pipeline.py": ["--smoke"],
+    "losses_proxy.py": ["--smoke"],
     "pretrained_check.py": ["--smoke"],
 }
 
@@ -72,6 +73,8 @@ def _run(script: str, args: list[str], tmp_path: Path) -> tuple[dict, str]:
 def test_smoke_run(script, tmp_path):
   if script == "pretrained_check.py":
     pytest.importorskip("torch")
+  if script == "losses_proxy.py":
+    pytest.importorskip("pytorch_metric_learning")
   result, stdout = _run(script, SMOKE_HERE[script], tmp_path)
   if script == "device_summary.py":  # nothing measured in an empty OUT: every figure missing
     assert result["smoke"] and result["figures"]
@@ -94,6 +97,9 @@ def test_smoke_run(script, tmp_path):
     counts = {name: r["images"] for name, r in result["results"].items()}
     assert len(counts) == 6 and len(set(counts.values())) == 1, counts  # one epoch each
     assert next(iter(counts.values())) % 8 == 0
+  elif script == "losses_proxy.py":
+    assert result["smoke"] and len(result["results"]) == 6
+    assert all(r["loss_rel_diff"] < 1e-4 for r in result["results"]), result["results"]
   elif script == "pretrained_check.py":
     assert result["complete"] and result["passed"], result
     assert [m["name"] for m in result["models"]] == ["resnet18", "vit_small_patch16"]
