@@ -352,5 +352,16 @@ def soft_triple(*, embedding_dim: int, num_classes: int, rngs: nnx.Rngs,
                     gamma=float(gamma), margin=float(margin))
 
 
+# What a study searches (hn_jax.tools.study): ranges around each paper's setting, in the spirit
+# of the Metric Learning Reality Check's; the learning rate is the study's default range.
+SEARCH_SPACES = {
+    "proxy_nca": {"softmax_scale": (1.0, 64.0, "log")},
+    "proxy_anchor": {"margin": (0.0, 0.5, "linear"), "alpha": (1.0, 128.0, "log")},
+    "normalized_softmax": {"temperature": (0.01, 1.0, "log")},
+    "arcface": {"margin": (5.0, 60.0, "linear"), "scale": (8.0, 100.0, "log")},
+    "cosface": {"margin": (0.05, 0.6, "linear"), "scale": (8.0, 100.0, "log")},
+    "soft_triple": {"la": (1.0, 100.0, "log"), "gamma": (0.01, 1.0, "log"),
+                    "margin": (0.0, 0.5, "linear")},
+}
 for _factory in (proxy_nca, proxy_anchor, normalized_softmax, arcface, cosface, soft_triple):
-  register(_factory.__name__, _factory)
+  register(_factory.__name__, _factory, search_space=SEARCH_SPACES[_factory.__name__])

@@ -7,7 +7,8 @@
 2. Each loss gets the same budget of `trials` settings, drawn from the ranges it declares
    beside its definition (`hn_jax.losses.search_space`; the learning rate among them) by a
    scrambled Halton sequence seeded by `trial_seed` (scipy.stats.qmc): quasi-random, so a
-   small budget still covers every range.
+   small budget still covers every range. Losses with as many ranges get the same points,
+   each mapped to its own ranges.
 3. A trial trains one run per fold (all classes of the training split but the fold's) and is
    scored by the mean over folds of its final validation MAP@R (retrieval within the
    held-out classes).
@@ -84,10 +85,12 @@ def trial_config(base: ml_collections.ConfigDict, loss: str, settings: Mapping[s
                  folds: int, fold: int, fold_seed: int) -> ml_collections.ConfigDict:
   """The config of one fold run of a trial (`fold` < 0: the trial's settings on the full
   training split, as the test evaluation's dataset needs)."""
+  from hn_jax import losses  # pylint: disable=g-import-not-at-top
   run = ml_collections.ConfigDict(base.to_dict())
   run.loss = loss
   for name, value in settings.items():
-    if name in run and not isinstance(run[name], ml_collections.ConfigDict):
+    # The learning rate, and the paper's losses' hyperparameters, are settings of their own.
+    if name == "learning_rate" or (loss in losses.METHODS and name in run):
       run[name] = type(run[name])(value) if isinstance(run[name], (int, float)) else value
     elif "loss_params" in run:
       run.loss_params[name] = value
