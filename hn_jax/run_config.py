@@ -68,8 +68,11 @@ def defaults() -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = "digits"  # digits, synthetic (no download) or cub, cars, sop, inshop, hotels50k.
+  config.dataset = "digits"  # digits, synthetic (no download), cub, cars, sop, inshop, hotels50k, folder.
   config.data_dir = ""  # Where prepared datasets live; empty: $HN_DATA_DIR (unused by digits, synthetic).
+  # dataset "folder": a folder of <class>/<image> (or train/, test/ of them) or a CSV file of
+  # path,label[,split] rows; prepared on first use (docs/folder.md).
+  config.folder = ""
   # Decoded-image cache (README, "Datasets"): "auto" (memory if it fits cache_memory_gb, else a
   # memory-mapped file if it fits the disk, else off), "memory", "disk" or "off".
   config.cache = "auto"
@@ -151,6 +154,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   need(config.dataset in datasets.DATASET_NAMES,
        f"config.dataset={config.dataset!r} is not a dataset; use one of "
        f"{', '.join(datasets.DATASET_NAMES)}")
+  folder = config.get("folder", "")
+  if config.dataset == datasets.FOLDER:
+    need(bool(folder), "config.dataset='folder' needs --config.folder=DIR (class folders of "
+         "images) or =FILE.csv (path,label[,split] rows); see docs/folder.md")
+    need(os.path.exists(os.path.expanduser(folder)),
+         f"config.folder={folder}: no such folder or file")
+  else:
+    need(not folder, f"config.folder={folder} is set but config.dataset={config.dataset!r}; use "
+         "--config=configs/folder.py (or --config.dataset=folder) to train on it")
   need(config.model in models.MODEL_NAMES,
        f"config.model={config.model!r} is not a model; use one of {', '.join(models.MODEL_NAMES)}")
   need(config.sampler in samplers.SAMPLERS,

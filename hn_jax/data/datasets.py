@@ -1,6 +1,8 @@
 """Datasets by name: their splits, logging key and evaluation protocol (docs/protocol.md section 6).
 
 - `digits`, `synthetic`: no download, held in memory (`in_memory`).
+- `folder`: one's own images (`config.folder`: class folders or a CSV file), prepared like the
+  benchmarks, automatically on first use, under `folder_dir` (docs/folder.md).
 - `cub`, `cars`, `sop`, `inshop`, `hotels50k`: the paper's benchmarks, prepared once by
   `python -m hn_jax.tools.prepare` (TFDS builders in `hn_jax/data/tfds_builders/`) under
   `config.data_dir` or the `HN_DATA_DIR` environment variable, and read by index from their
@@ -15,24 +17,29 @@ hotel (instance) and by chain (`{KEY}_test_chain_R_{K}`, over queries of a known
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from hn_jax.data.splits import RecordSource, Split
 
 IN_MEMORY = ("digits", "synthetic")
 PREPARED = ("cub", "cars", "sop", "inshop", "hotels50k")
-DATASET_NAMES = IN_MEMORY + PREPARED
+FOLDER = "folder"  # one's own images (config.folder), prepared on first use (docs/folder.md)
+DATASET_NAMES = IN_MEMORY + PREPARED + (FOLDER,)
 # The DATA prefix of the logged scalars (docs/protocol.md section 7) and the K of the test recalls.
 KEYS = {"digits": "DIGITS", "synthetic": "SYNTHETIC", "cub": "CUB", "cars": "CAR", "sop": "SOP",
-        "inshop": "ICR", "hotels50k": "HOTEL"}
+        "inshop": "ICR", "hotels50k": "HOTEL", FOLDER: "FOLDER"}
 TEST_KS = {"cub": (1, 2, 4, 8), "cars": (1, 2, 4, 8), "sop": (1, 10, 100, 1000),
-           "inshop": (1, 10, 20, 30), "hotels50k": (1, 10, 100)}
+           "inshop": (1, 10, 20, 30), "hotels50k": (1, 10, 100), FOLDER: (1, 2, 4, 8)}
 CHAIN_KS = (1, 3, 5)  # Hotels-50K chain recall
 DATA_DIR_ENV = "HN_DATA_DIR"
 CACHE_FOLDER = "image_cache"  # under the data_dir: decoded-image caches of prepared datasets
@@ -71,19 +78,81 @@ def prepare_command(dataset: str, data_dir: str | None = None) -> str:
           f"--data_dir={data_dir or '/path/to/prepared'}")
 
 
+def how_to_prepare(dataset: str, data_dir: str | None = None) -> str:
+  """Where to get a paper dataset, what its folder holds and the command that prepares it."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  builder = tfds_builders.BUILDERS[dataset]
+  layout = getattr(sys.modules[builder.__module__], "LAYOUT", "")
+  where = f"download it from {builder.HOMEPAGE} ; unpacked, it is" if builder.HOMEPAGE else "it is"
+  return (f"{where} {layout} (docs/datasets.md); then prepare it with: "
+          f"{prepare_command(dataset, data_dir)}")
+
+
 def data_dir(config: ml_collections.ConfigDict) -> str:
   """Where prepared datasets live: config.data_dir, else $HN_DATA_DIR ("" if neither)."""
   return config.get("data_dir", "") or os.environ.get(DATA_DIR_ENV, "")
 
 
+def folder_root(data_dir_: str) -> str:
+  """Where prepared folders live: `data_dir_` (the config's or $HN_DATA_DIR), else
+  `$XDG_CACHE_HOME/hn_jax/datasets` (default `~/.cache/hn_jax/datasets`)."""
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return data_dir_ or os.path.join(cache, "hn_jax", "datasets")
+
+
+def folder_dir(root: str, source: str) -> str:
+  """The prepared copy of the folder (or CSV file) `source` under `root`: one per source path,
+  `<root>/folders/<its name>-<digest of its absolute path>`."""
+  source = os.path.abspath(os.path.expanduser(source)).rstrip(os.sep) or os.sep
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(source))[:40] or "root"
+  return os.path.join(root, "folders",
+                      f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:12]}")
+
+
+def prepared_root(config: ml_collections.ConfigDict) -> str:
+  """The data_dir the builder of `config.dataset` reads (for a folder: its own)."""
+  if config.dataset == FOLDER:
+    return folder_dir(folder_root(data_dir(config)), config.folder)
+  return data_dir(config)
+
+
+def _prepare_folder(config: ml_collections.ConfigDict) -> str:
+  """The folder's prepared copy; prepared now if it is not yet (one line says so)."""
+  from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from hn_jax.tools import prepare  # pylint: disable=g-import-not-at-top
+
+  source = os.path.expanduser(config.get("folder", ""))
+  if not source:
+    raise DataNotPreparedError("config.dataset='folder' needs --config.folder=DIR (class "
+                               "folders of images) or =FILE.csv (path,label[,split] rows); see "
+                               "docs/folder.md")
+  root = prepared_root(config)
+  if tfds_builders.HnFolder(data_dir=root).is_prepared():
+    return root
+  if not os.path.exists(source):
+    raise DataNotPreparedError(f"config.folder={source}: no such folder or file")
+  logging.info("config.folder=%s: preparing it once into %s (later runs reuse it; after "
+               "changing its images: python -m hn_jax.tools.prepare --dataset=folder "
+               "--manual_dir=%s --data_dir=%s --overwrite)", source, root, source,
+               folder_root(data_dir(config)))
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own "Downloading..." lines
+      builder = prepare.prepare(FOLDER, source, folder_root(data_dir(config)), progress=False)
+  except (tfds_builders.LayoutError, prepare.PrepareError) as e:
+    raise DataNotPreparedError(f"config.folder={source}: {e}") from None
+  logging.info("%s", prepare.one_line(builder))
+  return root
+
+
 def _prepared(name: str, config: ml_collections.ConfigDict) -> Dataset:
   from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
 
-  root = data_dir(config)
+  root = _prepare_folder(config) if name == FOLDER else data_dir(config)
   if not root:
     raise DataNotPreparedError(
         f"config.dataset={name!r} needs prepared data: set --config.data_dir or {DATA_DIR_ENV} "
-        f"to where it was prepared, or prepare it with: {prepare_command(name)}")
+        f"to where it was prepared, or {how_to_prepare(name)}")
   builder = tfds_builders.BUILDERS[name](data_dir=root)
   if not builder.is_prepared():
     folder = os.path.dirname(builder.data_dir)
@@ -91,8 +160,8 @@ def _prepared(name: str, config: ml_collections.ConfigDict) -> Dataset:
                    if v != str(builder.version) and v[:1].isdigit())
     also = (f" (the copy there is of version {', '.join(older)}; this hn_jax reads "
             f"{builder.version}: {builder.RELEASE_NOTES[str(builder.version)]})" if older else "")
-    raise DataNotPreparedError(f"dataset {name} is not prepared in {root}{also}; prepare it "
-                               f"with: {prepare_command(name, root)}")
+    raise DataNotPreparedError(f"dataset {name} is not prepared in {root}{also}; "
+                               f"{how_to_prepare(name, root)}")
   info = builder.info
   if info.file_format is None or info.file_format.value != "array_record":
     raise DataNotPreparedError(f"dataset {name} in {builder.data_dir} is not in ArrayRecord "
@@ -130,6 +199,6 @@ def load(config: ml_collections.ConfigDict) -> Dataset:
   if config.dataset in IN_MEMORY:
     from hn_jax.data import in_memory  # pylint: disable=g-import-not-at-top
     return in_memory.digits() if config.dataset == "digits" else in_memory.synthetic(config)
-  if config.dataset in PREPARED:
+  if config.dataset in PREPARED or config.dataset == FOLDER:
     return _prepared(config.dataset, config)
   raise ValueError(f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
