@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+import shutil
 
 import ml_collections
 import numpy as np
@@ -128,7 +129,9 @@ def _prepare_folder(config: ml_collections.ConfigDict) -> str:
                                "folders of images) or =FILE.csv (path,label[,split] rows); see "
                                "docs/folder.md")
   root = prepared_root(config)
-  if tfds_builders.HnFolder(data_dir=root).is_prepared():
+  info = os.path.join(root, tfds_builders.HnFolder.name, str(tfds_builders.HnFolder.VERSION),
+                      "dataset_info.json")
+  if os.path.isfile(info):  # prepared (asking the builder logs a warning when it is not)
     return root
   if not os.path.exists(source):
     raise DataNotPreparedError(f"config.folder={source}: no such folder or file")
@@ -136,11 +139,19 @@ def _prepare_folder(config: ml_collections.ConfigDict) -> str:
                "changing its images: python -m hn_jax.tools.prepare --dataset=folder "
                "--manual_dir=%s --data_dir=%s --overwrite)", source, root, source,
                folder_root(data_dir(config)))
+  existed = os.path.exists(root)
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # TFDS's own lines; the summary line follows
   try:
-    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints its own "Downloading..." lines
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading..." too
       builder = prepare.prepare(FOLDER, source, folder_root(data_dir(config)), progress=False)
   except (tfds_builders.LayoutError, prepare.PrepareError) as e:
+    if not existed:  # TFDS's empty folders: leave nothing behind
+      shutil.rmtree(root, ignore_errors=True)
     raise DataNotPreparedError(f"config.folder={source}: {e}") from None
+  finally:
+    absl_logger.setLevel(level)
   logging.info("%s", prepare.one_line(builder))
   return root
 

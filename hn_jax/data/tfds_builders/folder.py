@@ -13,7 +13,7 @@ The source (`manual_dir`, `config.folder`) is one of:
   halved as above.
 
 Classes are sorted by name (numerically when every name is an integer) and numbered from 0
-over both splits. Files whose extension is not an image's are not listed; a listed file that
+over both splits; a split lists its images by class, then by path. Files whose extension is not an image's are not listed; a listed file that
 cannot be read or decoded is skipped, with its reason, as in the paper's datasets. Each split
 needs two classes at least. The image_id of an example is its path relative to the source.
 """
@@ -50,8 +50,8 @@ def _images_of(folder: str) -> list[str]:
   found = []
   for parent, dirs, files in os.walk(folder):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    found.extend(os.path.join(parent, f) for f in sorted(files) if _is_image(f))
-  return found
+    found.extend(os.path.join(parent, f) for f in files if _is_image(f))
+  return sorted(found)
 
 
 def _class_folders(folder: str) -> list[str]:
@@ -72,7 +72,7 @@ def _listing(rows: list[tuple[str, str, str, str]], split_of: dict[str, str] | N
   order = _class_order(c for _, _, c, _ in rows)
   label = {c: i for i, c in enumerate(order)}
   listing = common.Listing(splits={s: [] for s in SPLITS}, classes={s: {} for s in SPLITS})
-  for path, image_id, name, split in rows:
+  for path, image_id, name, split in sorted(rows, key=lambda r: (label[r[2]], r[1])):
     split = split or split_of[name]
     listing.classes[split].setdefault(label[name], name)
     listing.splits[split].append(common.Entry(path=path, label=label[name], image_id=image_id))
