@@ -140,9 +140,9 @@ def _matches(digest: str, expected: str) -> bool:
   return not expected or digest.startswith(expected.lower())
 
 
-def _fix(published: Published, path: str, url: str) -> str:
-  return (f"download {url} on a machine with network access and place it as {path}, or pass "
-          f"--config.pretrained=PATH (a copy of the file)")
+def _fix(published: Published, path: str) -> str:
+  return (f"download {published.url} on a machine with network access and place it as {path}, "
+          "or pass --config.pretrained=PATH (a copy of the file)")
 
 
 def _ensure_folder(folder: str) -> None:
@@ -194,22 +194,22 @@ def fetch(name: str, model: str, *, folder: str | None = None, timeout: float = 
   except OSError as e:
     raise WeightsDownloadError(f"cannot create the weights cache {folder} ({e.strerror or e}); "
                                f"set XDG_CACHE_HOME to a writable folder, or "
-                               f"{_fix(published, path, url)}") from None
+                               f"{_fix(published, path)}") from None
   logging.info("config.pretrained=%r: downloading %s (%s) into %s", name, url, published.what,
                path)
   try:
     tmp, digest = _download(url, folder, published.sha256, timeout)
   except WeightsDownloadError as e:
-    raise WeightsDownloadError(f"bad download of {url} ({e}); {_fix(published, path, url)}"
+    raise WeightsDownloadError(f"bad download of {url} ({e}); {_fix(published, path)}"
                                ) from None
   except urllib.error.HTTPError as e:
     raise WeightsDownloadError(f"cannot download {url} (HTTP {e.code} {e.reason}); "
-                               f"{_fix(published, path, url)}") from None
+                               f"{_fix(published, path)}") from None
   except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
     # offline, refused, timed out, cut off
     reason = getattr(e, "reason", None) or e
     raise WeightsDownloadError(f"cannot download {url} ({reason}); "
-                               f"{_fix(published, path, url)}") from None
+                               f"{_fix(published, path)}") from None
   os.replace(tmp, path)
   if not published.sha256:
     logging.info("%s: no published checksum is recorded for it; its sha256 is %s (compare "

@@ -136,6 +136,7 @@ def test_a_failed_download_is_one_line_and_leaves_nothing(cache, monkeypatch, mo
   message = str(error.value)
   assert "\n" not in message and words in message, message
   assert f"/{filename}" in message and str(cache / filename) in message  # URL and where to put it
+  assert f"download https://example.invalid/{filename} on a machine" in message  # the publisher's
   assert "--config.pretrained=PATH" in message
   assert not cache.exists() or os.listdir(cache) == []
 

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging as std_logging
 import os
 import re
 import shutil
@@ -118,6 +119,20 @@ def prepared_root(config: ml_collections.ConfigDict) -> str:
   return data_dir(config)
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Without TFDS's INFO and WARNING lines (e.g. "Variant folder ... has no dataset_info.json"
+  for a dataset not prepared) and its printed "Downloading and preparing ..." line."""
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  absl_logger.setLevel(std_logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+
+
 def _prepare_folder(config: ml_collections.ConfigDict) -> str:
   """The folder's prepared copy; prepared now if it is not yet (one line says so)."""
   from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
@@ -140,18 +155,13 @@ def _prepare_folder(config: ml_collections.ConfigDict) -> str:
                "--manual_dir=%s --data_dir=%s --overwrite)", source, root, source,
                folder_root(data_dir(config)))
   existed = os.path.exists(root)
-  absl_logger = logging.get_absl_logger()
-  level = absl_logger.level
-  absl_logger.setLevel(logging.ERROR)  # TFDS's own lines; the summary line follows
   try:
-    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading..." too
+    with _quiet_tfds():  # the summary line follows
       builder = prepare.prepare(FOLDER, source, folder_root(data_dir(config)), progress=False)
   except (tfds_builders.LayoutError, prepare.PrepareError) as e:
     if not existed:  # TFDS's empty folders: leave nothing behind
       shutil.rmtree(root, ignore_errors=True)
     raise DataNotPreparedError(f"config.folder={source}: {e}") from None
-  finally:
-    absl_logger.setLevel(level)
   logging.info("%s", prepare.one_line(builder))
   return root
 
@@ -164,8 +174,10 @@ def _prepared(name: str, config: ml_collections.ConfigDict) -> Dataset:
     raise DataNotPreparedError(
         f"config.dataset={name!r} needs prepared data: set --config.data_dir or {DATA_DIR_ENV} "
         f"to where it was prepared, or {how_to_prepare(name)}")
-  builder = tfds_builders.BUILDERS[name](data_dir=root)
-  if not builder.is_prepared():
+  with _quiet_tfds():
+    builder = tfds_builders.BUILDERS[name](data_dir=root)
+    prepared = builder.is_prepared()
+  if not prepared:
     folder = os.path.dirname(builder.data_dir)
     older = sorted(v for v in (os.listdir(folder) if os.path.isdir(folder) else [])
                    if v != str(builder.version) and v[:1].isdigit())
