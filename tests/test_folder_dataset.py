@@ -188,6 +188,26 @@ def test_two_folders_do_not_collide(tmp_path):
                                                                                  str(a))
 
 
+def test_a_changed_folder_is_said_in_one_line(tmp_path, caplog):
+  for c in range(4):
+    for i in range(2):
+      _write(str(tmp_path / "photos" / f"c{c}" / f"{i}.png"), 10 * c + i)
+  config = _config(tmp_path / "photos", tmp_path / "prepared")
+  datasets.load(config)
+
+  def changed() -> list[str]:
+    caplog.clear()
+    with caplog.at_level("INFO"):
+      datasets.load(config)
+    return [r.getMessage() for r in caplog.records if "has changed" in r.getMessage()]
+
+  assert changed() == []
+  _write(str(tmp_path / "photos" / "c3" / "2.png"), 77)
+  (message,) = changed()
+  assert "it lists 9 images, the copy has 8" in message and "--overwrite" in message
+  assert len(datasets.load(config).test) == 4  # the run goes on with the prepared copy
+
+
 def test_csv_source_prepares(tmp_path):
   for i in range(8):
     _write(str(tmp_path / "imgs" / f"{i}.png"), i)

@@ -133,6 +133,28 @@ def _quiet_tfds():
     absl_logger.setLevel(level)
 
 
+def _check_unchanged(source: str, version_dir: str, config: ml_collections.ConfigDict) -> None:
+  """One warning line when the folder no longer lists what its prepared copy was made of."""
+  from hn_jax.data.tfds_builders import folder  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(version_dir, "metadata.json")) as f:
+      then = json.load(f).get("listing", {})
+  except (OSError, ValueError):  # an unreadable copy fails later, with its own message
+    return
+  try:
+    now = folder.list_source(source)
+    count = (f"it lists {sum(map(len, now.splits.values()))} images, the copy has "
+             f"{then.get('images')}")
+    changed = folder.fingerprint(now) != then.get("fingerprint")
+  except (OSError, ValueError) as e:  # gone, or no longer a layout (LayoutError)
+    count, changed = f"it cannot be listed: {e}", True
+  if changed:
+    logging.warning("config.folder=%s has changed since it was prepared (%s); this run uses the "
+                    "prepared copy; to use the folder as it is now: python -m hn_jax.tools.prepare "
+                    "--dataset=folder --manual_dir=%s --data_dir=%s --overwrite", source, count,
+                    source, folder_root(data_dir(config)))
+
+
 def _prepare_folder(config: ml_collections.ConfigDict) -> str:
   """The folder's prepared copy; prepared now if it is not yet (one line says so)."""
   from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
@@ -147,6 +169,7 @@ def _prepare_folder(config: ml_collections.ConfigDict) -> str:
   info = os.path.join(root, tfds_builders.HnFolder.name, str(tfds_builders.HnFolder.VERSION),
                       "dataset_info.json")
   if os.path.isfile(info):  # prepared (asking the builder logs a warning when it is not)
+    _check_unchanged(source, os.path.dirname(info), config)
     return root
   if not os.path.exists(source):
     raise DataNotPreparedError(f"config.folder={source}: no such folder or file")

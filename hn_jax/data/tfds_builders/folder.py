@@ -16,11 +16,14 @@ Classes are sorted by name (numerically when every name is an integer) and numbe
 over both splits; a split lists its images by class, then by path. Files whose extension is not an image's are not listed; a listed file that
 cannot be read or decoded is skipped, with its reason, as in the paper's datasets. Each split
 needs two classes at least. The image_id of an example is its path relative to the source.
+The copy's metadata keeps a fingerprint of the listing (paths, labels, splits, sizes, times of
+change), which `hn_jax.data.datasets` compares with the source's at each use.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 
 import tensorflow_datasets as tfds
@@ -153,6 +156,25 @@ def list_csv(path: str) -> common.Listing:
   return _listing(rows, None if width == 3 else _halves(classes), path)
 
 
+def list_source(source: str) -> common.Listing:
+  """The examples of a source: a CSV file or a folder."""
+  return list_csv(source) if os.path.isfile(source) else list_folder(source)
+
+
+def fingerprint(listing: common.Listing) -> str:
+  """A digest of what a listing names: each image's id, label, split, size and time of change."""
+  h = hashlib.sha256()
+  for split in SPLITS:
+    for entry in listing.splits[split]:
+      try:
+        stat = os.stat(entry.path)
+        size, mtime = stat.st_size, stat.st_mtime_ns
+      except OSError:
+        size = mtime = -1
+      h.update(f"{split}\0{entry.image_id}\0{entry.label}\0{size}\0{mtime}\n".encode())
+  return h.hexdigest()
+
+
 class HnFolder(common.LayoutBuilder):
   """One's own images: a folder per class (halved, or train/ and test/) or a CSV listing."""
 
@@ -168,5 +190,11 @@ class HnFolder(common.LayoutBuilder):
     return manual_dir
 
   def _list(self, root: epath.Path) -> common.Listing:
-    source = os.fspath(root)
-    return list_csv(source) if os.path.isfile(source) else list_folder(source)
+    return list_source(os.fspath(root))
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    generators = super()._split_generators(dl_manager)
+    # What the copy was made of, so that a later run can tell that the source has changed.
+    self.info.metadata["listing"] = {"fingerprint": fingerprint(self._listing),
+                                     "images": sum(map(len, self._listing.splits.values()))}
+    return generators
