@@ -1,6 +1,7 @@
-"""One's own images: `--config.folder=DIR` (DIR/<class>/<image>) or `=FILE.csv` (path,label[,split]).
+"""One's own images: `--config.folder=DIR` (DIR/<class>/<image>) or `=FILE.csv` (a listing).
 
-  python -m hn_jax.main --config=configs/folder.py --config.folder=/path/to/photos --workdir=/tmp/mine
+  python -m hn_jax.main --config=configs/folder.py --config.folder=/path/to/photos \
+      --workdir=/tmp/mine
 
 The classes sorted by name, the first half train and the rest test (CUB's and CARS'
 convention), unless DIR has train/ and test/ folders or the CSV a split column. The first run

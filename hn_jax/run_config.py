@@ -68,7 +68,8 @@ def defaults() -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = "digits"  # digits, synthetic (no download), cub, cars, sop, inshop, hotels50k, folder.
+  # digits, synthetic (no download), cub, cars, sop, inshop, hotels50k, or folder (your images).
+  config.dataset = "digits"
   config.data_dir = ""  # Where prepared datasets live; empty: $HN_DATA_DIR (unused by digits, synthetic).
   # dataset "folder": a folder of <class>/<image> (or train/, test/ of them) or a CSV file of
   # path,label[,split] rows; prepared on first use (docs/folder.md).

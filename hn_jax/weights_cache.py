@@ -210,7 +210,12 @@ def fetch(name: str, model: str, *, folder: str | None = None, timeout: float = 
     reason = getattr(e, "reason", None) or e
     raise WeightsDownloadError(f"cannot download {url} ({reason}); "
                                f"{_fix(published, path)}") from None
-  os.replace(tmp, path)
+  try:
+    os.replace(tmp, path)
+  except OSError as e:
+    os.unlink(tmp)
+    raise WeightsDownloadError(f"cannot write {path} ({e.strerror or e}); "
+                               f"{_fix(published, path)}") from None
   if not published.sha256:
     logging.info("%s: no published checksum is recorded for it; its sha256 is %s (compare "
                  "with the one its publisher shows)", path, digest)

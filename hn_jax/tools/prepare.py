@@ -8,6 +8,10 @@ image, and writes ArrayRecord files (random access by index, which the samplers 
 `data_dir/hn_<dataset>/<version>/`. It ends with a summary: images written per split,
 classes, files skipped and why; the same summary is saved there as `prepare_report.txt`.
 Nothing is downloaded: TFDS is told to use the manual folder only.
+
+`--dataset=folder --manual_dir=DIR_OR_CSV` prepares one's own images (docs/folder.md) into
+their own folder under `data_dir` (default `~/.cache/hn_jax/datasets`); training on them
+(configs/folder.py) does this by itself on first use.
 """
 
 from __future__ import annotations

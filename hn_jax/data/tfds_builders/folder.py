@@ -13,11 +13,12 @@ The source (`manual_dir`, `config.folder`) is one of:
   halved as above.
 
 Classes are sorted by name (numerically when every name is an integer) and numbered from 0
-over both splits; a split lists its images by class, then by path. Files whose extension is not an image's are not listed; a listed file that
-cannot be read or decoded is skipped, with its reason, as in the paper's datasets. Each split
-needs two classes at least. The image_id of an example is its path relative to the source.
-The copy's metadata keeps a fingerprint of the listing (paths, labels, splits, sizes, times of
-change), which `hn_jax.data.datasets` compares with the source's at each use.
+over both splits; a split lists its images by class, then by path. Files whose extension is
+not an image's are not listed; a listed file that cannot be read or decoded is skipped, with
+its reason, as in the paper's datasets. Each split needs two classes at least. The image_id
+of an example is its path relative to the source. The copy's metadata keeps a fingerprint of
+the listing (paths, labels, splits, sizes, times of change), which `hn_jax.data.datasets`
+compares with the source's at each use.
 """
 
 from __future__ import annotations
