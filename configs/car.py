@@ -4,7 +4,8 @@ Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
 `python -m hn_jax.tools.prepare --dataset=cars --manual_dir=/path/to/cars196
 --data_dir=/path/to/prepared` (the folder with cars_annos.mat and car_ims/, or the devkit
 layout), then train with `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR).
-The paper starts from ImageNet weights: add `--config.pretrained=/path/to/resnet50.pth`.
+Starts from torchvision's ImageNet ResNet50, as the paper (`pretrained="imagenet"`: downloaded
+once, docs/weights.md; `--config.pretrained=PATH` reads a file, `=none` starts from random).
 """
 
 from hn_jax import run_config
@@ -13,6 +14,7 @@ from hn_jax import run_config
 def get_config():
   config = run_config.defaults()
   config.dataset = "cars"
+  config.pretrained = "imagenet"  # torchvision's, downloaded once (docs/weights.md)
   config.mean = (0.4853, 0.4965, 0.4295)
   config.std = (0.2237, 0.2193, 0.2568)
   config.learning_rate = 0.02  # sct; shn: 0.004

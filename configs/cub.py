@@ -3,8 +3,9 @@
 Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
 `python -m hn_jax.tools.prepare --dataset=cub --manual_dir=/path/to/CUB_200_2011
 --data_dir=/path/to/prepared`, then train with `--config.data_dir=/path/to/prepared` (or set
-HN_DATA_DIR). The paper starts from ImageNet weights: add
-`--config.pretrained=/path/to/resnet50-0676ba61.pth` (torchvision's file).
+HN_DATA_DIR). Starts from torchvision's ImageNet ResNet50, as the paper (`pretrained="imagenet"`:
+`resnet50-0676ba61.pth`, downloaded once, docs/weights.md; `--config.pretrained=PATH` reads a
+file, `=none` starts from random).
 """
 
 from hn_jax import run_config
@@ -13,6 +14,7 @@ from hn_jax import run_config
 def get_config():
   config = run_config.defaults()
   config.dataset = "cub"
+  config.pretrained = "imagenet"  # torchvision's, downloaded once (docs/weights.md)
   config.mean = (0.4707, 0.4601, 0.4549)
   config.std = (0.2767, 0.2760, 0.2850)
   return config

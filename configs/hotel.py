@@ -4,8 +4,8 @@ Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
 `python -m hn_jax.tools.prepare --dataset=hotels50k --manual_dir=/path/to/hotels50k
 --data_dir=/path/to/prepared` (the folder with input/dataset/*.csv and images/), then train
 with `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR). Logged as HOTEL: the test
-images are queries against the training images, by hotel and by chain. The paper starts
-from ImageNet weights: add `--config.pretrained=...`.
+images are queries against the training images, by hotel and by chain. Starts from
+torchvision's ImageNet ResNet50, as the paper (`pretrained="imagenet"`, docs/weights.md).
 """
 
 from hn_jax import run_config
@@ -14,6 +14,7 @@ from hn_jax import run_config
 def get_config():
   config = run_config.defaults()
   config.dataset = "hotels50k"
+  config.pretrained = "imagenet"  # torchvision's, downloaded once (docs/weights.md)
   config.mean = (0.5838, 0.5146, 0.4470)
   config.std = (0.6298, 0.6112, 0.4445)
   config.embedding_dim = 256

@@ -4,8 +4,8 @@ Prepare once (the layout it reads, and the counts to expect: docs/datasets.md):
 `python -m hn_jax.tools.prepare --dataset=inshop --manual_dir=/path/to/inshop
 --data_dir=/path/to/prepared` (the folder with Eval/ and img/), then train with
 `--config.data_dir=/path/to/prepared` (or set HN_DATA_DIR). Logged as ICR; queries are
-retrieved from the gallery. The paper starts from ImageNet weights: add
-`--config.pretrained=...`.
+retrieved from the gallery. Starts from torchvision's ImageNet ResNet50, as the paper
+(`pretrained="imagenet"`, docs/weights.md).
 """
 
 from hn_jax import run_config
@@ -14,6 +14,7 @@ from hn_jax import run_config
 def get_config():
   config = run_config.defaults()
   config.dataset = "inshop"
+  config.pretrained = "imagenet"  # torchvision's, downloaded once (docs/weights.md)
   config.mean = (0.8324, 0.8109, 0.8041)
   config.std = (0.2206, 0.2378, 0.2444)
   config.embedding_dim = 512

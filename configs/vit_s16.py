@@ -8,9 +8,10 @@ github.com/htdt/hyp_metric), as its training script fixes it: ViT-S/16 from DINO
 supervised weights, 224 px, ImageNet normalization (the default here; its script uses it for the
 DINO models), two images per class, AdamW (torch's, with its default weight decay 0.01 on every
 parameter), a constant learning rate of 1e-5 (the script's default: no warm-up, no decay), an
-embedding of 128 on the class token. Start from DINO's backbone, `dino_deitsmall16_pretrain.pth`
-(hn_jax/pretrained.py says where to get it):
-`--config.pretrained=/path/to/dino_deitsmall16_pretrain.pth`.
+embedding of 128 on the class token. Starts from DINO's backbone,
+`dino_deitsmall16_pretrain.pth`, as the recipe (`pretrained="dino"`: downloaded once,
+docs/weights.md; reading it needs PyTorch; `--config.pretrained=imagenet` takes timm's
+supervised ImageNet ViT-S/16 instead).
 
 Not matched: the loss (Hyp-ViT's pairwise cross-entropy, by default in the Poincare ball of
 curvature 0.1 at temperature 0.3; here the paper's sct, whose best learning rate may well
@@ -41,6 +42,7 @@ def get_config(dataset: str = "cub"):
   config.dataset = dataset
   config.model = "vit_small_patch16"
   config.image_size = 224
+  config.pretrained = "dino"  # the recipe's DINO weights, downloaded once
   config.embedding_dim = 128
   config.optimizer = "adamw"
   config.learning_rate = 1e-5

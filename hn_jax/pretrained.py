@@ -37,9 +37,11 @@ Every other key must match exactly: a missing, unexpected or misshapen key raise
 `WeightMismatchError`, which names every offending key with its expected and actual shape
 (in torch's layout). Parameters are stored as float32 whatever the file holds.
 
-Obtaining the weights (once, on any machine with network access and PyTorch)
----------------------------------------------------------------------------
-The reference file is torchvision's IMAGENET1K_V1 ResNet50, `resnet50-0676ba61.pth`
+Obtaining the weights
+---------------------
+`--config.pretrained=imagenet` (the paper's configs' default) downloads the published file of
+`config.model` once into a cache and reads it from there (`hn_jax.weights_cache`,
+docs/weights.md). By hand, once, on any machine with network access and PyTorch: the reference file is torchvision's IMAGENET1K_V1 ResNet50, `resnet50-0676ba61.pth`
 (ResNet18: `resnet18-f37072fd.pth`)::
 
   python -c "import torch; torch.hub.load_state_dict_from_url(

@@ -68,8 +68,12 @@ def defaults() -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
   # Data.
-  config.dataset = "digits"  # digits, synthetic (no download) or cub, cars, sop, inshop, hotels50k.
+  # digits, synthetic (no download), cub, cars, sop, inshop, hotels50k, or folder (your images).
+  config.dataset = "digits"
   config.data_dir = ""  # Where prepared datasets live; empty: $HN_DATA_DIR (unused by digits, synthetic).
+  # dataset "folder": a folder of <class>/<image> (or train/, test/ of them) or a CSV file of
+  # path,label[,split] rows; prepared on first use (docs/folder.md).
+  config.folder = ""
   # Decoded-image cache (README, "Datasets"): "auto" (memory if it fits cache_memory_gb, else a
   # memory-mapped file if it fits the disk, else off), "memory", "disk" or "off".
   config.cache = "auto"
@@ -95,8 +99,9 @@ def defaults() -> ml_collections.ConfigDict:
   # "googlenet_mini", "vit_mini".
   config.model = "resnet50"
   config.embedding_dim = 64  # Output dimension of the embedding head.
-  # Path of torchvision (ResNet, GoogLeNet) or timm / DINO (ViT) backbone weights; empty:
-  # random init.
+  # Backbone weights: "imagenet" (the published ImageNet weights of config.model, downloaded
+  # once; "dino": DINO's, ViTs only; docs/weights.md), a path of torchvision (ResNet,
+  # GoogLeNet) or timm / DINO (ViT) weights, or "none" / "": random init.
   config.pretrained = ""
   config.half_precision = False  # Compute in bfloat16 (parameters, loss, optimizer stay float32).
   # Loss.
@@ -141,7 +146,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
              num_processes: int) -> None:
   """Raises ConfigError on the first setting that cannot work, before anything compiles."""
   # The names each setting may take, from the modules that define them (none imports TF).
-  from hn_jax import losses, models  # pylint: disable=g-import-not-at-top
+  from hn_jax import losses, models, weights_cache  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets, image_cache, samplers  # pylint: disable=g-import-not-at-top
 
   def need(ok: bool, message: str) -> None:
@@ -161,6 +166,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   need(config.dataset in datasets.DATASET_NAMES,
        f"config.dataset={config.dataset!r} is not a dataset; use one of "
        f"{', '.join(datasets.DATASET_NAMES)}")
+  folder = config.get("folder", "")
+  if config.dataset == datasets.FOLDER:
+    need(bool(folder), "config.dataset='folder' needs --config.folder=DIR (class folders of "
+         "images) or =FILE.csv (path,label[,split] rows); see docs/folder.md")
+    need(os.path.exists(os.path.expanduser(folder)),
+         f"config.folder={folder}: no such folder or file")
+  else:
+    need(not folder, f"config.folder={folder} is set but config.dataset={config.dataset!r}; use "
+         "--config=configs/folder.py (or --config.dataset=folder) to train on it")
   need(config.model in models.MODEL_NAMES,
        f"config.model={config.model!r} is not a model; use one of {', '.join(models.MODEL_NAMES)}")
   need(config.sampler in samplers.SAMPLERS,
@@ -215,13 +229,23 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
        f"{config.lr_schedule!r}; set --config.lr_schedule=cosine or leave cosine_epochs at 0")
   need(all(isinstance(e, int) and e >= 1 for e in config.lr_drop_epochs),
        f"config.lr_drop_epochs={tuple(config.lr_drop_epochs)!r} must be positive epoch numbers")
-  if config.pretrained:
+  if config.pretrained not in weights_cache.RANDOM:
     need(config.model in PRETRAINED_MODELS,
-         f"config.pretrained is set but config.model={config.model!r} has no torchvision "
-         f"weights (nor timm's); use one of {', '.join(PRETRAINED_MODELS)}")
-    need(os.path.isfile(config.pretrained),
-         f"config.pretrained={config.pretrained!r}: no such file; give the path of torchvision "
-         "or timm weights (.pth, .npz or .safetensors), see hn_jax/pretrained.py")
+         f"config.pretrained={config.pretrained!r} but config.model={config.model!r} has no "
+         f"torchvision weights (nor timm's); use one of {', '.join(PRETRAINED_MODELS)}, or "
+         "--config.pretrained=none")
+    if weights_cache.is_name(config.pretrained):
+      have = weights_cache.models_with(config.pretrained)
+      need(config.model in have,
+           f"config.pretrained={config.pretrained!r}: no published weights of that name for "
+           f"config.model={config.model!r} (only for {', '.join(have)}); give a file's path, or "
+           "--config.pretrained=none")
+    else:
+      need(os.path.isfile(config.pretrained),
+           f"config.pretrained={config.pretrained!r}: no such file; give the path of "
+           f"torchvision or timm weights (.pth, .npz or .safetensors), or a name "
+           f"({', '.join(weights_cache.NAMES)}: downloaded once; none: random init), see "
+           "docs/weights.md")
   if config.model in models.VIT_SPECS:
     patch = models.VIT_SPECS[config.model][0]
     need(config.image_size % patch == 0,

@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from hn_jax import losses, models, pretrained, run_config, sharding
+from hn_jax import losses, models, pretrained, run_config, sharding, weights_cache
 from hn_jax.errors import TrainingStopped  # noqa: F401  (raised by the loop; tests name it here)
 
 
@@ -39,17 +40,31 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 def init_model(config: ml_collections.ConfigDict, *,
                read_weights: bool = True) -> models.ResNetEmbedding:
   """The config's model: seeded by `config.seed`, its backbone read from `config.pretrained`
-  when set (and `read_weights`: a checkpoint's restore needs only the shapes)."""
+  (a path, or "imagenet"/"dino": published weights, downloaded once by `weights_cache`) when
+  set (and `read_weights`: a checkpoint's restore needs only the shapes)."""
   model = models.create_model(config.model, config.embedding_dim, dtype=compute_dtype(config),
                               rngs=nnx.Rngs(config.seed), image_size=config.image_size)
-  if config.pretrained and read_weights:
+  if not read_weights:
+    return model
+  if config.pretrained in weights_cache.RANDOM:
+    logging.info("config.pretrained=%r: the backbone starts from random weights",
+                 config.pretrained)
+    return model
+  try:
+    path = weights_cache.resolve(config.pretrained, config.model)
+  except (weights_cache.WeightsDownloadError, KeyError) as e:
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    raise run_config.ConfigError(f"config.pretrained={config.pretrained}: {message}") from None
+  if path:
     try:
-      pretrained.load_torchvision_weights(model, config.pretrained)
-    except (pretrained.WeightsFileError, pretrained.WeightMismatchError, KeyError) as e:
+      pretrained.load_torchvision_weights(model, path)
+    except (pretrained.WeightsFileError, pretrained.WeightMismatchError, KeyError,
+            ImportError) as e:
       lines = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)).splitlines()
       more = f"; ... ({len(lines) - 4} more)" if len(lines) > 4 else ""
       message = "; ".join(line.strip().rstrip(":") for line in lines[:4]) + more
       raise run_config.ConfigError(f"config.pretrained={config.pretrained}: {message}") from None
+    logging.info("config.pretrained=%r: backbone weights read from %s", config.pretrained, path)
   return model
 
 

@@ -166,10 +166,10 @@ def get_split(config: ml_collections.ConfigDict, split: str) -> Split:
 
 def split_ids(config: ml_collections.ConfigDict, split: str, n: int) -> np.ndarray:
   """The image_ids of a prepared split (from its metadata), else the indices as strings."""
-  if config.dataset in datasets.PREPARED:
+  if config.dataset in datasets.PREPARED or config.dataset == datasets.FOLDER:
     try:
       from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      builder = tfds_builders.BUILDERS[config.dataset](data_dir=datasets.data_dir(config))
+      builder = tfds_builders.BUILDERS[config.dataset](data_dir=datasets.prepared_root(config))
       name = _PREPARED_SPLITS.get((config.dataset, split), split)
       ids = builder.info.metadata["splits"][name]["image_ids"]
       if len(ids) == n:

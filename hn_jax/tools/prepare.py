@@ -8,6 +8,10 @@ image, and writes ArrayRecord files (random access by index, which the samplers 
 `data_dir/hn_<dataset>/<version>/`. It ends with a summary: images written per split,
 classes, files skipped and why; the same summary is saved there as `prepare_report.txt`.
 Nothing is downloaded: TFDS is told to use the manual folder only.
+
+`--dataset=folder --manual_dir=DIR_OR_CSV` prepares one's own images (docs/folder.md) into
+their own folder under `data_dir` (default `~/.cache/hn_jax/datasets`); training on them
+(configs/folder.py) does this by itself on first use.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from hn_jax import cli
 
 PROG = "hn_jax.tools.prepare"
 FLAGS = cli.command_flags()
-flags.DEFINE_string("dataset", None, "One of: cub, cars, sop, inshop, hotels50k.",
-                    flag_values=FLAGS)
+flags.DEFINE_string("dataset", None, "One of: cub, cars, sop, inshop, hotels50k, or folder "
+                    "(one's own images, docs/folder.md).", flag_values=FLAGS)
 flags.DEFINE_string("manual_dir", None, "Folder of the published layout, as downloaded (see "
-                    "docs/datasets.md).", flag_values=FLAGS)
-flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR.",
-                    flag_values=FLAGS)
+                    "docs/datasets.md); for --dataset=folder, the folder of class folders or "
+                    "the CSV file.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR "
+                    "(folder: else ~/.cache/hn_jax/datasets).", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.",
                   flag_values=FLAGS)
 flags.DEFINE_integer("workers", None, "Threads checking images (default: 2 per core, <= 32).",
@@ -82,19 +87,39 @@ def summary(builder, *, full: bool = False) -> str:
   return "\n".join(lines)
 
 
+def one_line(builder) -> str:
+  """The summary in one line: images and classes per split, skipped files (a few named)."""
+  metadata = builder.info.metadata
+  splits = ", ".join(f"{split} {len(t['labels'])} images of {len(set(t['labels']))} classes"
+                     for split, t in metadata["splits"].items())
+  skipped = metadata["skipped"]
+  line = f"{builder.name} in {builder.data_dir}: {splits}; skipped {len(skipped)} file(s)"
+  if skipped:
+    named = ", ".join(f"{os.path.basename(where)} ({reason})" for where, reason in skipped[:3])
+    more = f", ... ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    line += f" that could not be read: {named}{more}; all in {builder.data_dir}/{REPORT_FILE}"
+  return line
+
+
 def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = False,
             workers: int | None = None, progress: bool = True):
-  """Builds `dataset` from `manual_dir` into `data_dir`; returns the TFDS builder."""
+  """Builds `dataset` from `manual_dir` into `data_dir`; returns the TFDS builder.
+
+  For `folder` (one's own images), `manual_dir` is the folder or CSV file, and the copy goes
+  to its own folder under `data_dir` (`datasets.folder_dir`; data_dir "": the default cache).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from hn_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from hn_jax.data import datasets, tfds_builders  # pylint: disable=g-import-not-at-top
 
   name = canonical_name(dataset)
   if not manual_dir:
     raise PrepareError(f"--manual_dir is required: the folder of the published layout "
                        f"({tfds_builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS.strip()})")
-  if not os.path.isdir(manual_dir):
+  if not (os.path.isdir(manual_dir) or (name == datasets.FOLDER and os.path.isfile(manual_dir))):
     raise PrepareError(f"missing folder {manual_dir}; expected "
                        f"{tfds_builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+  if name == datasets.FOLDER:
+    data_dir = datasets.folder_dir(datasets.folder_root(data_dir), manual_dir)
   if not data_dir:
     raise PrepareError("--data_dir (or the HN_DATA_DIR environment variable) is required: "
                        "where to write the prepared dataset")
@@ -138,7 +163,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
 
 def _prepare(_: list[str]) -> None:
   if not FLAGS.dataset:
-    raise PrepareError("--dataset is required (cub, cars, sop, inshop, hotels50k)")
+    raise PrepareError("--dataset is required (cub, cars, sop, inshop, hotels50k, folder)")
   logging.set_verbosity(logging.ERROR)  # TFDS's info lines would drown the progress bar
   from hn_jax.data.tfds_builders import LayoutError  # pylint: disable=g-import-not-at-top
   data_dir = FLAGS.data_dir or os.environ.get("HN_DATA_DIR", "")

@@ -1,12 +1,14 @@
-"""TFDS builders of the paper's five benchmarks, read from their published layouts.
+"""TFDS builders of the paper's five benchmarks, read from their published layouts, and of a
+folder of one's own images.
 
-Importing this package registers `hn_cub`, `hn_cars`, `hn_sop`, `hn_inshop` and
-`hn_hotels50k` with TFDS (manual download: `python -m hn_jax.tools.prepare`).
+Importing this package registers `hn_cub`, `hn_cars`, `hn_sop`, `hn_inshop`, `hn_hotels50k`
+and `hn_folder` with TFDS (manual download: `python -m hn_jax.tools.prepare`).
 """
 
 from hn_jax.data.tfds_builders.cars import HnCars
 from hn_jax.data.tfds_builders.common import LayoutBuilder, LayoutError
 from hn_jax.data.tfds_builders.cub import HnCub
+from hn_jax.data.tfds_builders.folder import HnFolder
 from hn_jax.data.tfds_builders.hotels50k import HnHotels50k
 from hn_jax.data.tfds_builders.inshop import HnInshop
 from hn_jax.data.tfds_builders.sop import HnSop
@@ -18,4 +20,5 @@ BUILDERS: dict[str, type[LayoutBuilder]] = {
     "sop": HnSop,
     "inshop": HnInshop,
     "hotels50k": HnHotels50k,
+    "folder": HnFolder,  # one's own images (config.folder), not a paper dataset
 }

@@ -196,7 +196,7 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = epath.Path(dl_manager._manual_dir)  # pylint: disable=protected-access
-    if not manual_dir.is_dir():
+    if not manual_dir.exists():  # a folder (the folder dataset's source may be a CSV file)
       raise LayoutError(f"missing folder {manual_dir} (the manual_dir); expected "
                         f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]}")
     root = self._find_root(manual_dir)
