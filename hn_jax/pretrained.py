@@ -41,15 +41,17 @@ Obtaining the weights
 ---------------------
 `--config.pretrained=imagenet` (the paper's configs' default) downloads the published file of
 `config.model` once into a cache and reads it from there (`hn_jax.weights_cache`,
-docs/weights.md). By hand, once, on any machine with network access and PyTorch: the reference file is torchvision's IMAGENET1K_V1 ResNet50, `resnet50-0676ba61.pth`
+docs/weights.md). By hand, once, on any machine with network access: the reference file is
+torchvision's IMAGENET1K_V1 ResNet50, `resnet50-0676ba61.pth`
 (ResNet18: `resnet18-f37072fd.pth`)::
 
   python -c "import torch; torch.hub.load_state_dict_from_url(
       'https://download.pytorch.org/models/resnet50-0676ba61.pth', model_dir='.')"
 
 or, with torchvision installed, `torchvision.models.ResNet50_Weights.IMAGENET1K_V1.get_state_dict()`
-(it lands in `~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth`). Hosts without PyTorch
-can use a converted copy (no torch needed to read it)::
+(it lands in `~/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth`), or any HTTP client
+(curl, wget). hn_jax reads the `.pth` itself; a converted copy reads faster and needs no
+unpickling at all::
 
   python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
 
@@ -68,8 +70,9 @@ torchvision's and DINO's weights expect torchvision's input normalisation (timm'
 were trained with mean = std = 0.5): RGB in [0, 1], minus mean
 (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225) (here in NHWC).
 
-PyTorch is imported lazily and only to read `.pth`/`.pt` files; `safetensors` only for
-`.safetensors` files. Importing this module imports neither.
+`.pth`/`.pt` files are read without PyTorch and without running any code from them
+(`hn_jax.torch_files`: an allowlisting unpickler); `safetensors` is imported only for
+`.safetensors` files.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from hn_jax import models
+from hn_jax import models, torch_files
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -365,25 +368,13 @@ def convert_torchvision_state_dict(
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        f"reading {path!r} needs PyTorch (pip install torch). Without it, convert the file once "
-        "on a machine that has it: python -m hn_jax.tools.convert_weights --input=X.pth "
-        "--output=X.npz (or .safetensors), and load that instead.") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
-  if not isinstance(obj, Mapping):
-    raise WeightsFileError(f"{path!r} does not hold a state dict (a mapping of names to tensors) "
-                     f"but a {type(obj).__name__}")
-  out = {}
-  for key, value in obj.items():
-    if not isinstance(value, torch.Tensor):
-      raise WeightsFileError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    value = value.detach().cpu()
-    if value.is_floating_point() and value.dtype != torch.float32:
-      value = value.float()  # bfloat16 / float16 / float64 -> float32 (numpy has no bfloat16)
-    out[str(key)] = value.numpy()
-  return out
+    state_dict = torch_files.load_state_dict(path)  # no PyTorch, runs nothing from the file
+  except torch_files.TorchFileError as e:
+    raise WeightsFileError(str(e)) from None
+  for key, value in state_dict.items():
+    if value.dtype != np.float32 and value.dtype.kind in "fV":  # float16/64, bfloat16 (ml_dtypes)
+      state_dict[key] = value.astype(np.float32)
+  return state_dict
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -401,8 +392,8 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-  """Reads a torchvision state dict as numpy arrays (torch layout) from .pth/.pt (needs
-  PyTorch), .npz or .safetensors (no PyTorch)."""
+  """Reads a torchvision state dict as numpy arrays (torch layout) from .pth/.pt (torch.save's
+  zip or legacy layout, read without PyTorch), .npz or .safetensors."""
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
   if ext not in SUPPORTED_EXTENSIONS:

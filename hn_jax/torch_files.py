@@ -34,6 +34,7 @@ PyTorch's oldest format (a tar archive, before 0.4) is not read.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -251,6 +252,9 @@ class _Unpickler(pickle.Unpickler):
     self.storages: dict[str, _Storage] = {}
 
   def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 writes Python 2's names
+      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
     full = f"{module}.{name}"
     if full in ALLOWED_GLOBALS:
       return ALLOWED_GLOBALS[full]
@@ -416,16 +420,15 @@ def _load_zip(path: str) -> Any:
 
 
 def _load_legacy(path: str, data: memoryview) -> Any:
-  header = []
   pos = 0
-  for _ in range(3):  # magic number, protocol version, sys_info: plain pickles
+  # The magic number, the protocol version and sys_info: three small pickles.
+  for want, what in ((LEGACY_MAGIC, "magic number"), (LEGACY_PROTOCOL, "protocol version"),
+                     (dict, "sys_info")):
     value, pos, _ = _unpickle(data, pos, True, path)
-    header.append(value)
-  if header[0] != LEGACY_MAGIC or header[1] != LEGACY_PROTOCOL:
-    raise TorchFileError(f"{path}: not a file written by torch.save (bad magic number or "
-                         "protocol version)")
-  if not isinstance(header[2], dict):
-    raise TorchFileError(f"{path}: not a file written by torch.save (no sys_info)")
+    if not (isinstance(value, dict) if want is dict else  # pylint: disable=unidiomatic-typecheck
+            type(value) is int and value == want):
+      raise TorchFileError(f"{path}: not a file written by torch.save (bad {what}: "
+                           f"{str(value)[:40]!r})")
   obj, pos, storages = _unpickle(data, pos, True, path)
   keys, pos, _ = _unpickle(data, pos, True, path)
   if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):

@@ -304,14 +304,6 @@ def test_file_errors(tmp_path):
     convert_weights.convert(tmp_path / "nope.pth", tmp_path / "x.pth")
 
 
-def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
-  path = tmp_path / "w.pth"
-  path.write_bytes(b"")
-  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
-  with pytest.raises(ImportError, match=r"needs PyTorch.*hn_jax\.tools\.convert_weights"):
-    pretrained.read_state_dict(path)
-
-
 def test_imports_need_neither_torch_nor_tensorflow():
   """hn_jax.pretrained / convert_weights and benchmarks/pretrained_check.py import cleanly
   and import neither torch, safetensors nor tensorflow."""

@@ -1,7 +1,6 @@
-"""Converts a torchvision or timm state dict (.pth) to .npz or .safetensors, readable without
-PyTorch (ResNets and GoogLeNet: torchvision's files; ViTs: timm's and DINO's).
-
-Run once on a machine that has PyTorch, then copy the output to hosts that do not::
+"""Converts a torchvision or timm state dict (.pth) to .npz or .safetensors, which hold no
+pickle (ResNets and GoogLeNet: torchvision's files; ViTs: timm's and DINO's). The .pth is read
+without PyTorch (`hn_jax.torch_files`)::
 
   python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth --output=resnet50-0676ba61.npz
   python -m hn_jax.tools.convert_weights --input=resnet50-0676ba61.pth \
@@ -81,7 +80,7 @@ def convert(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
 
 PROG = "hn_jax.tools.convert_weights"
 FLAGS = cli.command_flags()
-flags.DEFINE_string("input", None, "torchvision weights: .pth/.pt (needs PyTorch), .npz or "
+flags.DEFINE_string("input", None, "torchvision weights: .pth/.pt, .npz or "
                     ".safetensors.", flag_values=FLAGS)
 flags.DEFINE_string("output", None, "Output file: .npz or .safetensors.", flag_values=FLAGS)
 # The models that have published weights (torchvision's ResNets and GoogLeNet, timm's and
