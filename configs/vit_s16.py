@@ -10,7 +10,7 @@ DINO models), two images per class, AdamW (torch's, with its default weight deca
 parameter), a constant learning rate of 1e-5 (the script's default: no warm-up, no decay), an
 embedding of 128 on the class token. Starts from DINO's backbone,
 `dino_deitsmall16_pretrain.pth`, as the recipe (`pretrained="dino"`: downloaded once,
-docs/weights.md; reading it needs PyTorch; `--config.pretrained=imagenet` takes timm's
+docs/weights.md; read without PyTorch; `--config.pretrained=imagenet` takes timm's
 supervised ImageNet ViT-S/16 instead).
 
 Not matched: the loss (Hyp-ViT's pairwise cross-entropy, by default in the Poincare ball of
