@@ -268,7 +268,7 @@ class _Unpickler(pickle.Unpickler):
 
   def persistent_load(self, pid: Any) -> _Storage:
     n = 6 if self._legacy else 5
-    if (not isinstance(pid, tuple) or len(pid) != n or pid[0] not in ("storage", b"storage")):
+    if not isinstance(pid, tuple) or len(pid) != n or pid[0] not in ("storage", b"storage"):
       raise TorchFileError(f"{self._path}: unexpected persistent id {str(pid)[:80]!r}, not a "
                            "storage")
     storage_type, key, _, numel = pid[1:5]
@@ -276,7 +276,8 @@ class _Unpickler(pickle.Unpickler):
       raise TorchFileError(f"{self._path}: a storage's type is {storage_type!r}")
     if isinstance(key, bytes):
       key = key.decode("ascii")
-    if not isinstance(key, str) or type(numel) is not int or numel < 0:  # pylint: disable=unidiomatic-typecheck
+    if not isinstance(key, str) or isinstance(numel, bool) or not isinstance(numel, int) \
+        or numel < 0:
       raise TorchFileError(f"{self._path}: a storage has key {key!r} and size {numel!r}")
     if self._legacy and pid[5] is not None:
       raise TorchFileError(f"{self._path}: holds a storage view (PyTorch < 1.0?), which is "
@@ -319,6 +320,10 @@ def _to_array(t: _Tensor, raw: bytes | memoryview, little: bool, path: str) -> n
     storage = storage.byteswap()  # (complex: each part on its own)
   if 0 in t.size:
     array = np.zeros(t.size, dtype)
+  elif np.prod(t.size, dtype=object) > storage.size:
+    raise TorchFileError(f"{path}: a tensor of size {t.size} has more elements than its "
+                         f"storage {t.storage.key!r} ({storage.size}): a broadcast view, "
+                         "which a state dict does not hold")
   else:
     last = t.offset + sum((s - 1) * st for s, st in zip(t.size, t.stride))
     if last >= storage.size:
@@ -368,6 +373,8 @@ def _resolve(obj: Any, arrays: Callable[[_Tensor], np.ndarray]) -> Any:
     return walk(obj)
   except RecursionError:
     raise TorchFileError("the file's objects are nested too deeply") from None
+  except TypeError as e:  # e.g. a tensor used as a dict key or a set member
+    raise TorchFileError(f"the file holds objects a state dict never has ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -384,3 +384,23 @@ def test_broken_and_foreign_files_give_one_line(case, pattern, tmp_path, monkeyp
   assert "\n" not in str(error.value) and str(error.value).startswith(f"{path}: ")
   with pytest.raises(pretrained.WeightsFileError, match=pattern):
     pretrained.read_state_dict(path)
+
+
+@needs_torch
+def test_inconsistent_storages_are_refused(tmp_path, monkeypatch):
+  """A storage record shorter than declared; a broadcast (stride-0) view larger than its
+  storage, which a state dict never holds and which could inflate a small file without bound."""
+  path = _save({"w": torch.randn(4, 5)}, tmp_path / "w.pth", "zip")
+  with zipfile.ZipFile(path) as z:
+    entries = {n: z.read(n) for n in z.namelist()}
+  prefix = next(n for n in entries if n.endswith("/data.pkl"))[:-len("data.pkl")]
+  short = tmp_path / "short.pth"
+  with zipfile.ZipFile(short, "w") as z:
+    for name, raw in entries.items():
+      z.writestr(name, raw[:-4] if name.startswith(prefix + "data/") else raw)
+  broadcast = _save({"e": torch.randn(3).expand(1000, 3)}, tmp_path / "e.pth", "zip")
+  monkeypatch.setitem(sys.modules, "torch", None)
+  with pytest.raises(torch_files.TorchFileError, match=r"holds 76 bytes, 80 expected"):
+    torch_files.load(short)
+  with pytest.raises(torch_files.TorchFileError, match=r"more elements than its storage"):
+    torch_files.load(broadcast)
