@@ -2,16 +2,18 @@
 
 `load(path)` returns what the file holds with every tensor as a NumPy array in torch's layout
 (same shape, same element order, same dtype; bfloat16 and float8 as `ml_dtypes` types):
-dicts and OrderedDicts (nested ones too, as DINO's checkpoints), lists, tuples, and the plain
-values pickle builds by itself (int, float, str, bytes, bool, None).
+dicts and OrderedDicts (nested ones too, as DINO's checkpoints), lists, tuples, sets and plain
+values (int, float, complex, str, bytes, bool, None).
 
 No code from the file runs. `torch.save` writes a pickle, and a pickle may name any importable
 callable (`os.system`, ...) and call it. Here the unpickler resolves a name only from a fixed
-allowlist, `ALLOWED_GLOBALS`: `collections.OrderedDict`, torch's tensor rebuilders
-(`torch._utils._rebuild_tensor{,_v2,_v3}`, `_rebuild_parameter{,_with_state}`) mapped to
-NumPy builders written here, and inert markers for torch's storage types and dtypes. Any other
-name raises `TorchFileError` naming it, before anything is called. The markers and builders
-refuse attribute writes, so a pickle's BUILD opcode cannot alter them either.
+allowlist, `ALLOWED_GLOBALS`: `collections.OrderedDict`; the plain-data constructors pickle
+protocol 2 writes (`builtins.set`, `frozenset`, `complex`; `_codecs.encode` for bytes, latin-1
+only); torch's tensor rebuilders (`torch._utils._rebuild_tensor{,_v2,_v3}`,
+`_rebuild_parameter{,_with_state}`) mapped to NumPy builders written here; and inert markers
+for torch's storage types and dtypes. Any other name raises `TorchFileError` naming it,
+before anything is called. The markers and builders refuse attribute writes, so a pickle's
+BUILD opcode cannot alter them either.
 
 The two layouts `torch.save` writes (facts from torch/serialization.py):
 
@@ -207,16 +209,26 @@ def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtyp
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
-  del requires_grad, hooks
+  del requires_grad, hooks, state  # (state: a Parameter's Python attributes, dropped)
   if not isinstance(data, _Tensor):
     raise TorchFileError(f"a parameter holds a {type(data).__name__}, not a tensor")
-  if state:
-    raise TorchFileError("a parameter carries Python attributes, which a state dict never has")
   return data
+
+
+def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
+  """`_codecs.encode` as pickle protocol 2 uses it to write bytes: latin-1 only."""
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise TorchFileError(f"_codecs.encode called with a {type(text).__name__} and "
+                         f"{str(encoding)[:20]!r}, not as pickle writes bytes")
+  return text.encode("latin-1")
 
 
 def _allowed_globals() -> dict[str, Any]:
   allowed: dict[str, Any] = {"collections.OrderedDict": collections.OrderedDict}
+  # Plain data as pickle protocol 2 writes it (bytes go through _codecs.encode).
+  allowed["_codecs.encode"] = _Builder("_codecs.encode", _encode)
+  for kind in (set, frozenset, complex):
+    allowed[f"builtins.{kind.__name__}"] = _Builder(f"builtins.{kind.__name__}", kind)
   for name, fn in (("_rebuild_tensor", _rebuild_tensor_v1),
                    ("_rebuild_tensor_v2", _rebuild_tensor_v2),
                    ("_rebuild_tensor_v3", _rebuild_tensor_v3),

@@ -122,13 +122,17 @@ def test_tensors_of_every_kind_match_torch_load(fmt, tmp_path, monkeypatch):
 def test_nested_dicts_and_plain_values(fmt, tmp_path, monkeypatch):
   teacher = {"backbone.cls_token": torch.randn(1, 1, 4), "head.last.weight": torch.randn(3, 4)}
   obj = {"teacher": teacher, "student": {"w": teacher["head.last.weight"]}, "epoch": 3,
-         "lr": 0.5, "arch": "vit_small", "note": None, "flags": [True, 2, "x"], "pair": (1, 2)}
+         "lr": 0.5, "arch": "vit_small", "note": None, "flags": [True, 2, "x"], "pair": (1, 2),
+         "blob": b"\x00\xff", "tags": {"a", "b"}, "z": 1 + 2j}
   path = _save(obj, tmp_path / "dino.pth", fmt)
   want = _torch_load(path)
   monkeypatch.setitem(sys.modules, "torch", None)
   got = torch_files.load(path)
   assert got["epoch"] == 3 and got["lr"] == 0.5 and got["arch"] == "vit_small"
   assert got["note"] is None and got["flags"] == [True, 2, "x"] and got["pair"] == (1, 2)
+  assert got["blob"] == b"\x00\xff" and got["tags"] == {"a", "b"} and got["z"] == 1 + 2j
+  for key in ("epoch", "lr", "arch", "note", "flags", "pair", "blob", "tags", "z"):
+    assert got[key] == want[key]
   _assert_same(got["teacher"], want["teacher"])
   _assert_same(got["student"], want["student"])
   with pytest.raises(torch_files.TorchFileError,
