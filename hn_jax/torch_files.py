@@ -301,10 +301,8 @@ class _Unpickler(pickle.Unpickler):
     return known
 
 
-def _unpickle(data: memoryview, pos: int, legacy: bool, path: str) -> tuple[Any, int, dict]:
-  """Unpickles the pickle starting at data[pos:]; returns it, the end offset and storages."""
-  stream = io.BytesIO(data)
-  stream.seek(pos)
+def _unpickle(stream: io.BytesIO, legacy: bool, path: str) -> tuple[Any, dict[str, _Storage]]:
+  """The next pickle of `stream` (left just after it) and the storages it names."""
   unpickler = _Unpickler(stream, legacy, path)
   try:
     obj = unpickler.load()
@@ -313,7 +311,7 @@ def _unpickle(data: memoryview, pos: int, legacy: bool, path: str) -> tuple[Any,
   except Exception as e:  # pylint: disable=broad-except; the pickle module fails many ways
     raise TorchFileError(f"{path}: the pickle cannot be read ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:120]}); is the file complete?") from None
-  return obj, stream.tell(), unpickler.storages
+  return obj, unpickler.storages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +424,7 @@ def _load_zip(path: str) -> Any:
       if order not in (b"little", b"big"):
         raise TorchFileError(f"{path}: unknown byte order {order[:20]!r}")
       little = order == b"little"
-    obj, _, storages = _unpickle(memoryview(record("data.pkl")), 0, False, path)
+    obj, storages = _unpickle(io.BytesIO(record("data.pkl")), False, path)
     raw: dict[str, memoryview] = {}
     for key, storage in storages.items():
       data = record(f"data/{key}")
@@ -438,22 +436,23 @@ def _load_zip(path: str) -> Any:
   return _resolve(obj, lambda t: _to_array(t, raw[t.storage.key], little, path))
 
 
-def _load_legacy(path: str, data: memoryview) -> Any:
-  pos = 0
+def _load_legacy(path: str, data: bytes) -> Any:
+  stream = io.BytesIO(data)  # (shares `data`, no copy)
   # The magic number, the protocol version and sys_info: three small pickles.
   for want, what in ((LEGACY_MAGIC, "magic number"), (LEGACY_PROTOCOL, "protocol version"),
                      (dict, "sys_info")):
-    value, pos, _ = _unpickle(data, pos, True, path)
+    value, _ = _unpickle(stream, True, path)
     if not (isinstance(value, dict) if want is dict else  # pylint: disable=unidiomatic-typecheck
             type(value) is int and value == want):
       raise TorchFileError(f"{path}: not a file written by torch.save (bad {what}: "
                            f"{str(value)[:40]!r})")
-  obj, pos, storages = _unpickle(data, pos, True, path)
-  keys, pos, _ = _unpickle(data, pos, True, path)
+  obj, storages = _unpickle(stream, True, path)
+  keys, _ = _unpickle(stream, True, path)
   if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
     raise TorchFileError(f"{path}: its storage list does not match the storages it uses; is "
                          "the file complete?")
   raw: dict[str, memoryview] = {}
+  pos, view = stream.tell(), memoryview(data)
   for key in keys:
     key = str(key)
     if pos + 8 > len(data):
@@ -468,7 +467,7 @@ def _load_legacy(path: str, data: memoryview) -> Any:
     if pos + nbytes > len(data):
       raise TorchFileError(f"{path}: ends inside storage {key!r} ({len(data) - pos} of "
                            f"{nbytes} bytes); is the file complete?")
-    raw[key] = data[pos:pos + nbytes]
+    raw[key] = view[pos:pos + nbytes]
     pos += nbytes
   # Legacy storages are written little-endian whatever the machine (torch's _write_file).
   return _resolve(obj, lambda t: _to_array(t, raw[t.storage.key], True, path))
@@ -491,17 +490,17 @@ def load(path: str | os.PathLike[str]) -> Any:
 
 def _load(path: str) -> Any:
   with open(path, "rb") as f:
-    head = f.read(4)
-    if head.startswith(b"PK"):
+    if f.read(2) == b"PK":
       data = None
     else:
-      data = memoryview(head + f.read())
+      f.seek(0)
+      data = f.read()
   if data is None:
     return _load_zip(path)
-  if len(data) >= 262 and bytes(data[257:262]) == b"ustar":
+  if data[257:262] == b"ustar":
     raise TorchFileError(f"{path}: a tar archive (PyTorch < 0.4), which is not read; load "
                          "and save it again with a recent PyTorch")
-  if not bytes(data[:2]).startswith(b"\x80"):
+  if not data.startswith(b"\x80"):
     raise TorchFileError(f"{path}: not a file written by torch.save (neither a zip archive "
                          "nor a pickle)")
   return _load_legacy(path, data)

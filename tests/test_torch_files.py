@@ -332,8 +332,8 @@ def test_big_endian_zip(tmp_path, monkeypatch):
   with zipfile.ZipFile(path) as z:
     prefix = next(n for n in z.namelist() if n.endswith("/data.pkl"))[:-len("data.pkl")]
     data_pkl = z.read(prefix + "data.pkl")
-    _, _, storages = torch_files._unpickle(  # pylint: disable=protected-access
-        memoryview(data_pkl), 0, False, str(path))
+    _, storages = torch_files._unpickle(  # pylint: disable=protected-access
+        io.BytesIO(data_pkl), False, str(path))
     swapped = {}
     for key, storage in storages.items():
       raw = np.frombuffer(z.read(f"{prefix}data/{key}"), storage.dtype)
