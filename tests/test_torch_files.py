@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import subprocess
 import sys
