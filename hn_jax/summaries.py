@@ -23,8 +23,10 @@ records (no image cache).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import socket
 import time
 from typing import Any, Mapping, Sequence
 
@@ -126,22 +128,32 @@ def hparams_summaries(hparams: Mapping[str, Any], metrics: Sequence[str], *,
 
 def write_hparams(workdir: str | os.PathLike, config: ml_collections.ConfigDict, dataset, *,
                   finished: bool = False) -> epath.Path:
-  """Replaces the workdir's HParams event file by one of `config` (see the module doc)."""
+  """Replaces the workdir's HParams event file by one of `config` (see the module doc).
+
+  Written with tensorboard's pure-Python record writer (no TensorFlow import)."""
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+  from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
   folder = run_config.workdir_path(workdir)
   folder.mkdir(parents=True, exist_ok=True)
   old = list(folder.glob(f"events.out.tfevents.*{HPARAMS_SUFFIX}"))
   start_time = _first_start_time(old)
-  writer = event_file_writer.EventFileWriter(os.fspath(folder), filename_suffix=HPARAMS_SUFFIX)
-  for summary in hparams_summaries(flat_hparams(config), metric_tags(dataset),
-                                   finished=finished, start_time=start_time):
-    writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
-  writer.close()
-  written = [p for p in folder.glob(f"events.out.tfevents.*{HPARAMS_SUFFIX}") if p not in old]
-  for path in old:
-    path.unlink(missing_ok=True)
-  return written[0]
+  path = folder / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                   f"{os.getpid()}.{next(_FILE_NUMBERS)}{HPARAMS_SUFFIX}")
+  events = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")]
+  events += [event_pb2.Event(wall_time=time.time(), step=0, summary=summary)
+             for summary in hparams_summaries(flat_hparams(config), metric_tags(dataset),
+                                              finished=finished, start_time=start_time)]
+  with path.open("wb") as f:
+    writer = record_writer.RecordWriter(f)
+    for event in events:
+      writer.write(event.SerializeToString())
+  for stale in old:
+    if stale != path:
+      stale.unlink(missing_ok=True)
+  return path
+
+
+_FILE_NUMBERS = itertools.count()
 
 
 def _first_start_time(files: Sequence[epath.Path]) -> float | None:
@@ -294,16 +306,20 @@ def _replace(path: epath.Path, text: str) -> None:
 
 
 def query_indices(labels: np.ndarray, count: int, seed: int = SAMPLE_SEED) -> np.ndarray:
-  """`count` queries of distinct classes (the first image of each of `count` classes in a
-  seeded random order; more classes than queries: every class once, then again)."""
+  """Up to `count` distinct queries: the first image of each class, classes in a seeded
+  random order, then (fewer classes than queries) the second image of each, and so on."""
   labels = np.asarray(labels)
-  if count <= 0 or not len(labels):
+  count = min(count, len(labels))
+  if count <= 0:
     return np.zeros((0,), np.int64)
   classes = np.unique(labels)
   order = np.random.default_rng(seed).permutation(len(classes))
   members = [np.flatnonzero(labels == classes[c]) for c in order]
-  chosen = [m[round_ % len(m)] for round_ in range(count) for m in members][:count]
-  return np.asarray(chosen, np.int64)
+  chosen, round_ = [], 0
+  while len(chosen) < count:
+    chosen.extend(m[round_] for m in members if round_ < len(m))
+    round_ += 1
+  return np.asarray(chosen[:count], np.int64)
 
 
 def nearest(queries: np.ndarray, gallery: np.ndarray, k: int,
