@@ -156,6 +156,22 @@ def write_hparams(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
 _FILE_NUMBERS = itertools.count()
 
 
+def mark_run(folder: str | os.PathLike) -> None:
+  """Makes `folder` a TensorBoard run (an event file of no summary) unless it holds one, so
+  that its projector files show under a parent log dir too."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(folder)
+  if any(folder.glob("events.out.tfevents.*")):
+    return
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                   f"{os.getpid()}.{next(_FILE_NUMBERS)}.projector")
+  with path.open("wb") as f:
+    record_writer.RecordWriter(f).write(
+        event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+
+
 def _first_start_time(files: Sequence[epath.Path]) -> float | None:
   """The session start time an earlier HParams file of the run recorded (a resumed run keeps
   it), else None."""
@@ -314,12 +330,16 @@ def query_indices(labels: np.ndarray, count: int, seed: int = SAMPLE_SEED) -> np
     return np.zeros((0,), np.int64)
   classes = np.unique(labels)
   order = np.random.default_rng(seed).permutation(len(classes))
-  members = [np.flatnonzero(labels == classes[c]) for c in order]
+  by_class = np.argsort(labels, kind="stable")
+  starts = np.searchsorted(labels[by_class], classes)
+  ends = np.append(starts[1:], len(labels))
   chosen, round_ = [], 0
   while len(chosen) < count:
-    chosen.extend(m[round_] for m in members if round_ < len(m))
+    for c in order:
+      if starts[c] + round_ < ends[c] and len(chosen) < count:
+        chosen.append(by_class[starts[c] + round_])
     round_ += 1
-  return np.asarray(chosen[:count], np.int64)
+  return np.asarray(chosen, np.int64)
 
 
 def nearest(queries: np.ndarray, gallery: np.ndarray, k: int,

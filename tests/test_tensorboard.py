@@ -171,7 +171,7 @@ def test_no_key_mixes_steps_and_epochs_and_every_key_is_documented(tiny_run):
   documented = documented_keys()
   for tag, points in scalars.items():
     pattern = re.sub(r"^DIGITS_", "<DATA>_", tag)
-    pattern = re.sub(r"_R_\d+$", "_R_<K>", pattern)
+    pattern = re.sub(r"(_test_(?:chain_)?R_)\d+$", r"\1<K>", pattern)
     assert pattern in documented, f"{tag} is not in docs/tensorboard.md's table"
     steps = [p[0] for p in points]
     if documented[pattern] == "epoch":
@@ -253,7 +253,10 @@ def test_tensorboard_serves_scalars_hparams_projector_and_images(tiny_run, tmp_p
     sprite = _get(port, f"data/plugin/projector/sprite_image?run=run&name={name}")
     assert sprite[:8] == b"\x89PNG\r\n\x1a\n"
     embedded = json.loads(_get(port, "data/plugin/projector/info?run=embedded"))
-    assert embedded["embeddings"][0]["tensorShape"] == [100, 16]
+    assert [(e["tensorName"], e["tensorShape"]) for e in embedded["embeddings"]] == [
+        ("digits_test", [100, 16])]
+    rows = _get(port, "data/plugin/projector/metadata?run=embedded&name=digits_test").decode()
+    assert rows.split("\n")[0] == "label\tindex\tid"
 
     images = json.loads(_get(port, "data/plugin/images/tags"))["run"]
     assert "DIGITS_test_neighbours" in images

@@ -27,7 +27,8 @@ unreadable one is reported on stderr (one line, naming it) and skipped. Single p
 (default: the run's config.projector_points), whole classes in a seeded order for a split
 (`hn_jax.summaries.sample_points`), the first ones for a folder; with their labels, ids and
 a sprite of thumbnails. Another index written to the same DIR is added beside it when it
-holds the same points, and replaces it when not.
+holds the same points, and replaces it when not. DIR gets an empty event file, so that it is a
+TensorBoard run under a parent log dir too.
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ def write_projector(folder: str, record: dict, cap: int, images) -> None:
   name = (f"{record['dataset']}_{record['split']}" if record["kind"] == "dataset"
           else f"folder_{os.path.basename(os.path.normpath(record['source'].split(' ', 1)[1]))}")
   summaries.add_projector_tensor(folder, name, record["embeddings"][rows], thumb)
+  summaries.mark_run(folder)
 
 
 FLAGS = cli.command_flags()
