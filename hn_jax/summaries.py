@@ -1,16 +1,16 @@
 """What a run shows in TensorBoard beside its scalars: HParams, Projector and neighbour images.
 
-* HParams: `write_hparams` writes the run's flattened config (the session's hyperparameters)
-  and the experiment's metric columns (`metric_tags`: the loss, the learning rate and the
-  dataset's test metrics, read by TensorBoard as each tag's last value) into one event file
-  of its own, `events.out.tfevents.*.hparams`, rewritten whole whenever the run (re)starts
-  and when it ends (TensorBoard keeps the first summary metadata of a tag it reads, so a
-  second record in the same run would be ignored; one file, replaced, stays consistent).
+* HParams: `write_hparams` writes the run's flattened config (the session's hyperparameters;
+  TensorBoard's metric columns are the last values of the run's scalars: the final test R@K,
+  MAP@R, loss, learning rate...) into one event file of its own,
+  `events.out.tfevents.*.hparams`, rewritten whole whenever the run (re)starts and when it
+  ends (TensorBoard keeps the first summary metadata of a tag it reads, so a second record in
+  the same run would be ignored; one file, replaced, stays consistent).
 * Projector: `write_projector_points` and `add_projector_tensor` write the files that
   TensorBoard's projector plugin reads without a TensorFlow checkpoint:
   `projector_config.pbtxt` in the log dir, and in `projector/` one `<name>.tsv` of float32
-  L2-normalized embeddings per evaluation, `metadata.tsv` (a header, then label, index into
-  the split, and image id where the dataset has ids) and `sprite.png` (thumbnails in a
+  L2-normalized embeddings per evaluation, `metadata.tsv` (a header, then label and index
+  into the split; `hn_jax.tools.embed` adds the image ids) and `sprite.png` (thumbnails in a
   square grid, row-major, `single_image_dim` pixels each).
 * Neighbours: `neighbour_sheet` draws a fixed set of test queries with their nearest
   neighbours (`hn_jax.sheets`), which `RunSummaries` writes as an image summary.
@@ -46,9 +46,6 @@ SPRITE_MAX = 8192  # the projector's largest sprite side (a WebGL texture)
 SAMPLE_SEED = 0  # the projector's points and the neighbour queries: the same in every run
 NEIGHBOURS_K = 8  # neighbours per query on the neighbour sheet
 NEIGHBOURS_THUMB = 64
-# Settings listed first in the HParams table; the rest of the config follows by name.
-FIRST_HPARAMS = ("dataset", "loss", "learning_rate", "seed", "lam", "temperature",
-                 "hard_threshold", "batch_size", "embedding_dim", "model", "num_epochs")
 
 
 # ----------------------------------------------------------------------------- HParams
@@ -72,25 +69,18 @@ def flat_hparams(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[
       flat[key] = str(tuple(value) if isinstance(value, list) else value)
 
   visit("", run_config.as_plain(config))
-  order = {k: i for i, k in enumerate(FIRST_HPARAMS)}
-  return dict(sorted(flat.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+  return dict(sorted(flat.items()))
 
 
-def metric_tags(dataset) -> list[str]:
-  """The HParams metric columns: test recalls and MAP@R, train R@1, chain recall, loss, rate."""
-  key = dataset.key
-  tags = [f"{key}_test_R_{k}" for k in dataset.test_ks]
-  tags += [f"{key}_test_MAP_R", f"{key}_test_RP"]
-  tags += [f"{key}_test_chain_R_{k}" for k in dataset.chain_ks]
-  if dataset.train_recall:
-    tags.append(f"{key}_train_R_1")
-  return tags + ["loss", "learning_rate"]
+def hparams_summaries(hparams: Mapping[str, Any], *, finished: bool = False,
+                      start_time: float | None = None) -> list:
+  """The HParams plugin's summaries (tensorboard protos): the session's start (the values)
+  and, when `finished`, its end (status SUCCESS).
 
-
-def hparams_summaries(hparams: Mapping[str, Any], metrics: Sequence[str], *,
-                      finished: bool = False, start_time: float | None = None) -> list:
-  """The HParams plugin's summaries (tensorboard protos): the experiment (columns), the
-  session's start (values) and, when `finished`, its end (status SUCCESS)."""
+  No experiment summary: without one, TensorBoard derives the columns from every run it
+  reads, lists first the settings whose values differ between runs, and takes every scalar
+  tag as a metric (its last value).
+  """
   from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2  # pylint: disable=g-import-not-at-top
 
@@ -100,13 +90,6 @@ def hparams_summaries(hparams: Mapping[str, Any], metrics: Sequence[str], *,
     return summary_pb2.Summary(value=[value])
 
   now = time.time()
-  types = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING}
-  infos = [api_pb2.HParamInfo(name=k, type=types.get(type(v), api_pb2.DATA_TYPE_FLOAT64))
-           for k, v in hparams.items()]
-  columns = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t), display_name=t)
-             for t in metrics]
-  experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=columns,
-                                  time_created_secs=start_time or now)
   start = plugin_data_pb2.SessionStartInfo(start_time_secs=start_time or now)
   for k, v in hparams.items():
     if isinstance(v, bool):
@@ -115,10 +98,8 @@ def hparams_summaries(hparams: Mapping[str, Any], metrics: Sequence[str], *,
       start.hparams[k].number_value = v
     else:
       start.hparams[k].string_value = str(v)
-  out = [summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
-      experiment=experiment)),
-         summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(
-             session_start_info=start))]
+  out = [summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+      session_start_info=start))]
   if finished:
     end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=now)
     out.append(summary(metadata.SESSION_END_INFO_TAG,
@@ -126,7 +107,7 @@ def hparams_summaries(hparams: Mapping[str, Any], metrics: Sequence[str], *,
   return out
 
 
-def write_hparams(workdir: str | os.PathLike, config: ml_collections.ConfigDict, dataset, *,
+def write_hparams(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
                   finished: bool = False) -> epath.Path:
   """Replaces the workdir's HParams event file by one of `config` (see the module doc).
 
@@ -141,8 +122,8 @@ def write_hparams(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
                    f"{os.getpid()}.{next(_FILE_NUMBERS)}{HPARAMS_SUFFIX}")
   events = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")]
   events += [event_pb2.Event(wall_time=time.time(), step=0, summary=summary)
-             for summary in hparams_summaries(flat_hparams(config), metric_tags(dataset),
-                                              finished=finished, start_time=start_time)]
+             for summary in hparams_summaries(flat_hparams(config), finished=finished,
+                                              start_time=start_time)]
   with path.open("wb") as f:
     writer = record_writer.RecordWriter(f)
     for event in events:
@@ -413,11 +394,11 @@ class RunSummaries:
 
   def started(self) -> None:
     if self.enabled:
-      write_hparams(self.folder, self.config, self.dataset)
+      write_hparams(self.folder, self.config)
 
   def finished(self) -> None:
     if self.enabled:
-      write_hparams(self.folder, self.config, self.dataset, finished=True)
+      write_hparams(self.folder, self.config, finished=True)
 
   def evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], *, final: bool) -> None:
     """Writes the evaluation's views; `embeddings` maps id(split) to its embeddings."""
