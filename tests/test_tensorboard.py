@@ -264,7 +264,7 @@ def test_tensorboard_serves_scalars_hparams_projector_and_images(tiny_run, tmp_p
     assert sheet.shape == (8 * cell, (1 + summaries.NEIGHBOURS_K) * cell, 3)
     assert tuple(sheet[0, 0]) == summaries.sheets.COLORS["query"]
   finally:
-    server.terminate()
+    server.kill()  # TensorBoard may sit out a SIGTERM (seen under load)
     server.wait(timeout=30)
 
 
@@ -280,3 +280,14 @@ def test_neighbour_sheet_frames_correct_green_and_wrong_red():
   for r, row in enumerate(expected):
     for c, name in enumerate(row):
       assert tuple(sheet[r * cell, c * cell]) == colors[name], (r, c)
+
+
+def test_views_benchmark_smoke(tmp_path):
+  """benchmarks/tensorboard_views.py --smoke (tests/test_benchmarks_smoke.py lists it here)."""
+  from hn_jax.testing import benchmarks
+  out = tmp_path / "views.json"
+  benchmarks.load("tensorboard_views").main(["--smoke", f"--json={out}"])
+  result = json.loads(out.read_text())["synthetic"]
+  assert result["sampled"] == 100 and result["thumb"] == summaries.SPRITE_THUMB
+  assert set(result["file_bytes"]) == {"metadata.tsv", "sprite.png", "test_epoch_1.tsv"}
+  assert 0 < result["later_evaluation_s"] <= result["first_evaluation_s"]
