@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from hn_jax import run_config, sheets
@@ -257,7 +258,7 @@ def write_projector_points(folder: str | os.PathLike, columns: Mapping[str, Sequ
   if thumbs is not None:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     with sprite_path.open("wb") as f:
-      Image.fromarray(sprite_image(thumbs)).save(f, format="PNG")
+      Image.fromarray(sprite_image(thumbs)).save(f, format="PNG", compress_level=1)
   _replace(path, text)
   return True
 
@@ -394,16 +395,27 @@ class RunSummaries:
 
   def started(self) -> None:
     if self.enabled:
-      write_hparams(self.folder, self.config)
+      self._guarded(write_hparams, self.folder, self.config)
 
   def finished(self) -> None:
     if self.enabled:
-      write_hparams(self.folder, self.config, finished=True)
+      self._guarded(write_hparams, self.folder, self.config, finished=True)
 
   def evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], *, final: bool) -> None:
     """Writes the evaluation's views; `embeddings` maps id(split) to its embeddings."""
-    if not self.enabled:
-      return
+    if self.enabled:
+      self._guarded(self._evaluated, epoch, embeddings, final)
+
+  @staticmethod
+  def _guarded(fn, *args, **kwargs) -> None:
+    """A view that cannot be written (a full disk, a lost bucket) is reported, not fatal: the
+    run's scalars and checkpoints say whether the run itself can go on."""
+    try:
+      fn(*args, **kwargs)
+    except OSError as e:
+      logging.warning("TensorBoard views not written: %s", e)
+
+  def _evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], final: bool) -> None:
     test = embeddings.get(id(self.dataset.test))
     if test is None:
       return

@@ -291,3 +291,51 @@ def test_views_benchmark_smoke(tmp_path):
   assert result["sampled"] == 100 and result["thumb"] == summaries.SPRITE_THUMB
   assert set(result["file_bytes"]) == {"metadata.tsv", "sprite.png", "test_epoch_1.tsv"}
   assert 0 < result["later_evaluation_s"] <= result["first_evaluation_s"]
+
+
+class _Images:
+  """A metric writer that keeps what write_images gets."""
+
+  def __init__(self):
+    self.images = []
+
+  def write_images(self, step, images):
+    self.images.append((step, images))
+
+
+def _toy_dataset(n=40):
+  from hn_jax.data.datasets import Dataset
+  from hn_jax.data.splits import Split
+  rng = np.random.default_rng(0)
+  split = Split(rng.integers(0, 255, size=(n, 12, 10, 3), dtype=np.uint8), np.arange(n) % 4)
+  return Dataset(key="TOY", train=split, test=split, test_ks=(1,), train_recall=False)
+
+
+def test_run_summaries_write_the_projector_at_the_end_and_neighbours_each_time(tmp_path):
+  dataset = _toy_dataset()
+  config = ml_collections.ConfigDict({"projector_points": 25, "projector_every_eval": False,
+                                      "neighbour_queries": 3, "image_size": 10, "cache": "off"})
+  writer = _Images()
+  views = summaries.RunSummaries(config, dataset, tmp_path, writer)
+  embeddings = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32)
+  views.evaluated(0, {id(dataset.test): embeddings}, final=False)
+  assert not (tmp_path / summaries.PROJECTOR_CONFIG).exists()
+  views.evaluated(3, {id(dataset.test): embeddings}, final=True)
+  assert sorted(p.name for p in (tmp_path / "projector").iterdir()) == [
+      "TOY_test_epoch_3.tsv", "metadata.tsv", "sprite.png"]
+  rows = summaries.sample_points(dataset.test.labels, 25)
+  np.testing.assert_allclose(
+      np.loadtxt(tmp_path / "projector" / "TOY_test_epoch_3.tsv"),
+      embeddings[rows] / np.linalg.norm(embeddings[rows], axis=1, keepdims=True), rtol=1e-6)
+  assert [step for step, _ in writer.images] == [0, 3]
+  (sheet,) = writer.images[-1][1]["TOY_test_neighbours"]
+  cell = summaries.NEIGHBOURS_THUMB + 2 * summaries.sheets.FRAME
+  assert sheet.shape == (3 * cell, (1 + summaries.NEIGHBOURS_K) * cell, 3)
+
+
+def test_a_view_that_cannot_be_written_is_reported_not_fatal(tmp_path, caplog):
+  (tmp_path / "file").write_text("")
+  views = summaries.RunSummaries(ml_collections.ConfigDict({"projector_points": 0}),
+                                 _toy_dataset(), tmp_path / "file" / "run", _Images())
+  views.started()  # the workdir cannot be made: a warning
+  assert any("TensorBoard views not written" in r.getMessage() for r in caplog.records)
