@@ -139,16 +139,18 @@ _FILE_NUMBERS = itertools.count()
 
 
 def mark_run(folder: str | os.PathLike) -> None:
-  """Makes `folder` a TensorBoard run (an event file of no summary) unless it holds one, so
-  that its projector files show under a parent log dir too."""
+  """Makes `folder` a TensorBoard run unless it holds event files: an event file of no
+  summary, so that its projector files show under a parent log dir too. Named
+  `projector.tfevents.*` (TensorBoard reads any file with "tfevents" in its name), not
+  `events.out.tfevents.*`, so that `hn_jax.tools.report` does not count it as a run."""
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
   folder = epath.Path(folder)
-  if any(folder.glob("events.out.tfevents.*")):
+  if any(folder.glob("*tfevents*")):
     return
   folder.mkdir(parents=True, exist_ok=True)
-  path = folder / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                   f"{os.getpid()}.{next(_FILE_NUMBERS)}.projector")
+  path = folder / (f"projector.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                   f"{os.getpid()}")
   with path.open("wb") as f:
     record_writer.RecordWriter(f).write(
         event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())

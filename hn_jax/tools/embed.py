@@ -27,8 +27,9 @@ unreadable one is reported on stderr (one line, naming it) and skipped. Single p
 (default: the run's config.projector_points), whole classes in a seeded order for a split
 (`hn_jax.summaries.sample_points`), the first ones for a folder; with their labels, ids and
 a sprite of thumbnails. Another index written to the same DIR is added beside it when it
-holds the same points, and replaces it when not. DIR gets an empty event file, so that it is a
-TensorBoard run under a parent log dir too.
+holds the same points, and replaces it when not. DIR gets an event file of no summary
+(`projector.tfevents.*`, which `hn_jax.tools.report` passes over), so that it is a TensorBoard
+run under a parent log dir too.
 """
 
 from __future__ import annotations
