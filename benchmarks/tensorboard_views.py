@@ -12,9 +12,10 @@ random images (views into it, as a memory cache gives them). Timed, per stage, w
 at every one, the tensor file and the neighbour sheet (8 queries x 8 neighbours against the
 whole split, PNG-encoded as the image summary is).
 
---digits: `python -m hn_jax.main --config=configs/digits.py` twice back to back, in fresh
-processes and workdirs: the views off (projector_points=0, neighbour_queries=0), then on (the
-defaults); wall time of each and the mean evaluation time its console account prints.
+--digits: `python -m hn_jax.main --config=configs/digits.py` back to back, in fresh processes
+and workdirs: the views off (projector_points=0, neighbour_queries=0) then on (the defaults),
+`--rounds` times, the order swapped every other round; wall time of each and the mean
+evaluation time its console account prints.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--cap", type=int, default=None, help="default: config.projector_points")
   parser.add_argument("--digits", action="store_true", help="also time configs/digits.py")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="--digits pairs; odd rounds run off then on, even ones on then off")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes (tests the script)")
   parser.add_argument("--json", default="", help="also write the results here")
   args = parser.parse_args(argv)
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
   print(f"  files: {s['file_bytes']}")
   if args.digits and not args.smoke:
     runs = []
-    for views in (False, True):
+    for views in [v for r in range(args.rounds) for v in ((False, True), (True, False))[r % 2]]:
       with tempfile.TemporaryDirectory() as workdir:
         runs.append(digits_run(views, workdir))
       r = runs[-1]
