@@ -384,9 +384,9 @@ class RunSummaries:
   go to an image summary `<DATA>_test_neighbours` at every evaluation.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, dataset, workdir: str | os.PathLike,
-               writer, *, enabled: bool = True):
-    self.config, self.dataset, self.writer = config, dataset, writer
+  def __init__(self, config: ml_collections.ConfigDict, dataset, workdir: str | os.PathLike, *,
+               enabled: bool = True):
+    self.config, self.dataset = config, dataset
     self.folder = run_config.workdir_path(workdir)
     self.enabled = enabled
     self.points = int(config.get("projector_points", 0))
@@ -403,10 +403,12 @@ class RunSummaries:
     if self.enabled:
       self._guarded(write_hparams, self.folder, self.config, finished=True)
 
-  def evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], *, final: bool) -> None:
-    """Writes the evaluation's views; `embeddings` maps id(split) to its embeddings."""
+  def evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], writer, *,
+                final: bool) -> None:
+    """Writes the evaluation's views (the images through the CLU metric `writer`);
+    `embeddings` maps id(split) to its embeddings."""
     if self.enabled:
-      self._guarded(self._evaluated, epoch, embeddings, final)
+      self._guarded(self._evaluated, epoch, embeddings, writer, final)
 
   @staticmethod
   def _guarded(fn, *args, **kwargs) -> None:
@@ -417,7 +419,8 @@ class RunSummaries:
     except OSError as e:
       logging.warning("TensorBoard views not written: %s", e)
 
-  def _evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], final: bool) -> None:
+  def _evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], writer,
+                 final: bool) -> None:
     test = embeddings.get(id(self.dataset.test))
     if test is None:
       return
@@ -427,7 +430,7 @@ class RunSummaries:
       gallery = self.dataset.gallery
       gallery_embeddings = test if gallery is None else embeddings.get(id(gallery))
       if gallery_embeddings is not None:
-        self._neighbours(epoch, test, gallery_embeddings)
+        self._neighbours(epoch, test, gallery_embeddings, writer)
 
   def _projector(self, epoch: int, test: np.ndarray) -> None:
     split = self.dataset.test
@@ -440,7 +443,7 @@ class RunSummaries:
     add_projector_tensor(self.folder, f"{self.dataset.key}_test_epoch_{epoch}",
                          test[self._points], self._thumb)
 
-  def _neighbours(self, epoch: int, test: np.ndarray, gallery: np.ndarray) -> None:
+  def _neighbours(self, epoch: int, test: np.ndarray, gallery: np.ndarray, writer) -> None:
     split = self.dataset.test
     if self._queries is None:
       self._queries = query_indices(split.labels, self.queries)
@@ -452,4 +455,4 @@ class RunSummaries:
                             np.asarray(split.labels)[queries], top,
                             lambda rows: split_images(gallery_split, rows, self.config),
                             gallery_split.labels)
-    self.writer.write_images(epoch, {f"{self.dataset.key}_test_neighbours": sheet[None]})
+    writer.write_images(epoch, {f"{self.dataset.key}_test_neighbours": sheet[None]})

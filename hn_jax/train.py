@@ -293,7 +293,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
       return embedded[id(split)]
 
     metrics = evaluator.run(embed, epoch=epoch)
-    views.evaluated(epoch, embedded, final=epoch == config.num_epochs)
+    views.evaluated(epoch, embedded, writer, final=epoch == config.num_epochs)
     return metrics
 
   checkpoints = checkpoints_lib.manager(workdir, max_to_keep=config.checkpoints_to_keep)
@@ -307,10 +307,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
     return {}
   saver = checkpoints_lib.Saver(checkpoints)
   # HParams before the scalars' event file, so that a live TensorBoard polls the newer file.
-  views = summaries.RunSummaries(config, dataset, workdir, None,
-                                 enabled=jax.process_index() == 0)
+  views = summaries.RunSummaries(config, dataset, workdir, enabled=jax.process_index() == 0)
   views.started()
-  writer = views.writer = _create_writer(workdir)
+  writer = _create_writer(workdir)
   metrics = {}
   step = 0 if found is None else found[0]
   clock = Progress(total_steps, steps_per_epoch, config.num_epochs, began=began,

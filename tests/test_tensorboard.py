@@ -316,11 +316,11 @@ def test_run_summaries_write_the_projector_at_the_end_and_neighbours_each_time(t
   config = ml_collections.ConfigDict({"projector_points": 25, "projector_every_eval": False,
                                       "neighbour_queries": 3, "image_size": 10, "cache": "off"})
   writer = _Images()
-  views = summaries.RunSummaries(config, dataset, tmp_path, writer)
+  views = summaries.RunSummaries(config, dataset, tmp_path)
   embeddings = np.random.default_rng(1).normal(size=(40, 5)).astype(np.float32)
-  views.evaluated(0, {id(dataset.test): embeddings}, final=False)
+  views.evaluated(0, {id(dataset.test): embeddings}, writer, final=False)
   assert not (tmp_path / summaries.PROJECTOR_CONFIG).exists()
-  views.evaluated(3, {id(dataset.test): embeddings}, final=True)
+  views.evaluated(3, {id(dataset.test): embeddings}, writer, final=True)
   assert sorted(p.name for p in (tmp_path / "projector").iterdir()) == [
       "TOY_test_epoch_3.tsv", "metadata.tsv", "sprite.png"]
   rows = summaries.sample_points(dataset.test.labels, 25)
@@ -336,6 +336,6 @@ def test_run_summaries_write_the_projector_at_the_end_and_neighbours_each_time(t
 def test_a_view_that_cannot_be_written_is_reported_not_fatal(tmp_path, caplog):
   (tmp_path / "file").write_text("")
   views = summaries.RunSummaries(ml_collections.ConfigDict({"projector_points": 0}),
-                                 _toy_dataset(), tmp_path / "file" / "run", _Images())
+                                 _toy_dataset(), tmp_path / "file" / "run")
   views.started()  # the workdir cannot be made: a warning
   assert any("TensorBoard views not written" in r.getMessage() for r in caplog.records)
