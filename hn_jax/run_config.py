@@ -166,6 +166,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
     value = config.get(name, 0)
     need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
          f"config.{name}={value!r} must be a non-negative integer (0: none)")
+  need(isinstance(config.get("projector_every_eval", False), bool),
+       f"config.projector_every_eval={config.get('projector_every_eval')!r} must be True or False")
   for name in ("embedding_dim", "batch_size", "eval_batch_size", "images_per_class", "repeat",
                "eval_every", "image_size", "eval_max_bytes"):
     value = config[name]

@@ -339,3 +339,15 @@ def test_a_view_that_cannot_be_written_is_reported_not_fatal(tmp_path, caplog):
                                  _toy_dataset(), tmp_path / "file" / "run")
   views.started()  # the workdir cannot be made: a warning
   assert any("TensorBoard views not written" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("projector_points", -1, "config.projector_points=-1 must be a non-negative integer"),
+    ("neighbour_queries", 2.5, "config.neighbour_queries=2.5 must be a non-negative integer"),
+    ("projector_every_eval", "yes", "config.projector_every_eval='yes' must be True or False")])
+def test_bad_view_settings_are_refused_in_one_line(key, value, message):
+  from hn_jax import run_config
+  config = ml_collections.ConfigDict(run_config.defaults().to_dict(), type_safe=False)
+  config[key] = value
+  with pytest.raises(run_config.ConfigError, match=re.escape(message)):
+    run_config.validate(config, num_devices=1, num_processes=1)
