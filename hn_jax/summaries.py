@@ -331,10 +331,10 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, k: int,
   """Each query's `k` nearest gallery rows by cosine similarity, nearest first (equal
   similarities: the lower index first), leaving out gallery row `exclude[q]` (-1: none)."""
   q = np.asarray(queries, np.float32)
-  g = np.asarray(gallery, np.float32)
+  g = np.asarray(gallery, np.float32)  # not copied: a gallery may be large (Hotels-50K: 1M)
   q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-  g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
   sims = q @ g.T
+  sims /= np.maximum(np.sqrt(np.einsum("ij,ij->i", g, g)), np.float32(1e-12))[None, :]
   if exclude is not None:
     rows = np.flatnonzero(np.asarray(exclude) >= 0)
     sims[rows, np.asarray(exclude)[rows]] = -np.inf
