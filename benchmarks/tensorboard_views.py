@@ -15,7 +15,8 @@ whole split, PNG-encoded as the image summary is).
 --digits: `python -m hn_jax.main --config=configs/digits.py` back to back, in fresh processes
 and workdirs: the views off (projector_points=0, neighbour_queries=0) then on (the defaults),
 `--rounds` times, the order swapped every other round; wall time of each and the mean
-evaluation time its console account prints.
+evaluation time its console account prints, and the seconds spent inside the views (timed in
+the run's own process, so that the share does not depend on the load).
 """
 
 from __future__ import annotations
@@ -88,21 +89,41 @@ def synthetic(points: int, dim: int, image_size: int, cap: int, folder: str) -> 
           "later_evaluation_s": sum(times[k] for k in every), "file_bytes": sizes}
 
 
+_DIGITS_RUN = r"""
+import json, sys, time
+from hn_jax import main, summaries
+spent = {"views_s": 0.0}
+for name in ("started", "evaluated", "finished"):
+  def timed(self, *args, _method=getattr(summaries.RunSummaries, name), **kwargs):
+    t = time.perf_counter()
+    _method(self, *args, **kwargs)
+    spent["views_s"] += time.perf_counter() - t
+  setattr(summaries.RunSummaries, name, timed)
+t = time.perf_counter()
+status = main.main(sys.argv[1:])
+spent["wall_s"] = time.perf_counter() - t
+print("RESULT " + json.dumps(spent))
+sys.exit(status)
+"""
+
+
 def digits_run(views: bool, workdir: str) -> dict:
-  """Wall seconds and mean evaluation seconds of one configs/digits.py run."""
-  args = [sys.executable, "-m", "hn_jax.main", "--config=configs/digits.py",
+  """One configs/digits.py run (`hn_jax.main`, a fresh process): its wall seconds, the
+  seconds spent in the views' methods (RunSummaries; the image summaries' PNG encoding runs
+  in CLU's writer thread and is not in them), and the evaluations' mean seconds."""
+  args = [sys.executable, "-c", _DIGITS_RUN, "--config=configs/digits.py",
           f"--workdir={workdir}"]
   if not views:
     args += ["--config.projector_points=0", "--config.neighbour_queries=0"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  t = time.perf_counter()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(REPO))
   proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=True)
-  wall = time.perf_counter() - t
-  evals = [float(s) for s in re.findall(r"evaluation: .*\(([\d.]+) s\)",
-                                        proc.stdout + proc.stderr)]
-  return {"views": views, "wall_s": wall, "evaluations": len(evals),
+  out = proc.stdout + proc.stderr
+  spent = json.loads(re.findall(r"RESULT (.*)", out)[-1])
+  evals = [float(s) for s in re.findall(r"evaluation: .*\(([\d.]+) s\)", out)]
+  return {"views": views, "wall_s": spent["wall_s"], "views_s": spent["views_s"],
+          "evaluations": len(evals),
           "mean_evaluation_s": float(np.mean(evals)) if evals else None,
-          "evaluation_s": evals}
+          "evaluation_s": evals, "load": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(digits_run(views, workdir))
       r = runs[-1]
       print(f"digits, views {'on ' if views else 'off'}: {r['wall_s']:.1f} s wall, "
-            f"{r['evaluations']} evaluations of {r['mean_evaluation_s']:.2f} s on average")
+            f"{r['views_s']:.2f} s in the views ({100 * r['views_s'] / r['wall_s']:.1f} %), "
+            f"{r['evaluations']} evaluations of {r['mean_evaluation_s']:.2f} s on average, "
+            f"load {r['load']:.1f}")
     result["digits"] = runs
   result["load_after"] = os.getloadavg()[0]
   if args.json:
