@@ -23,6 +23,7 @@ records (no image cache).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 import os
@@ -36,6 +37,7 @@ from absl import logging
 from etils import epath
 
 from hn_jax import run_config, sheets
+from hn_jax.errors import DiskFull
 
 HPARAMS_SUFFIX = ".hparams"
 PROJECTOR_CONFIG = "projector_config.pbtxt"  # tensorboard.plugins.projector's file name
@@ -410,13 +412,16 @@ class RunSummaries:
     if self.enabled:
       self._guarded(self._evaluated, epoch, embeddings, writer, final)
 
-  @staticmethod
-  def _guarded(fn, *args, **kwargs) -> None:
-    """A view that cannot be written (a full disk, a lost bucket) is reported, not fatal: the
-    run's scalars and checkpoints say whether the run itself can go on."""
+  def _guarded(self, fn, *args, **kwargs) -> None:
+    """A full disk stops the run as the event files' does (errors.DiskFull, one line); any
+    other view that cannot be written is a warning: the run goes on without it."""
     try:
       fn(*args, **kwargs)
     except OSError as e:
+      if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFull(f"no room for the TensorBoard views in {self.folder} (the checkpoints "
+                       "are intact); free space there, then run the same command to "
+                       "resume") from None
       logging.warning("TensorBoard views not written: %s", e)
 
   def _evaluated(self, epoch: int, embeddings: Mapping[int, np.ndarray], writer,

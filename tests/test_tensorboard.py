@@ -351,3 +351,17 @@ def test_bad_view_settings_are_refused_in_one_line(key, value, message):
   config[key] = value
   with pytest.raises(run_config.ConfigError, match=re.escape(message)):
     run_config.validate(config, num_devices=1, num_processes=1)
+
+
+def test_a_full_disk_under_the_views_stops_the_run_in_one_line(tmp_path, monkeypatch):
+  import errno
+  from hn_jax import errors
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(summaries, "write_hparams", full)
+  views = summaries.RunSummaries(ml_collections.ConfigDict({"projector_points": 0}),
+                                 _toy_dataset(), tmp_path)
+  with pytest.raises(errors.DiskFull, match="^no room for the TensorBoard views in .*resume$"):
+    views.started()
