@@ -51,6 +51,8 @@ CHANGEABLE = frozenset({
     "pretrained",  # read only when a run starts: a resumed run takes its weights from the checkpoint
     # What a run stopped by non-finite steps is told to change before it resumes.
     "learning_rate", "half_precision",
+    # What TensorBoard shows beside the scalars (hn_jax.summaries).
+    "projector_points", "projector_every_eval", "neighbour_queries",
 })
 _MISSING = "(not set)"
 OPTIMIZERS = ("sgd", "adamw")  # as hn_jax.train_step's (which imports JAX; this module does not)
@@ -135,6 +137,11 @@ def defaults() -> ml_collections.ConfigDict:
   config.eval_max_bytes = 2 * 1024**3
   config.max_consecutive_skips = 10  # Stop after this many non-finite steps in a row.
   config.checkpoints_to_keep = 2  # Orbax keeps this many of the latest checkpoints.
+  # TensorBoard (docs/tensorboard.md): test points in the Projector (whole classes, seeded;
+  # 0: no projector), written at the final evaluation or, with projector_every_eval, at each.
+  config.projector_points = 2000
+  config.projector_every_eval = False
+  config.neighbour_queries = 8  # Test queries shown with their nearest neighbours (0: none).
   return config
 
 
@@ -180,6 +187,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   need(config.sampler in samplers.SAMPLERS,
        f"config.sampler={config.sampler!r} is not a sampler; use one of "
        f"{', '.join(samplers.SAMPLERS)}")
+  for name in ("projector_points", "neighbour_queries"):
+    value = config.get(name, 0)
+    need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+         f"config.{name}={value!r} must be a non-negative integer (0: none)")
+  need(isinstance(config.get("projector_every_eval", False), bool),
+       f"config.projector_every_eval={config.get('projector_every_eval')!r} must be True or False")
   for name in ("embedding_dim", "batch_size", "eval_batch_size", "images_per_class", "repeat",
                "eval_every", "image_size", "eval_max_bytes"):
     value = config[name]

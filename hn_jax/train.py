@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hn_jax import checkpoints as checkpoints_lib
-from hn_jax import evaluators, run_config, sharding, train_step
+from hn_jax import evaluators, run_config, sharding, summaries, train_step
 from hn_jax.errors import DiskFull, Interrupted, Preempted, TrainingStopped
 from hn_jax.run_lock import WorkdirLock
 from hn_jax.data import datasets, input_pipeline, samplers
@@ -286,8 +286,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
       config, dataset, mesh=mesh, neighbours_dir=run_config.workdir_path(workdir) / "neighbours")
 
   def evaluate(epoch: int) -> dict[str, float]:
-    return evaluator.run(lambda split: evaluators.embed_split(embed_fn, state, split, config,
-                                                              mesh), epoch=epoch)
+    embedded = {}  # id(split) -> its embeddings, for the TensorBoard views
+
+    def embed(split):
+      embedded[id(split)] = evaluators.embed_split(embed_fn, state, split, config, mesh)
+      return embedded[id(split)]
+
+    metrics = evaluator.run(embed, epoch=epoch)
+    views.evaluated(epoch, embedded, writer, final=epoch == config.num_epochs)
+    return metrics
 
   checkpoints = checkpoints_lib.manager(workdir, max_to_keep=config.checkpoints_to_keep)
   total_steps = config.num_epochs * steps_per_epoch
@@ -299,6 +306,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
          found[0] // steps_per_epoch, config.num_epochs)
     return {}
   saver = checkpoints_lib.Saver(checkpoints)
+  # HParams before the scalars' event file, so that a live TensorBoard polls the newer file.
+  views = summaries.RunSummaries(config, dataset, workdir, enabled=jax.process_index() == 0)
+  views.started()
   writer = _create_writer(workdir)
   metrics = {}
   step = 0 if found is None else found[0]
@@ -363,6 +373,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
         saver.save(step, state, log.progress())
     saver.wait()
     _flush(writer, workdir)
+    views.finished()
   finally:
     preemption.close()
     try:

@@ -29,6 +29,7 @@ SMOKE_ELSEWHERE = {
     # These two compile for a TPU target: in-process beside the preflight's own tests.
     "preflight_table.py": "tests/test_preflight.py",
     "mining_precision.py": "tests/test_preflight.py",
+    "tensorboard_views.py": "tests/test_tensorboard.py",  # quick: no compile
 }
 # The rest: the arguments of their smoke run here (JSON path appended).
 SMOKE_HERE = {

@@ -21,6 +21,15 @@ cache that training left (`config.cache`), so it decodes nothing again. The `.np
 
 Folder images: .jpg, .jpeg, .png (any case), sorted by path, decoded by PIL to RGB; an
 unreadable one is reported on stderr (one line, naming it) and skipped. Single process.
+
+`--projector=DIR` also writes the embeddings for TensorBoard's projector
+(`tensorboard --logdir=DIR`, docs/tensorboard.md): at most `--projector_points` of them
+(default: the run's config.projector_points), whole classes in a seeded order for a split
+(`hn_jax.summaries.sample_points`), the first ones for a folder; with their labels, ids and
+a sprite of thumbnails. Another index written to the same DIR is added beside it when it
+holds the same points, and replaces it when not. DIR gets an event file of no summary
+(`projector.tfevents.*`, which `hn_jax.tools.report` passes over), so that it is a TensorBoard
+run under a parent log dir too.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from hn_jax import checkpoints, cli, evaluation, evaluators, run_config, train_step
+from hn_jax import checkpoints, cli, evaluation, evaluators, run_config, summaries, train_step
 from hn_jax.data import datasets, image_cache
 from hn_jax.data.splits import Split
 
@@ -188,10 +197,16 @@ def split_image(split: Split, index: int) -> np.ndarray:
   return tf_pipeline.decode_record(record).numpy()
 
 
-def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
+def embed_to_file(workdir: str, out: str | None, *, dataset: str | None = None,
                   split: str | None = None, images: str | None = None,
-                  data_dir: str | None = None, progress: bool = True) -> dict:
-  """Embeds a dataset split or an image folder with the run in `workdir`; writes `out`."""
+                  data_dir: str | None = None, progress: bool = True,
+                  projector: str | None = None, projector_points: int | None = None) -> dict:
+  """Embeds a dataset split or an image folder with the run in `workdir`; writes `out` (and
+  the projector's files to `projector`; see the module doc)."""
+  if out is None and projector is None:
+    raise EmbedError("give --out (an .npz) or --projector (a folder), or both")
+  if projector_points is not None and projector_points < 1:
+    raise EmbedError(f"--projector_points={projector_points}: give a positive number")
   if (images is None) == (split is None):
     raise EmbedError("give either --split (with --dataset, default the run's) or --images")
   if images is not None and not os.path.isdir(images):
@@ -219,10 +234,33 @@ def embed_to_file(workdir: str, out: str, *, dataset: str | None = None,
                   data_dir=datasets.data_dir(data_config))
     if the_split.chains is not None:
       record["chains"] = np.asarray(the_split.chains, np.int64)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "wb") as f:
-    np.savez(f, **record)
+  if projector is not None:
+    cap = projector_points or int(config.get("projector_points", 0)) or 2000
+    if images is not None:
+      write_projector(projector, record, cap, lambda rows: [pixels[int(i)] for i in rows])
+    else:
+      write_projector(projector, record, cap,
+                      lambda rows: summaries.split_images(the_split, rows, data_config))
+  if out is not None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "wb") as f:
+      np.savez(f, **record)
   return record
+
+
+def write_projector(folder: str, record: dict, cap: int, images) -> None:
+  """The projector files of an embedded `record` in `folder` (`hn_jax.summaries`): at most
+  `cap` points, their label, index and id, thumbnails of `images(indices)`."""
+  rows = (summaries.sample_points(record["labels"], cap) if record["kind"] == "dataset"
+          else np.arange(min(cap, len(record["labels"]))))
+  columns = {"label": record["labels"][rows], "index": rows, "id": record["ids"][rows]}
+  thumb = summaries.sprite_thumb(len(rows))
+  summaries.write_projector_points(folder, columns,
+                                   summaries.square_thumbnails(images(rows), thumb))
+  name = (f"{record['dataset']}_{record['split']}" if record["kind"] == "dataset"
+          else f"folder_{os.path.basename(os.path.normpath(record['source'].split(' ', 1)[1]))}")
+  summaries.add_projector_tensor(folder, name, record["embeddings"][rows], thumb)
+  summaries.mark_run(folder)
 
 
 FLAGS = cli.command_flags()
@@ -234,6 +272,10 @@ flags.DEFINE_string("data_dir", None, "Prepared data (default: the run's).", fla
 flags.DEFINE_string("images", None, "A folder of jpg/jpeg/png images instead.",
                     flag_values=FLAGS)
 flags.DEFINE_string("out", None, "The .npz to write.", flag_values=FLAGS)
+flags.DEFINE_string("projector", None, "Also write TensorBoard projector files to this "
+                    "folder (tensorboard --logdir=FOLDER).", flag_values=FLAGS)
+flags.DEFINE_integer("projector_points", None, "At most this many points in the projector "
+                     "(default: the run's config.projector_points).", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "A progress bar on stderr (--noprogress: none).",
                   flag_values=FLAGS)
 
@@ -242,14 +284,17 @@ def _embed(_: list[str]) -> None:
   if "tensorflow" in sys.modules:  # keep TensorFlow off the accelerator, if anything loaded it
     sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
   record = embed_to_file(FLAGS.workdir, FLAGS.out, dataset=FLAGS.dataset, split=FLAGS.split,
-                         images=FLAGS.images, data_dir=FLAGS.data_dir, progress=FLAGS.progress)
-  print(f"{FLAGS.out}: {len(record['ids'])} embeddings of dimension {record['embedding_dim']} "
+                         images=FLAGS.images, data_dir=FLAGS.data_dir, progress=FLAGS.progress,
+                         projector=FLAGS.projector, projector_points=FLAGS.projector_points)
+  where = ", ".join(w for w in (FLAGS.out, FLAGS.projector and
+                                f"projector files in {FLAGS.projector}") if w)
+  print(f"{where}: {len(record['ids'])} embeddings of dimension {record['embedding_dim']} "
         f"({record['source']})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line (without the program name); returns the exit status."""
-  return cli.run(_embed, FLAGS, argv, prog=PROG, doc=__doc__, required=("workdir", "out"),
+  return cli.run(_embed, FLAGS, argv, prog=PROG, doc=__doc__, required=("workdir",),
                  errors=(EmbedError,))
 
 

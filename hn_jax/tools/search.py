@@ -30,10 +30,7 @@ import numpy as np
 from absl import flags
 
 from hn_jax import cli
-
-FRAME = 4
-COLORS = {"query": (40, 90, 220), "correct": (30, 170, 60), "wrong": (210, 40, 40),
-          "unknown": (150, 150, 150)}
+from hn_jax.sheets import COLORS, FRAME, contact_sheet, neighbour_colors  # noqa: F401
 
 
 class SearchError(ValueError):
@@ -93,38 +90,6 @@ def _without_self(top: np.ndarray, sims: np.ndarray, selves: np.ndarray,
   keep = top != selves[:, None]
   order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
   return np.take_along_axis(top, order, 1), np.take_along_axis(sims, order, 1)
-
-
-def _thumbnail(image: np.ndarray, size: int):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  picture = Image.fromarray(np.asarray(image, np.uint8))
-  scale = size / max(picture.size)
-  new = (max(1, round(picture.size[0] * scale)), max(1, round(picture.size[1] * scale)))
-  method = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
-  return picture.resize(new, method)
-
-
-def contact_sheet(rows: Sequence[Sequence[tuple[np.ndarray, str]]], thumb: int = 96):
-  """A PIL image: one row per entry of `rows`, each a list of (uint8 image, frame color name).
-
-  Every cell is thumb + 2 FRAME pixels square; the sheet is (longest row) x len(rows) cells.
-  """
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  cell = thumb + 2 * FRAME
-  width = max((len(r) for r in rows), default=1) * cell
-  sheet = Image.new("RGB", (width, max(1, len(rows)) * cell), (255, 255, 255))
-  draw = ImageDraw.Draw(sheet)
-  for y, row in enumerate(rows):
-    for x, (image, color) in enumerate(row):
-      left, top = x * cell, y * cell
-      if color:
-        draw.rectangle([left, top, left + cell - 1, top + cell - 1], fill=COLORS[color])
-        draw.rectangle([left + FRAME, top + FRAME, left + FRAME + thumb - 1,
-                        top + FRAME + thumb - 1], fill=(255, 255, 255))
-      picture = _thumbnail(image, thumb)
-      sheet.paste(picture, (left + FRAME + (thumb - picture.size[0]) // 2,
-                            top + FRAME + (thumb - picture.size[1]) // 2))
-  return sheet
 
 
 class Gallery:
@@ -230,8 +195,7 @@ def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | N
       mark = "" if label is None else ("  correct" if int(index["labels"][g]) == label else "")
       print(f"  {rank:3d}. {s:+.4f}  {_describe(index, g)}{mark}", file=out)
       if gallery is not None:
-        color = ("unknown" if label is None
-                 else "correct" if int(index["labels"][g]) == label else "wrong")
+        (color,) = neighbour_colors(label, [index["labels"][g]])
         row.append((gallery.image(g), color))
     rows.append(row)
   if sheet:
