@@ -118,3 +118,22 @@ def test_a_study_chooses_without_the_test_split_resumes_and_runs_in_parallel(tmp
   alone = [evaluation.map_at_r(e, data.test.labels)["MAP_R"] for e in each]
   assert figures["separate"]["MAP_R"]["mean"] == pytest.approx(np.mean(alone), abs=1e-6)
   assert figures["separate"]["MAP_R"]["std"] == pytest.approx(np.std(alone, ddof=1), abs=1e-6)
+
+
+def test_a_trial_writes_its_hparams_row_with_validation_and_test_figures(tmp_path):
+  from hn_jax.tools import report  # pylint: disable=import-outside-toplevel
+  workdirs = [str(tmp_path / "sct" / "trial3" / f"fold{i}") for i in range(2)]
+  trial = study.Trial("sct", 3, {"learning_rate": 0.5, "lam": 2.0}, workdirs,
+                      fold_map_r=[0.25, 0.75])
+  test = {"concatenated": {"MAP_R": 0.4, "RP": 0.5, "R_1": 0.9},
+          "separate": {m: {"mean": 0.3, "std": 0.1} for m in study.TEST_METRICS}}
+  study.write_trial_summary(trial, None)
+  path = study.write_trial_summary(trial, test)  # replaces the first
+  assert [p.name for p in path.parent.iterdir()] == [path.name]
+  scalars = {tag: value for tag, _, _, value in report.read_event_file(path)}
+  assert scalars["val_MAP_R"] == 0.5
+  assert scalars["test_MAP_R_concatenated"] == pytest.approx(0.4)
+  assert scalars["test_R_1_separate"] == pytest.approx(0.3)
+  assert report.find_runs(tmp_path) == {}  # not a training run for `report`
+  text = path.read_bytes()
+  assert b"loss_params.lam" in text and b"learning_rate" in text

@@ -18,7 +18,9 @@
    model weighs the same) and for each model alone (mean and sample std over folds).
 
 Every run is an ordinary run, `ROOT/mlrc/<DATA>/<loss>/trial<j>/fold<i>/`; the same command
-again skips finished runs and resumes the others. `--parallel=N` trains N runs at once in
+again skips finished runs and resumes the others. Each trial's folder holds its row of
+TensorBoard's HParams dashboard (its settings, mean validation MAP@R and, for the chosen trial,
+the test figures) beside its fold runs' own rows. `--parallel=N` trains N runs at once in
 subprocesses (each given its own GPU where the host has several; on a CPU they share the
 cores); a run is the same whichever process trains it.
 """
@@ -279,6 +281,8 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
     test[loss] = test_figures(trial.workdirs,
                               trial_config(config, loss, trial.settings, folds=0, fold=-1,
                                            fold_seed=0))
+  for trial in plan:
+    write_trial_summary(trial, test.get(trial.loss) if chosen[trial.loss] is trial else None)
   trial_rows = [dict(loss=t.loss, trial=t.index, settings=t.settings, workdirs=t.workdirs,
                      fold_map_r=t.fold_map_r, fold_r1=t.fold_r1, collapsed=t.collapsed,
                      score=t.score if math.isfinite(t.score) else None) for t in plan]
@@ -291,6 +295,45 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
                  for loss, t in chosen.items()},
       "test": test, "table": table(chosen, test), "seconds": time.perf_counter() - started,
   }
+
+
+TRIAL_EVENTS = "study.tfevents"  # TensorBoard reads it; `report` counts only events.out.*
+
+
+def write_trial_summary(trial: Trial, test: Mapping[str, Any] | None) -> Path:
+  """The trial's row of TensorBoard's HParams dashboard, in its folder (above its fold runs):
+  the loss and its settings, and as metrics the mean validation MAP@R and, for the chosen
+  trial, the test figures (concatenated and separate means). Replaced whole when written
+  again."""
+  from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+
+  from hn_jax import summaries  # pylint: disable=g-import-not-at-top
+  folder = Path(trial.workdirs[0]).parent
+  hparams = {"loss": trial.loss, "trial": trial.index, "chosen": test is not None,
+             **{f"loss_params.{k}" if k != "learning_rate" else k: v
+                for k, v in trial.settings.items()}}
+  metrics = {"val_MAP_R": trial.score if math.isfinite(trial.score) else math.nan}
+  if test is not None:
+    for name in TEST_METRICS:
+      metrics[f"test_{name}_concatenated"] = test["concatenated"][name]
+      mean = test["separate"][name]["mean"]
+      metrics[f"test_{name}_separate"] = math.nan if mean is None else mean
+  events = [event_pb2.Event(wall_time=0.0, file_version="brain.Event:2")]
+  events += [event_pb2.Event(wall_time=0.0, step=0, summary=s)
+             for s in summaries.hparams_summaries(hparams, finished=True, start_time=1.0)]
+  events += [event_pb2.Event(wall_time=0.0, step=0, summary=summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))]))
+             for tag, value in metrics.items()]
+  for old in folder.glob(f"{TRIAL_EVENTS}*"):
+    old.unlink()
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / f"{TRIAL_EVENTS}.trial{trial.index}"
+  with path.open("wb") as f:
+    writer = record_writer.RecordWriter(f)
+    for event in events:
+      writer.write(event.SerializeToString())
+  return path
 
 
 def table(chosen: Mapping[str, Trial], test: Mapping[str, Mapping[str, Any]]) -> str:
