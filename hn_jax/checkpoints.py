@@ -37,6 +37,9 @@ from hn_jax.errors import DiskFull, NoGoodCheckpoint, RunStopped
 FOLDER = "checkpoints"
 DAMAGED_FOLDER = "checkpoints_damaged"
 DIGEST_KEY = "digest"
+# The classes the loss was built for (a loss with a parameter per class): what a reader of
+# the checkpoint needs to shape its state.
+NUM_CLASSES_KEY = "num_classes"
 # Room kept free beyond a checkpoint's own size (its metadata, the event files meanwhile).
 SPACE_MARGIN = 1 << 20
 
@@ -151,8 +154,9 @@ class Saver:
   space is cheap to know.
   """
 
-  def __init__(self, checkpoints: ocp.CheckpointManager):
+  def __init__(self, checkpoints: ocp.CheckpointManager, num_classes: int | None = None):
     self.checkpoints = checkpoints
+    self.num_classes = num_classes  # recorded with a state whose loss has parameters
     self.folder = epath.Path(checkpoints.directory)
     self._needed = 0
 
@@ -180,6 +184,8 @@ class Saver:
       raise DiskFull(_space_problem(self.folder, self._needed, free,
                                     steps[-1] if steps else None))
     progress = dict(progress, **{DIGEST_KEY: digest(state)})
+    if state.loss_params is not None and self.num_classes is not None:
+      progress[NUM_CLASSES_KEY] = self.num_classes
     try:
       self.checkpoints.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
@@ -289,13 +295,27 @@ def restore_run(workdir: str, mesh: Mesh | None = None
   """
   config = run_config.read(workdir)
   mesh = sharding.create_mesh() if mesh is None else mesh
-  graphdef, state, _ = train_step.init_state(config, read_weights=False)
-  state = sharding.replicate(state, mesh)
   checkpoints = manager(workdir, create=False)
   try:
+    graphdef, state, _ = train_step.init_state(config, read_weights=False,
+                                               num_classes=_num_classes(checkpoints))
+    state = sharding.replicate(state, mesh)
     found = restore_newest_good(checkpoints, state, move_aside=False)
   finally:
     checkpoints.close()
   if found is None:
     raise NoCheckpoint(f"no checkpoint in {run_config.workdir_path(workdir) / FOLDER}")
   return config, graphdef, found[1], mesh
+
+
+def _num_classes(checkpoints: ocp.CheckpointManager) -> int:
+  """The classes the newest readable checkpoint's loss was built for (1: no such record)."""
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    try:
+      progress = checkpoints.restore(step, args=ocp.args.Composite(
+          progress=ocp.args.JsonRestore())).progress
+    except Exception:  # pylint: disable=broad-except; damage is reported by the restore
+      continue
+    if isinstance(progress, dict) and isinstance(progress.get(NUM_CLASSES_KEY), int):
+      return progress[NUM_CLASSES_KEY]
+  return 1

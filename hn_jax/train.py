@@ -264,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise run_config.ConfigError(
         f"an epoch of {config.dataset} holds fewer images than config.batch_size="
         f"{config.batch_size}; lower the batch size or raise config.repeat")
-  initial = train_step.init_state(config, steps_per_epoch)  # reads config.pretrained
+  initial = train_step.init_state(  # reads config.pretrained
+      config, steps_per_epoch, num_classes=train_step.num_train_classes(dataset.train.labels))
   lock = (WorkdirLock(run_config.workdir_path(workdir)) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:  # before anything is written to the workdir
@@ -298,7 +299,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
          "raise --config.num_epochs to train further", workdir, found[0],
          found[0] // steps_per_epoch, config.num_epochs)
     return {}
-  saver = checkpoints_lib.Saver(checkpoints)
+  saver = checkpoints_lib.Saver(
+      checkpoints, num_classes=train_step.num_train_classes(dataset.train.labels))
   writer = _create_writer(workdir)
   metrics = {}
   step = 0 if found is None else found[0]
