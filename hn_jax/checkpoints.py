@@ -15,6 +15,7 @@ the run with one line (`errors.DiskFull`) while the previous checkpoint stays go
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -188,7 +189,7 @@ class Saver:
       progress[NUM_CLASSES_KEY] = self.num_classes
     try:
       self.checkpoints.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+          state=ocp.args.StandardSave(_item(state)), progress=ocp.args.JsonSave(progress)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(e) from None
 
@@ -201,14 +202,22 @@ class Saver:
     self.check()
 
 
+def _item(state: train_step.TrainState) -> dict[str, Any]:
+  """What a checkpoint stores of `state`: its array fields by name, those that are None (a
+  loss without parameters or memory) left out, as in the checkpoints of before the loss
+  had any."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.metadata.get("pytree_node", True) and getattr(state, f.name) is not None}
+
+
 def restore(checkpoints: ocp.CheckpointManager, step: int, like: train_step.TrainState
             ) -> tuple[train_step.TrainState, dict[str, Any]]:
   """(state, progress) of checkpoint `step`, placed as `like` is (not verified: see
   `restore_newest_good`)."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _item(like))
   restored = checkpoints.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
-  return restored.state, restored.progress
+  return like.replace(**restored.state), restored.progress
 
 
 def verify(state: Any, progress: Any) -> str | None:

@@ -90,7 +90,7 @@ class EpochLog:
     for step, metrics in self._pending:
       values = {k: float(v) for k, v in sharding.local_value(metrics).items()}
       self.writer.write_scalars(step, {("step_loss" if k == "loss" else k): values[k]
-                                       for k in self.PER_STEP})
+                                       for k in self.PER_STEP if k in values})
       for k, v in values.items():
         self.sums[k] = self.sums.get(k, 0.0) + v
       self.count += 1
@@ -199,8 +199,9 @@ class Progress:
     rate = self.rate(step)
     if rate is not None:
       scalars["steps_per_sec"] = rate
-    _say("epoch %d/%d: loss %.4f, hn_ratio %.3f%s%s", epoch, self.num_epochs,
-         scalars["loss"], scalars["train/hn_ratio"],
+    _say("epoch %d/%d: loss %.4f, %s %.3f%s%s", epoch, self.num_epochs, scalars["loss"],
+         *(("hn_ratio", scalars["train/hn_ratio"]) if "train/hn_ratio" in scalars
+           else ("embedding_mean_sim", scalars["train/embedding_mean_sim"])),
          f", {int(scalars['skipped_steps'])} skipped steps" if scalars["skipped_steps"]
          else "", f" | {pace}" if pace else "")
 

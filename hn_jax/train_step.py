@@ -179,7 +179,7 @@ def split_loss(loss: nnx.Module) -> tuple[nnx.GraphDef, nnx.State | None, nnx.St
   graphdef, params, memory, rest = nnx.split(loss, nnx.Param, losses.MemoryState, ...)
   if jax.tree.leaves(rest):
     kinds = sorted({type(v).__name__ for v in jax.tree.leaves(
-        rest, is_leaf=lambda x: isinstance(x, nnx.VariableState))})
+        rest, is_leaf=lambda x: isinstance(x, nnx.Variable))})
     raise ValueError(f"a loss's variables must be nnx.Param (trained) or losses.MemoryState "
                      f"(carried); {type(loss).__name__} also holds {', '.join(kinds)}")
   return (graphdef, params if jax.tree.leaves(params) else None,
@@ -271,6 +271,17 @@ def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
               hard_threshold=config.hard_threshold)
 
 
+COLLAPSE_KEY = "embedding_mean_sim"
+
+
+def mean_similarity(embeddings: jax.Array) -> jax.Array:
+  """The mean cosine similarity over distinct pairs of a batch's embeddings (near 1: the
+  embedding collapsed), as the paper's losses report it."""
+  n = embeddings.shape[0]
+  sims = jax.lax.stop_gradient(losses.cosine_similarities(embeddings))
+  return (jnp.sum(sims) - jnp.trace(sims)) / float(max(1, n * (n - 1)))
+
+
 def _unless_skipped(skipped: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, old)
 
@@ -314,6 +325,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       arrays = [a for a in (loss_params, state.loss_state) if a is not None] or [nnx.State({})]
       loss_module = nnx.merge(loss_def.graphdef, *arrays, copy=True)
       loss, aux = loss_module(embeddings, labels)
+      if COLLAPSE_KEY not in aux:  # every run logs it: the report's collapse rule reads it
+        aux = dict(aux, **{COLLAPSE_KEY: mean_similarity(embeddings)})
       memory = None if state.loss_state is None else nnx.state(loss_module, losses.MemoryState)
       return loss, (aux, nnx.state(model, nnx.BatchStat), memory)
 
