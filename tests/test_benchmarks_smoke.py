@@ -29,6 +29,8 @@ SMOKE_ELSEWHERE = {
     # These two compile for a TPU target: in-process beside the preflight's own tests.
     "preflight_table.py": "tests/test_preflight.py",
     "mining_precision.py": "tests/test_preflight.py",
+    # With a user's loss that PML also has, written for the run.
+    "losses.py": "tests/test_benchmark_losses.py",
 }
 # The rest: the arguments of their smoke run here (JSON path appended).
 SMOKE_HERE = {
