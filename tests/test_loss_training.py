@@ -380,3 +380,14 @@ def test_loss_and_miner_params_on_the_command_line():
   # A second parse starts from the file again.
   cli.parse(flag_values, ["--config=configs/digits.py"], prog="t")
   assert dict(flag_values["config"].value.loss_params) == {}
+
+
+def test_reproduce_takes_every_registered_loss(tmp_path):
+  from hn_jax.tools import reproduce  # pylint: disable=import-outside-toplevel
+  with pytest.raises(reproduce.ReproduceError, match=f"use some of {','.join(losses.NAMES)}$"):
+    reproduce.reproduce(_config(), tmp_path, methods=["nope"])
+  assert "test_proxy" in losses.NAMES
+  # A registered loss passes the check of --methods: the next check (--lrs) speaks.
+  with pytest.raises(reproduce.ReproduceError, match="--lrs: 'x' is not a positive"):
+    reproduce.reproduce(_config(), tmp_path, methods=["test_proxy", "sct"], lrs=["x"])
+  assert not any(tmp_path.iterdir())
