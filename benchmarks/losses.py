@@ -1,13 +1,14 @@
 """Every registered loss, forward and backward: jitted JAX against pytorch-metric-learning.
 
     python benchmarks/losses.py [--batches=128,512,2048] [--dim=512] [--memory=8192]
-                                [--losses=NAME,...] [--loss_module=MOD] [--json=OUT] [--smoke]
+                                [--losses=NAME,...] [--loss_module=MOD] [--torch_threads=N]
+                                [--json=OUT] [--smoke]
 
 For each loss of `hn_jax.losses.NAMES` (and a user's, registered by `--loss_module`), at each
 batch: the time of one forward and backward pass (the gradient of the loss with respect to
 the embeddings and to the loss's own parameters, its memory updated) of `losses.build(name)`
 jitted, against PML's equivalent (`PML`, below; none for the paper's hn, shn and sct) on the
-same CPU in the same process, torch on every core. Labels are the paper's sampler's: 2
+same CPU in the same process, torch on every core unless `--torch_threads` says otherwise. Labels are the paper's sampler's: 2
 embeddings per class, B/2 classes (a loss with a parameter per class gets B/2 classes). Where
 a loss takes cross-batch memory, it is timed again with `--memory` embeddings remembered
 (PML's CrossBatchMemory). Each time is the median of `--repeats` calls after a warm-up (JAX's
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--losses", default="", help="comma-separated; default: every registered")
   parser.add_argument("--loss_module", default="", help="a module that registers losses")
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--torch_threads", type=int, default=0,
+                      help="torch's threads (0: one per core; on a machine busy with other "
+                      "work, 1 avoids OpenMP's waits for descheduled threads)")
   parser.add_argument("--json", default="")
   parser.add_argument("--smoke", action="store_true")
   args = parser.parse_args(argv)
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
   if unknown:
     parser.error(f"--losses: {', '.join(unknown)} not registered; use {', '.join(losses.NAMES)}")
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
   rows = []
   for name in names:
     for batch in batches:
