@@ -157,7 +157,7 @@ class Saver:
 
   def __init__(self, checkpoints: ocp.CheckpointManager, num_classes: int | None = None):
     self.checkpoints = checkpoints
-    self.num_classes = num_classes  # recorded with a state whose loss has parameters
+    self.num_classes = num_classes  # recorded with a state whose loss holds arrays
     self.folder = epath.Path(checkpoints.directory)
     self._needed = 0
 
@@ -185,7 +185,8 @@ class Saver:
       raise DiskFull(_space_problem(self.folder, self._needed, free,
                                     steps[-1] if steps else None))
     progress = dict(progress, **{DIGEST_KEY: digest(state)})
-    if state.loss_params is not None and self.num_classes is not None:
+    if self.num_classes is not None and (state.loss_params is not None
+                                         or state.loss_state is not None):
       progress[NUM_CLASSES_KEY] = self.num_classes
     try:
       self.checkpoints.save(step, args=ocp.args.Composite(
