@@ -281,6 +281,13 @@ def test_a_resumed_run_with_proxies_and_memory_continues_exactly(tmp_path):
   assert found is not None and found[0] == 3
   state = found[1]
   assert state.loss is like.loss
+  # The digest covers the proxies: one changed entry is caught.
+  proxies = np.array(_host(state.loss_params)["proxies"][...])
+  proxies[0, 0] += 1.0
+  tampered = state.replace(loss_params=jax.tree.map(
+      lambda _: proxies, _host(state.loss_params)))
+  assert "differ from the digest" in checkpoints.verify(tampered, progress)
+  assert checkpoints.verify(state, progress) is None
   for batch in batches[3:]:
     state, _ = step(state, *batch)
   for a, b in zip(jax.tree.leaves(_host(state)), jax.tree.leaves(uninterrupted)):
