@@ -15,6 +15,7 @@ the run with one line (`errors.DiskFull`) while the previous checkpoint stays go
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -37,6 +38,9 @@ from hn_jax.errors import DiskFull, NoGoodCheckpoint, RunStopped
 FOLDER = "checkpoints"
 DAMAGED_FOLDER = "checkpoints_damaged"
 DIGEST_KEY = "digest"
+# The classes the loss was built for (a loss with a parameter per class): what a reader of
+# the checkpoint needs to shape its state.
+NUM_CLASSES_KEY = "num_classes"
 # Room kept free beyond a checkpoint's own size (its metadata, the event files meanwhile).
 SPACE_MARGIN = 1 << 20
 
@@ -151,8 +155,9 @@ class Saver:
   space is cheap to know.
   """
 
-  def __init__(self, checkpoints: ocp.CheckpointManager):
+  def __init__(self, checkpoints: ocp.CheckpointManager, num_classes: int | None = None):
     self.checkpoints = checkpoints
+    self.num_classes = num_classes  # recorded with a state whose loss holds arrays
     self.folder = epath.Path(checkpoints.directory)
     self._needed = 0
 
@@ -180,9 +185,12 @@ class Saver:
       raise DiskFull(_space_problem(self.folder, self._needed, free,
                                     steps[-1] if steps else None))
     progress = dict(progress, **{DIGEST_KEY: digest(state)})
+    if self.num_classes is not None and (state.loss_params is not None
+                                         or state.loss_state is not None):
+      progress[NUM_CLASSES_KEY] = self.num_classes
     try:
       self.checkpoints.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+          state=ocp.args.StandardSave(_item(state)), progress=ocp.args.JsonSave(progress)))
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(e) from None
 
@@ -195,14 +203,22 @@ class Saver:
     self.check()
 
 
+def _item(state: train_step.TrainState) -> dict[str, Any]:
+  """What a checkpoint stores of `state`: its array fields by name, those that are None (a
+  loss without parameters or memory) left out, as in the checkpoints of before the loss
+  had any."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.metadata.get("pytree_node", True) and getattr(state, f.name) is not None}
+
+
 def restore(checkpoints: ocp.CheckpointManager, step: int, like: train_step.TrainState
             ) -> tuple[train_step.TrainState, dict[str, Any]]:
   """(state, progress) of checkpoint `step`, placed as `like` is (not verified: see
   `restore_newest_good`)."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _item(like))
   restored = checkpoints.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
-  return restored.state, restored.progress
+  return like.replace(**restored.state), restored.progress
 
 
 def verify(state: Any, progress: Any) -> str | None:
@@ -289,13 +305,27 @@ def restore_run(workdir: str, mesh: Mesh | None = None
   """
   config = run_config.read(workdir)
   mesh = sharding.create_mesh() if mesh is None else mesh
-  graphdef, state, _ = train_step.init_state(config, read_weights=False)
-  state = sharding.replicate(state, mesh)
   checkpoints = manager(workdir, create=False)
   try:
+    graphdef, state, _ = train_step.init_state(config, read_weights=False,
+                                               num_classes=_num_classes(checkpoints))
+    state = sharding.replicate(state, mesh)
     found = restore_newest_good(checkpoints, state, move_aside=False)
   finally:
     checkpoints.close()
   if found is None:
     raise NoCheckpoint(f"no checkpoint in {run_config.workdir_path(workdir) / FOLDER}")
   return config, graphdef, found[1], mesh
+
+
+def _num_classes(checkpoints: ocp.CheckpointManager) -> int:
+  """The classes the newest readable checkpoint's loss was built for (1: no such record)."""
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    try:
+      progress = checkpoints.restore(step, args=ocp.args.Composite(
+          progress=ocp.args.JsonRestore())).progress
+    except Exception:  # pylint: disable=broad-except; damage is reported by the restore
+      continue
+    if isinstance(progress, dict) and isinstance(progress.get(NUM_CLASSES_KEY), int):
+      return progress[NUM_CLASSES_KEY]
+  return 1

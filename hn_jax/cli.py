@@ -11,6 +11,7 @@ imported. A config file is given as `--config=FILE --config.KEY=VALUE` (ml_colle
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import glob
@@ -57,6 +58,48 @@ def define_config(flag_values: flags.FlagValues, default: str | None = None,
   config_flags.DEFINE_config_file("config", default, help_text, flag_values=flag_values,
                                   lock_config=True)
   _CONFIG_DEFAULTS[id(flag_values)] = default
+
+
+# Config settings that are open dicts: `--config.loss_params.margin=0.2` adds a key the file
+# does not hold (ml_collections accepts overrides of existing keys only).
+OPEN_SETTINGS = ("loss_params", "miner_params")
+
+
+def _split_open_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """argv without the `--config.OPEN.KEY=VALUE` overrides of OPEN_SETTINGS; those as
+  (setting, key, value)."""
+  rest, found = [], []
+  pattern = r"^--?config\.({})\.([A-Za-z_][A-Za-z0-9_]*)(=(.*))?$".format(
+      "|".join(OPEN_SETTINGS))
+  for arg in argv:
+    match = re.match(pattern, arg, re.DOTALL)
+    if not match:
+      rest.append(arg)
+      continue
+    if match.group(3) is None:
+      raise UsageProblem(f"{arg}: give a value, e.g. {arg}=0.2")
+    found.append((match.group(1), match.group(2), match.group(4)))
+  return rest, found
+
+
+def _literal(text: str) -> object:
+  """`0.2` -> 0.2, `3` -> 3, `true` -> True, `(1, 2)` -> (1, 2); anything else: the text."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    return text
+
+
+def _apply_open_overrides(config, overrides: list[tuple[str, str, str]]) -> None:
+  for setting, key, value in overrides:
+    if setting not in config:
+      raise UsageProblem(f"--config.{setting}.{key}: this config has no {setting} "
+                         f"({SETTINGS_HINT})")
+    group = config[setting]
+    with group.unlocked():
+      group[key] = _literal(value)
 
 
 def wants_help(argv: Sequence[str]) -> bool:
@@ -148,6 +191,9 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
   """
   flag_values.unparse_flags()
   argv = _resolve_config_path(list(argv))
+  open_overrides = []
+  if "config" in flag_values:
+    argv, open_overrides = _split_open_overrides(argv)
   if "config" in flag_values:
     default = _CONFIG_DEFAULTS.get(id(flag_values))
     if default and not any(re.match(r"^--?config(=|$)", a) for a in argv):
@@ -166,6 +212,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
     raise UsageProblem(_config_file_problem(e) or _override_problem(e)) from e
   if "config" in flag_values:
     _check_config(flag_values)
+    _apply_open_overrides(flag_values["config"].value, open_overrides)
   for name in required:
     if flag_values[name].value in (None, ""):
       raise UsageProblem(f"--{name} is required: {flag_values[name].help}")

@@ -3,7 +3,8 @@
 Every setting, with its default and a one-line comment, is in configs/default.py (the
 defaults of hn_jax/run_config.py); the dataset configs (configs/digits.py, cub.py, car.py,
 sop.py, inshop.py, hotel.py, synthetic.py) change what differs. Override any of them on the
-command line, e.g. `--config.loss=shn --config.seed=3 --config.num_epochs=40`. What the
+command line, e.g. `--config.loss=shn --config.seed=3 --config.num_epochs=40`; a loss's own
+hyperparameters as `--config.loss_params.KEY=VALUE` (docs/own_loss_section.md). What the
 settings reproduce is described in docs/protocol.md; the datasets' layouts in docs/datasets.md.
 
 The workdir belongs to one run: running the same command again resumes it; settings that

@@ -58,6 +58,10 @@ flags.DEFINE_string("cache_dir", None, "Keep each compiled program's figures her
 EVAL_SPLITS = {"cub": (5924, None), "cars": (8131, None), "sop": (60502, None),
                "inshop": (14218, 12612), "hotels50k": (17954, 1027871),
                "digits": (896, None)}
+# Classes a loss with a parameter per class is built for (the training labels' max + 1; for
+# In-shop and Hotels-50K, whose labels number every split's items, the count over all splits).
+TRAIN_CLASSES = {"cub": 100, "cars": 98, "sop": 11318, "inshop": 7982, "hotels50k": 50000,
+                 "digits": 5}
 # MAP@R ranks the top k = the largest class's size, which is data; this bound is compiled.
 EVAL_TOP_K = 100
 # The batch search stops at this many times the configured per-chip batch, or at
@@ -213,7 +217,9 @@ class Programs:
     self.config = config
     self.mesh = sharding.create_mesh(devices)
     self.chips = len(devices)
-    self.graphdef, state, self.tx = train_step.abstract_state(config)
+    classes = (config.get("synthetic_classes", 200) // 2 if config.dataset == "synthetic"
+               else TRAIN_CLASSES.get(config.dataset, 1))
+    self.graphdef, state, self.tx = train_step.abstract_state(config, classes)
     self.state = _abstract(state, sharding.replicated(self.mesh))
     self.batch = sharding.batch_sharding(self.mesh)
 

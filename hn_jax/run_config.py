@@ -27,9 +27,11 @@ it is reached through `workdir_path` (etils' epath, which Orbax uses too), never
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import math
 import os
+import re
 from typing import Any, Mapping
 
 import ml_collections
@@ -107,10 +109,20 @@ def defaults() -> ml_collections.ConfigDict:
   config.pretrained = ""
   config.half_precision = False  # Compute in bfloat16 (parameters, loss, optimizer stay float32).
   # Loss.
-  config.loss = "sct"  # "hn" (hardest negative), "shn" (semi-hard) or "sct" (selective).
-  config.lam = 1.0  # Weight of sct's hard-triplet term.
-  config.temperature = 0.1  # Temperature t of the triplet term softplus((S_an - S_ap) / t).
+  # Any registered loss (hn_jax.losses.NAMES): the paper's "hn" (hardest negative), "shn"
+  # (semi-hard), "sct" (selective), ... (docs/own_loss_section.md).
+  config.loss = "sct"
+  config.lam = 1.0  # hn/shn/sct: weight of sct's hard-triplet term.
+  config.temperature = 0.1  # hn/shn/sct: temperature t of softplus((S_an - S_ap) / t).
   config.hard_threshold = 0.8  # sct: a negative more similar than this makes a hard triplet.
+  # The loss's other hyperparameters, e.g. --config.loss_params.margin=0.2 (unset: its defaults).
+  config.loss_params = ml_collections.ConfigDict()
+  config.miner = ""  # A miner for pair and triplet losses; empty: none.
+  config.miner_params = ml_collections.ConfigDict()  # e.g. --config.miner_params.margin=0.1
+  config.memory_size = 0  # Cross-batch memory of this many embeddings (pair/triplet losses); 0: none.
+  config.loss_lr_multiplier = 1.0  # The loss's own parameters (proxies) train at this x the rate.
+  # A Python module imported first, which registers your own loss (docs/own_loss_section.md).
+  config.loss_module = ""
   # Optimization.
   config.learning_rate = 0.009  # SGD learning rate (sct on CUB; shn uses 0.002).
   config.lr_drop_epochs = (40,)  # Epochs after which the learning rate is multiplied by 0.1.
@@ -149,6 +161,20 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names it and says how to fix it."""
 
 
+_MODULE_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+
+
+def import_loss_module(config: ml_collections.ConfigDict) -> None:
+  """Imports `config.loss_module` (a module name, never code: it registers the user's own
+  loss), if set."""
+  name = config.get("loss_module", "")
+  if name:
+    if not re.fullmatch(_MODULE_NAME, name):
+      raise ConfigError(f"config.loss_module={name!r} is not a module name; give a dotted "
+                        "Python module name, e.g. mypkg.myloss")
+    importlib.import_module(name)
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int,
              num_processes: int) -> None:
   """Raises ConfigError on the first setting that cannot work, before anything compiles."""
@@ -163,8 +189,28 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   for key, value in config.items():
     if isinstance(value, float):
       need(math.isfinite(value), f"config.{key}={value} must be a finite number")
-  need(config.loss in losses.METHODS,
-       f"config.loss={config.loss!r} is not a loss; use one of {', '.join(losses.METHODS)}")
+  try:
+    import_loss_module(config)
+  except ImportError as e:
+    raise ConfigError(f"config.loss_module={config.loss_module!r} cannot be imported ({e}); "
+                      "put its package on PYTHONPATH or install it") from None
+  need(config.loss in losses.NAMES,
+       f"config.loss={config.loss!r} is not a loss; use one of {', '.join(losses.NAMES)}"
+       + ("" if config.get("loss_module") else " (or register yours: --config.loss_module)"))
+  paper = sorted(set(config.get("loss_params") or {}) & {"lam", "temperature", "hard_threshold"})
+  if config.loss in losses.METHODS and paper:
+    raise ConfigError(f"config.loss_params.{paper[0]} is set; the paper's losses take it as "
+                      f"--config.{paper[0]} (one place for each setting)")
+  need(isinstance(config.get("memory_size", 0), int) and config.get("memory_size", 0) >= 0,
+       f"config.memory_size={config.get('memory_size')!r} must be an integer >= 0")
+  need(isinstance(config.get("loss_lr_multiplier", 1.0), (int, float))
+       and config.get("loss_lr_multiplier", 1.0) > 0,
+       f"config.loss_lr_multiplier={config.get('loss_lr_multiplier')!r} must be positive")
+  try:
+    losses.check(config.loss, dict(config.get("loss_params") or {}), config.get("miner", ""),
+                 dict(config.get("miner_params") or {}), config.get("memory_size", 0))
+  except ValueError as e:
+    raise ConfigError(f"config.loss={config.loss!r}: {e}") from None
   folds = config.get("folds", 0)
   need(folds == 0 or folds >= 2,
        f"config.folds={folds}: use 0 (no validation folds) or at least 2")

@@ -90,7 +90,7 @@ class EpochLog:
     for step, metrics in self._pending:
       values = {k: float(v) for k, v in sharding.local_value(metrics).items()}
       self.writer.write_scalars(step, {("step_loss" if k == "loss" else k): values[k]
-                                       for k in self.PER_STEP})
+                                       for k in self.PER_STEP if k in values})
       for k, v in values.items():
         self.sums[k] = self.sums.get(k, 0.0) + v
       self.count += 1
@@ -199,8 +199,9 @@ class Progress:
     rate = self.rate(step)
     if rate is not None:
       scalars["steps_per_sec"] = rate
-    _say("epoch %d/%d: loss %.4f, hn_ratio %.3f%s%s", epoch, self.num_epochs,
-         scalars["loss"], scalars["train/hn_ratio"],
+    _say("epoch %d/%d: loss %.4f, %s %.3f%s%s", epoch, self.num_epochs, scalars["loss"],
+         *(("hn_ratio", scalars["train/hn_ratio"]) if "train/hn_ratio" in scalars
+           else ("embedding_mean_sim", scalars["train/embedding_mean_sim"])),
          f", {int(scalars['skipped_steps'])} skipped steps" if scalars["skipped_steps"]
          else "", f" | {pace}" if pace else "")
 
@@ -264,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise run_config.ConfigError(
         f"an epoch of {config.dataset} holds fewer images than config.batch_size="
         f"{config.batch_size}; lower the batch size or raise config.repeat")
-  initial = train_step.init_state(config, steps_per_epoch)  # reads config.pretrained
+  initial = train_step.init_state(  # reads config.pretrained
+      config, steps_per_epoch, num_classes=train_step.num_train_classes(dataset.train.labels))
   lock = (WorkdirLock(run_config.workdir_path(workdir)) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:  # before anything is written to the workdir
@@ -305,7 +307,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
          "raise --config.num_epochs to train further", workdir, found[0],
          found[0] // steps_per_epoch, config.num_epochs)
     return {}
-  saver = checkpoints_lib.Saver(checkpoints)
+  saver = checkpoints_lib.Saver(
+      checkpoints, num_classes=train_step.num_train_classes(dataset.train.labels))
   # HParams before the scalars' event file, so that a live TensorBoard polls the newer file.
   views = summaries.RunSummaries(config, dataset, workdir, enabled=jax.process_index() == 0)
   views.started()

@@ -30,6 +30,8 @@ SMOKE_ELSEWHERE = {
     "preflight_table.py": "tests/test_preflight.py",
     "mining_precision.py": "tests/test_preflight.py",
     "tensorboard_views.py": "tests/test_tensorboard.py",  # quick: no compile
+    # With a user's loss that PML also has, written for the run.
+    "losses.py": "tests/test_benchmark_losses.py",
 }
 # The rest: the arguments of their smoke run here (JSON path appended).
 SMOKE_HERE = {

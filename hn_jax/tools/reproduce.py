@@ -191,10 +191,11 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   """Search, seeds, table and figures (see the module docstring); returns it all as data."""
   from hn_jax import losses, run_config  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  unknown = [m for m in methods if m not in losses.METHODS]
+  run_config.import_loss_module(config)  # registers the config's own loss, if it names one
+  unknown = [m for m in methods if m not in losses.NAMES]
   if unknown or not methods:
     raise ReproduceError(f"--methods: {','.join(unknown) or 'none given'}; use some of "
-                         f"{','.join(losses.METHODS)}")
+                         f"{','.join(losses.NAMES)}")
   for lr in lrs:
     try:
       ok = float(lr) > 0
@@ -277,7 +278,8 @@ FLAGS = cli.command_flags()
 flags.DEFINE_string("root", None, "Where the runs go (the release's layout).", flag_values=FLAGS)
 cli.define_config(FLAGS, DEFAULT_CONFIG, "The config file of the study (default: "
                   "configs/synthetic.py); --config.KEY=VALUE overrides its settings.")
-flags.DEFINE_list("methods", ["hn", "shn", "sct"], "The losses, comma-separated.",
+flags.DEFINE_list("methods", ["hn", "shn", "sct"], "The losses, comma-separated: any "
+                  "registered loss (hn_jax.losses.NAMES; the paper's: hn, shn, sct).",
                   flag_values=FLAGS)
 flags.DEFINE_list("lrs", ["0.3", "1", "3"], "Learning rates searched, comma-separated, as "
                   "typed in folder names.", flag_values=FLAGS)
