@@ -134,6 +134,7 @@ def test_a_trial_writes_its_hparams_row_with_validation_and_test_figures(tmp_pat
   assert scalars["val_MAP_R"] == 0.5
   assert scalars["test_MAP_R_concatenated"] == pytest.approx(0.4)
   assert scalars["test_R_1_separate"] == pytest.approx(0.3)
-  assert report.find_runs(tmp_path) == {}  # not a training run for `report`
+  with pytest.raises(report.ReportError, match="no events.out.tfevents"):
+    report.find_runs(tmp_path)  # not a training run for `report`
   text = path.read_bytes()
   assert b"loss_params.lam" in text and b"learning_rate" in text
