@@ -138,3 +138,17 @@ def test_a_trial_writes_its_hparams_row_with_validation_and_test_figures(tmp_pat
     report.find_runs(tmp_path)  # not a training run for `report`
   text = path.read_bytes()
   assert b"loss_params.lam" in text and b"learning_rate" in text
+
+
+def test_the_protocols_side_by_side():
+  config = runs.tiny_config()
+  group = reproduce.group_name(config, "sct", "1")
+  paper = {"dataset": "DIGITS", "chosen": {"sct": "1"},
+           "rows": [{"group": group, "metric": "DIGITS_test_R_1", "mean": 0.9, "std": 0.01,
+                     "collapse": False}]}
+  mlrc = {"chosen": {"sct": {"settings": {"learning_rate": 0.5, "lam": 2.0}}},
+          "test": {"sct": {"concatenated": {"R_1": 0.8, "MAP_R": 0.3, "RP": 0.4},
+                           "separate": {"R_1": {"mean": 0.7, "std": 0.05}}}}}
+  lines = reproduce.side_by_side(config, paper, mlrc).splitlines()
+  assert lines[2] == ("| sct | 1 | 90.00 +- 1.00 | learning_rate 0.5, lam 2 | 80.00 | "
+                      "70.00 +- 5.00 | 30.00 |"), lines

@@ -7,6 +7,8 @@ Usage::
         [--figures=/tmp/hn_table/synthetic] [--json=FILE.json] [--config.KEY=VALUE ...]
     python -m hn_jax.tools.reproduce --protocol=mlrc --root=/tmp/hn_study [--methods=...]
         [--trials=10] [--folds=4] [--fold_seed=0] [--trial_seed=0] [--parallel=1] [--json=FILE]
+    python -m hn_jax.tools.reproduce --protocol=both --root=/tmp/hn_both ...  (the two, and a
+        table of them side by side)
 
 ``--protocol=mlrc`` is `hn_jax.tools.study`: each loss tuned with the same budget on
 validation classes, the test split read once (docs/study.md). What follows is the default,
@@ -291,9 +293,10 @@ flags.DEFINE_string("figures", None, "Write PREFIX_hn_ratio.png and PREFIX_recal
                     flag_values=FLAGS)
 flags.DEFINE_string("json", None, "Also write everything as JSON to this file.",
                     flag_values=FLAGS)
-flags.DEFINE_enum("protocol", "paper", ["paper", "mlrc"], "paper: the paper's (chooses the "
-                  "learning rate on the test split); mlrc: choose on validation classes "
-                  "(hn_jax.tools.study, docs/study.md).", flag_values=FLAGS)
+flags.DEFINE_enum("protocol", "paper", ["paper", "mlrc", "both"], "paper: the paper's "
+                  "(chooses the learning rate on the test split); mlrc: choose on validation "
+                  "classes (hn_jax.tools.study, docs/study.md); both: the two, then a table "
+                  "of them side by side.", flag_values=FLAGS)
 flags.DEFINE_integer("trials", 10, "mlrc: settings tried per loss (the same for every loss).",
                      flag_values=FLAGS)
 flags.DEFINE_integer("folds", 4, "mlrc: class-disjoint folds of the training classes.",
@@ -302,6 +305,59 @@ flags.DEFINE_integer("fold_seed", 0, "mlrc: deals the classes into folds.", flag
 flags.DEFINE_integer("trial_seed", 0, "mlrc: seeds the quasi-random search.", flag_values=FLAGS)
 flags.DEFINE_integer("parallel", 1, "mlrc: runs trained at once (subprocesses; one GPU each "
                      "where the host has several).", flag_values=FLAGS)
+
+
+def side_by_side(config: ml_collections.ConfigDict, paper: Mapping[str, Any],
+                 mlrc: Mapping[str, Any]) -> str:
+  """Markdown: per loss, the paper's protocol (learning rate chosen on the test split; test
+  R@1 mean +- std over seeds) beside mlrc's (settings chosen on validation classes; test R@1
+  and MAP@R of the fold models concatenated, and R@1 separate: mean +- std over folds), in
+  percent."""
+  by = {(r["group"], r["metric"]): r for r in paper["rows"]}
+
+  def pct(mean, std=None):
+    if mean is None:
+      return "-"
+    return f"{100 * mean:.2f}" + ("" if std is None else f" +- {100 * std:.2f}")
+
+  lines = ["| loss | paper: lr | paper: R@1 (seeds) | mlrc: chosen | mlrc: R@1 concat | "
+           "mlrc: R@1 separate (folds) | mlrc: MAP@R concat |", "|---|---|---|---|---|---|---|"]
+  for loss, lr in paper["chosen"].items():
+    row = by.get((group_name(config, loss, lr), f"{paper['dataset']}_test_R_1"), {})
+    first = ("collapse" if row.get("collapse") else pct(row.get("mean"), row.get("std"))
+             if row else "-")
+    test = mlrc["test"].get(loss)
+    settings = ", ".join(f"{k} {v:g}" for k, v in mlrc["chosen"][loss]["settings"].items())
+    separate = test["separate"]["R_1"] if test else {"mean": None, "std": None}
+    lines.append(f"| {loss} | {lr} | {first} | {settings} | "
+                 f"{pct(test['concatenated']['R_1']) if test else '-'} | "
+                 f"{pct(separate['mean'], separate['std'])} | "
+                 f"{pct(test['concatenated']['MAP_R']) if test else '-'} |")
+  return "\n".join(lines)
+
+
+def _both(config: ml_collections.ConfigDict, seeds: Sequence[int],
+          search_seeds: Sequence[int]) -> int:
+  from hn_jax.tools import study  # pylint: disable=g-import-not-at-top
+  started = time.perf_counter()
+  methods = [m.strip() for m in FLAGS.methods if m.strip()]
+  log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+  paper = reproduce(config, FLAGS.root, methods=methods,
+                    lrs=[x.strip() for x in FLAGS.lrs if x.strip()], seeds=seeds,
+                    search_seeds=search_seeds, figures=FLAGS.figures, log=log)
+  mlrc = study.mlrc(config, FLAGS.root, methods=methods, trials=FLAGS.trials, folds=FLAGS.folds,
+                    fold_seed=FLAGS.fold_seed, trial_seed=FLAGS.trial_seed,
+                    parallel=FLAGS.parallel, log=log)
+  seconds = time.perf_counter() - started
+  table = side_by_side(config, paper, mlrc)
+  print(f"{paper['dataset']}: the paper's protocol beside mlrc's, test figures in percent:"
+        f"\n\n{table}\n\nThe paper's protocol in full:\n\n{paper['table']}\n\n"
+        f"mlrc in full:\n\n{mlrc['table']}")
+  print(f"\n{seconds / 60:.1f} minutes in all", file=sys.stderr)
+  if FLAGS.json:
+    Path(FLAGS.json).write_text(json.dumps({"paper": paper, "mlrc": mlrc, "table": table,
+                                            "seconds": seconds}, indent=1, allow_nan=False))
+  return 0
 
 
 def _study(config: ml_collections.ConfigDict) -> int:
@@ -332,9 +388,11 @@ def _reproduce(_: list[str]) -> int:
   from absl import logging  # pylint: disable=g-import-not-at-top
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)  # each run's console lines: one line per run instead
-  if FLAGS.protocol == "mlrc":
+  if FLAGS.protocol != "paper":
+    config = ml_collections.ConfigDict(FLAGS.config.to_dict())
     try:
-      return _study(ml_collections.ConfigDict(FLAGS.config.to_dict()))
+      return (_study(config) if FLAGS.protocol == "mlrc"
+              else _both(config, seeds, search_seeds))
     finally:
       logging.set_verbosity(verbosity)
   try:
