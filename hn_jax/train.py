@@ -265,19 +265,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise run_config.ConfigError(
         f"an epoch of {config.dataset} holds fewer images than config.batch_size="
         f"{config.batch_size}; lower the batch size or raise config.repeat")
-  initial = train_step.init_state(  # reads config.pretrained
-      config, steps_per_epoch, num_classes=train_step.num_train_classes(dataset.train.labels))
+  # A run with checkpoints takes its weights from them: the published weights are read (and
+  # fetched) only for a run that starts afresh, so a resume needs no network.
+  resuming = bool(checkpoints_lib.finished_steps(
+      run_config.workdir_path(workdir) / checkpoints_lib.FOLDER))
+  initial = train_step.init_state(  # reads config.pretrained unless resuming
+      config, steps_per_epoch, read_weights=not resuming,
+      num_classes=train_step.num_train_classes(dataset.train.labels))
   lock = (WorkdirLock(run_config.workdir_path(workdir)) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:  # before anything is written to the workdir
     return _run(config, workdir, mesh, changes, began, dataset, steps_per_epoch, initial,
-                summary)
+                summary, weights_read=not resuming)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
          changes: dict[str, tuple[Any, Any]], began: float, dataset: datasets.Dataset,
          steps_per_epoch: int, initial: tuple[Any, train_step.TrainState, Any],
-         summary: Callable[[str], None] | None) -> dict[str, float]:
+         summary: Callable[[str], None] | None, *,
+         weights_read: bool = True) -> dict[str, float]:
   """train_and_evaluate's loop, in a workdir this process holds."""
   graphdef, state, tx = initial
   state = sharding.replicate(state, mesh)
@@ -301,6 +307,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   checkpoints = checkpoints_lib.manager(workdir, max_to_keep=config.checkpoints_to_keep)
   total_steps = config.num_epochs * steps_per_epoch
   found = checkpoints_lib.restore_newest_good(checkpoints, state)
+  if found is None and not weights_read and config.pretrained not in ("", "none"):
+    # No good checkpoint after all: the run starts afresh, from the published weights.
+    state = sharding.replicate(train_step.init_state(
+        config, steps_per_epoch,
+        num_classes=train_step.num_train_classes(dataset.train.labels))[1], mesh)
   if found is not None and found[0] >= total_steps:
     checkpoints.close()
     _say("%s holds a complete run (step %d, epoch %d of %d): nothing to do; "

@@ -214,3 +214,26 @@ def test_init_model_reads_the_downloaded_weights(cache, monkeypatch, caplog):
     train_step.init_model(_config(pretrained="imagenet"))
   assert str(error.value).startswith("config.pretrained=imagenet: cannot download ")
   assert "\n" not in str(error.value) and os.listdir(cache) == []
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reads_no_published_weights(tiny_run, tmp_path, monkeypatch):
+  """A run with checkpoints takes its weights from them: nothing is fetched (or read) again,
+  so a resume works offline; a workdir without a good checkpoint reads them."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from hn_jax import train, train_step  # pylint: disable=import-outside-toplevel
+  from hn_jax.testing import runs  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run[0], workdir)
+  asked = []
+  init_state = train_step.init_state
+
+  def recording(config, *args, read_weights=True, **kwargs):
+    asked.append(read_weights)
+    return init_state(config, *args, read_weights=read_weights, **kwargs)
+
+  monkeypatch.setattr(train_step, "init_state", recording)
+  assert train.train_and_evaluate(runs.tiny_config(), str(workdir)) == {}  # finished: nothing
+  assert asked == [False]
+
