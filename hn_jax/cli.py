@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
+from hn_jax import compile_cache
+
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 # absl's logging flags, shared by every command (--verbosity=0 shows libraries' INFO lines).
 _LOGGING_FLAGS = ("verbosity", "logtostderr", "alsologtostderr", "stderrthreshold",
@@ -42,11 +44,16 @@ class UsageProblem(ValueError):
 
 
 def command_flags() -> flags.FlagValues:
-  """A command's own flags, with absl's logging flags (`--verbosity`, ...) among them."""
+  """A command's own flags, with absl's logging flags (`--verbosity`, ...) and `--xla_cache`
+  among them."""
   flag_values = flags.FlagValues()
   for name in _LOGGING_FLAGS:
     if name in flags.FLAGS:
       flag_values[name] = flags.FLAGS[name]
+  flags.DEFINE_string(
+      "xla_cache", None, "Folder of the persistent cache of compiled programs (default: "
+      "$XDG_CACHE_HOME/hn_jax/xla, i.e. ~/.cache/hn_jax/xla; private to this user); `off`: "
+      "no cache. JAX_COMPILATION_CACHE_DIR, when set, wins.", flag_values=flag_values)
   return flag_values
 
 
@@ -183,6 +190,13 @@ def _print_help(flag_values: flags.FlagValues, prog: str, doc: str | None) -> No
   print(flag_values.get_help())
 
 
+def logged_by_hn_jax(record: py_logging.LogRecord) -> bool:
+  """Whether one of hn_jax's own modules logged `record` (absl logs every library under one
+  logger name, "absl": the module's file tells them apart, wherever the checkout and the
+  libraries live)."""
+  return os.path.abspath(record.pathname).startswith(_PACKAGE_DIR + os.sep)
+
+
 class _OnlyOurs(py_logging.Filter):
   """Lets through warnings and errors, and INFO lines of hn_jax itself. Drops Orbax's
   tracebacks of a failed background save: the error reaches the run, which reports it in
@@ -191,8 +205,7 @@ class _OnlyOurs(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
       return False
-    return (record.levelno >= py_logging.WARNING
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+    return record.levelno >= py_logging.WARNING or logged_by_hn_jax(record)
 
 
 @contextlib.contextmanager
@@ -301,6 +314,8 @@ def _run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   if not flag_values["verbosity"].present:
     logging.set_verbosity(logging.INFO)  # absl's app.run does the same
   quiet_libraries(flag_values)
+  compile_cache.enable(flag_values["xla_cache"].value if "xla_cache" in flag_values else None,
+                       warn=lambda line: print(f"{prog}: {line}", file=sys.stderr))
   try:
     status = main(rest)
   except Preempted as e:

@@ -52,13 +52,17 @@ def _cluster_detected() -> bool:
   return slurm or tpu_pod
 
 
+def _distributed() -> bool:
+  """Whether this process is one of a multi-host run."""
+  return FLAGS.distributed == "yes" or bool(
+      FLAGS.distributed == "auto" and (FLAGS.coordinator_address or _cluster_detected()))
+
+
 def initialize_distributed() -> None:
   """Joins the other processes of a multi-host run, if this is one."""
-  import jax  # pylint: disable=g-import-not-at-top
-  wanted = FLAGS.distributed == "yes" or (
-      FLAGS.distributed == "auto" and (FLAGS.coordinator_address or _cluster_detected()))
-  if not wanted:
+  if not _distributed():
     return
+  import jax  # pylint: disable=g-import-not-at-top
   # Cross-process collectives for CPU devices (tests, CPU clusters); GPUs and TPUs have their own.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
@@ -71,6 +75,12 @@ def _train(_: list[str]) -> None:
   config, workdir = FLAGS.config, FLAGS.workdir
   from hn_jax import run_config  # pylint: disable=g-import-not-at-top
   changes = run_config.check(config, workdir)  # at once, before the heavy imports
+  if not _distributed():
+    from hn_jax import finished  # pylint: disable=g-import-not-at-top
+    line = finished.answer(config, workdir)  # a finished run asked again: its result, at once
+    if line:
+      print(line, flush=True)
+      return
   initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   run_config.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())

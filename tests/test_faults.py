@@ -20,7 +20,7 @@ import pytest
 
 from hn_jax import checkpoints as checkpoints_lib
 from hn_jax import errors, run_lock, sharding, train, train_step
-from hn_jax.testing.runs import signal_at_step, tiny_config
+from hn_jax.testing.runs import own_lines, signal_at_step, tiny_config
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_a_complete_run_whose_final_checkpoint_is_damaged_trains_its_last_epoch_
   caplog.set_level(logging.INFO, logger="absl")
   resumed = train.train_and_evaluate(tiny_config(), str(workdir))
   assert resumed == uninterrupted, "the same final metrics as the run never damaged"
-  console = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
+  console = own_lines(caplog.records)
   assert any("The checkpoint of step 28 is damaged: 1 of" in line for line in console), console
   assert "Resumed" in "\n".join(console) and "step 14" in "\n".join(console)
   assert not any("complete run" in line for line in console)
