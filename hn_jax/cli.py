@@ -33,7 +33,7 @@ HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml",
 _LOGGING_FLAGS = ("verbosity", "logtostderr", "alsologtostderr", "stderrthreshold",
                   "log_dir", "showprefixforinfo")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-SETTINGS_HINT = "every setting is in configs/default.py"
+SETTINGS_HINT = "every setting, its default and its meaning: docs/settings.md"
 
 
 _CONFIG_DEFAULTS: dict[int, str | None] = {}  # id(FlagValues) -> its --config default
@@ -183,8 +183,8 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
   return rest
 
 
-def _print_help(flag_values: flags.FlagValues, prog: str, doc: str | None) -> None:
-  print(f"usage: python -m {prog} [flags]\n")
+def _print_help(flag_values: flags.FlagValues, module: str, doc: str | None) -> None:
+  print(f"usage: python -m {module} [flags]\n")
   if doc:
     print(doc.strip() + "\n")
   print(flag_values.get_help())
@@ -276,8 +276,11 @@ def quiet_libraries(flag_values: flags.FlagValues) -> None:
 def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
         argv: Sequence[str] | None, *, prog: str, doc: str | None = None,
         required: Sequence[str] = (), positional: int = 0,
-        errors: tuple[type[BaseException], ...] = ()) -> int:
+        errors: tuple[type[BaseException], ...] = (), module: str | None = None) -> int:
   """Parses `argv` (default: the process's, without the program name), then `main(positional)`.
+
+  `prog` names the command in its messages; `module` (default: `prog`) is what `--help`'s
+  usage line runs, `python -m MODULE`.
 
   Returns the exit status: 0 on `--help` and on success (or `main`'s own status), 2 with
   one line `PROG: error: ...` on a usage problem or one of `errors` raised by `main`, 1 with
@@ -287,7 +290,7 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   """
   try:
     return _run(main, flag_values, argv, prog=prog, doc=doc, required=required,
-                positional=positional, errors=errors)
+                positional=positional, errors=errors, module=module or prog)
   except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 141
@@ -296,12 +299,12 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
 def _run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
          argv: Sequence[str] | None, *, prog: str, doc: str | None,
          required: Sequence[str], positional: int,
-         errors: tuple[type[BaseException], ...]) -> int:
+         errors: tuple[type[BaseException], ...], module: str) -> int:
   from hn_jax.errors import (  # pylint: disable=g-import-not-at-top
       Interrupted, Preempted, RunStopped)
   argv = list(sys.argv[1:] if argv is None else argv)
   if wants_help(argv):
-    _print_help(flag_values, prog, doc)
+    _print_help(flag_values, module, doc)
     return 0
   try:
     rest = parse(flag_values, argv, prog=prog, required=required, positional=positional)

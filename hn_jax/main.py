@@ -1,13 +1,16 @@
 """Trains an embedding: `python -m hn_jax.main --config=configs/digits.py --workdir=DIR`.
 
-Every setting, with its default and a one-line comment, is in configs/default.py (the
-defaults of hn_jax/run_config.py); the dataset configs (configs/digits.py, cub.py, car.py,
-sop.py, inshop.py, hotel.py, synthetic.py) change what differs. Override any of them on the
+Every setting, with its default and a one-line comment, is listed in docs/settings.md
+(generated from `hn_jax.run_config.defaults()`, where they are defined); the dataset configs
+(configs/digits.py, cub.py, car.py, sop.py, inshop.py, hotel.py, synthetic.py) change what
+differs. Override any of them on the
 command line, e.g. `--config.loss=shn --config.seed=3 --config.num_epochs=40`. What the
 settings reproduce is described in docs/protocol.md; the datasets' layouts in docs/datasets.md.
 
 The workdir belongs to one run: running the same command again resumes it; settings that
-shape the run cannot change then (see hn_jax/run_config.py).
+shape the run cannot change then (see hn_jax/run_config.py). Asked again once finished, it
+prints the run's final evaluation at once. Compiled programs are kept in ~/.cache/hn_jax/xla
+(`--xla_cache`), so the next run of the same model and batch skips compiling.
 
 The console shows progress, one line per epoch and per evaluation, and a summary; per-step
 scalars go to TensorBoard (`tensorboard --logdir=DIR`). Libraries' INFO logs are hidden
@@ -28,13 +31,14 @@ from absl import flags, logging
 
 from hn_jax import cli
 
-PROG = "hn_jax"
+PROG = "hn_jax"  # in its messages, `hn_jax: error: ...`
+MODULE = "hn_jax.main"
 FLAGS = cli.command_flags()
 flags.DEFINE_string("workdir", None, "Directory for TensorBoard logs and checkpoints "
                     "(one run per directory; the same command resumes it), e.g. "
                     "--workdir=/tmp/hn_run", flag_values=FLAGS)
 cli.define_config(FLAGS, help_text="Training configuration file, e.g. configs/digits.py; "
-                  "every setting is documented in configs/default.py.")
+                  "every setting is documented in docs/settings.md.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                   "Initialize jax.distributed: `auto` does when a coordinator is given or a "
                   "multi-process SLURM job or TPU pod is detected.", flag_values=FLAGS)
@@ -97,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """The command line (without the program name); returns the exit status."""
   from hn_jax import run_config  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return cli.run(_train, FLAGS, argv, prog=PROG, doc=__doc__, required=("workdir",),
+  return cli.run(_train, FLAGS, argv, prog=PROG, module=MODULE, doc=__doc__,
+                 required=("workdir",),
                  errors=(run_config.ConfigError, run_config.ConfigMismatch,
                          datasets.DataNotPreparedError))
 
