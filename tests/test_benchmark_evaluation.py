@@ -45,6 +45,7 @@ def test_unknown_method_is_an_error(bench):
     bench.worker("1000x8000x64", "nope", bench.SMOKE_CASES, device_loop=False)
 
 
+@pytest.mark.slow
 def test_runs_without_tensorflow_tfds_or_clu():
   """The GPU machine has none of them: the benchmark and hn_jax.evaluation must not need them."""
   script = textwrap.dedent("""

@@ -216,6 +216,7 @@ def test_configs_flag_keeps_its_order():
       train_step.parse_args([f"--configs={bad}"])
 
 
+@pytest.mark.slow
 def test_a_stopped_train_step_run_keeps_its_finished_rows(tmp_path):
   """SIGTERM (as `timeout` sends) after the first row: that row is kept, the rest "stopped"."""
   out = tmp_path / "stopped.json"

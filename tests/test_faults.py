@@ -156,6 +156,7 @@ def test_digest_names_the_changed_array():
 # A full disk.
 
 
+@pytest.mark.slow
 def test_too_little_free_space_stops_before_the_save(tmp_path, monkeypatch):
   free = {"bytes": 1 << 40}
   monkeypatch.setattr(checkpoints_lib, "_free_bytes", lambda folder: free["bytes"])
@@ -180,6 +181,7 @@ def test_too_little_free_space_stops_before_the_save(tmp_path, monkeypatch):
   assert max(steps) == 14, "nothing trained past the save that could not happen"
 
 
+@pytest.mark.slow
 def test_a_save_failing_in_the_background_stops_the_run_at_the_next_step(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoints_lib, "_free_bytes", lambda folder: None)  # as on gs://
   saved, real_save = [], checkpoints_lib.Saver.save
@@ -413,6 +415,7 @@ def test_a_run_stopped_by_non_finite_steps_resumes_with_the_lower_rate_it_is_tol
   assert [h["changes"] for h in history] == [{"learning_rate": [1e30, 0.05]}]
 
 
+@pytest.mark.slow
 def test_a_bad_weights_file_is_one_line_naming_it(tmp_path):
   from hn_jax import run_config
   for name, words in _write_bad_indexes(tmp_path).items():
@@ -428,6 +431,7 @@ def test_a_bad_weights_file_is_one_line_naming_it(tmp_path):
       assert "not a readable .npz weights file" in message, message
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_event_files_stops_the_run(tmp_path, monkeypatch):
   create = train._create_writer  # pylint: disable=protected-access
 

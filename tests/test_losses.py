@@ -115,6 +115,7 @@ def test_methods_differ_and_sct_has_both_kinds():
   assert aux["num_hard"] > 0 and aux["num_easy"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_lam_and_temperature_are_used(method):
   rng = np.random.default_rng(1)
@@ -216,6 +217,7 @@ def _min_compared_distance(f, y):
   return float(np.sqrt(np.maximum(2 - 2 * s[compared], 0)).min())
 
 
+@pytest.mark.slow
 def test_edge_case_gradients_match_reference():
   for case in ("singleton_class", "near_identical", "all_hard", "all_easy"):
     f, y = EDGE_CASES[case]

@@ -151,6 +151,7 @@ def test_one_meter_excludes_evaluations_from_the_rate_and_counts_them_in_the_eta
   assert clock.eta(10) == pytest.approx(30 / 0.5 + 30.0)
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
   # The default limit (10 in a row): tests/test_faults.py's run with this rate compiles the
   # same programs (the limit is one of the step's constants).
@@ -286,6 +287,7 @@ def test_epoch_shorter_than_a_batch_is_refused(tmp_path):
   assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_main_stops_with_one_line_before_compiling(tmp_path):
   override, message = "--config.batch_size=36", "not divisible by the 8 devices"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -303,6 +305,7 @@ def test_main_stops_with_one_line_before_compiling(tmp_path):
   assert not workdir.exists() or not any(workdir.iterdir()), "nothing written"
 
 
+@pytest.mark.slow
 def test_config_pretrained_fills_the_backbone(tmp_path):
   from hn_jax import pretrained
   from flax import nnx
