@@ -173,6 +173,7 @@ def vit_file(tmp_path_factory):
   return model, path
 
 
+@pytest.mark.slow
 def test_vit_small_matches_timm_layout_at_224(vit_file):
   torch_model, path = vit_file
   assert len(torch_model.state_dict()) == VIT_S_KEYS + 2  # + head.weight, head.bias

@@ -22,6 +22,7 @@ def fixture_bench(monkeypatch):
   return benchmarks.load("evaluation")
 
 
+@pytest.mark.slow
 def test_smoke_cases_agree_across_methods(bench):
   for case in bench.SMOKE_CASES:
     results = [bench.worker(case, method, bench.SMOKE_CASES, device_loop=False)

@@ -179,6 +179,7 @@ def test_import_recorder_tells_probes_imports_and_loaded(tmp_path):
   assert all(r["importer"].startswith(("<string>", "-")) for r in records)
 
 
+@pytest.mark.slow
 def test_benchmark_modules_import_no_tensorflow(tmp_path):
   """What device_check.sh runs, imported under the recorder: no import of TF, TFDS or CLU."""
   log = tmp_path / "imports.jsonl"

@@ -375,6 +375,7 @@ def _all_metrics(mesh, x, y):
   }
 
 
+@pytest.mark.slow
 def test_one_device_and_all_devices_agree(rank_path):
   x, y = _lattice(8, 250)
   one = _all_metrics(sharding.create_mesh(jax.devices()[:1]), x, y)

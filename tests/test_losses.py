@@ -87,7 +87,8 @@ def jax_loss_and_grad(f, y, method, **kw):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("n,d", [(8, 4), (32, 16), (64, 8)])
+@pytest.mark.parametrize("n,d", [(8, 4), pytest.param(32, 16, marks=pytest.mark.slow),
+                                 pytest.param(64, 8, marks=pytest.mark.slow)])
 def test_value_and_gradient_match_reference(method, n, d):
   rng = np.random.default_rng(n * 100 + d)
   f, y = paired_batch(rng, n, d)

@@ -36,8 +36,10 @@ def test_main_mistakes_are_one_line(tmp_path, args, message):
   assert not (tmp_path / "wd").exists()
 
 
-@pytest.mark.parametrize("module", ["hn_jax.main", "hn_jax.tools.prepare", "hn_jax.tools.search",
-                                    "hn_jax.tools.report", "hn_jax.tools.convert_weights"])
+@pytest.mark.parametrize("module", [
+    "hn_jax.main", "hn_jax.tools.prepare",
+    *[pytest.param(m, marks=pytest.mark.slow) for m in  # a process each, importing more
+      ("hn_jax.tools.search", "hn_jax.tools.report", "hn_jax.tools.convert_weights")]])
 def test_help_exits_zero(module):
   result = _run(module, "--help")
   assert result.returncode == 0, result.stderr[-2000:]
@@ -93,6 +95,7 @@ def test_an_error_in_the_config_file_is_one_line_naming_it(tmp_path):
       f"hn_jax: error: --config={bad}: line 2: NameError: name 'undefined_name' is not defined"]
 
 
+@pytest.mark.slow
 def test_the_checkouts_configs_work_from_any_folder(tmp_path):
   """The README's `--config=configs/X.py` from another folder: the checkout's file."""
   # hn_jax importable from anywhere, as the README's editable install makes it.
