@@ -224,8 +224,13 @@ def stderr_silenced():
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-  """Imports TensorFlow, whenever something first does, without the lines its C++ start-up
-  writes to stderr before any log level applies (TF_CPP_MIN_LOG_LEVEL no longer hides them)."""
+  """Imports TensorFlow, whenever something first does, off the GPUs (it only feeds data;
+  the accelerators are JAX's) and, when `quiet`, without the lines its C++ start-up writes to
+  stderr before any log level applies (TF_CPP_MIN_LOG_LEVEL no longer hides them). So a
+  command imports TensorFlow only where its data needs it."""
+
+  def __init__(self, quiet: bool = True):
+    self.quiet = quiet
 
   def find_spec(self, name, path, target=None):
     if name != "tensorflow":
@@ -238,8 +243,12 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     def exec_module(module):
       if self in sys.meta_path:
         sys.meta_path.remove(self)
-      with stderr_silenced():
+      with stderr_silenced() if self.quiet else contextlib.nullcontext():
         original(module)
+      try:
+        module.config.set_visible_devices([], "GPU")
+      except Exception:  # pylint: disable=broad-except; no GPU build, or already initialized
+        pass
 
     spec.loader.exec_module = exec_module
     return spec
@@ -259,13 +268,15 @@ def _excepthook_without_closed_loops(previous):
 
 
 def quiet_libraries(flag_values: flags.FlagValues) -> None:
-  """Hides the INFO chatter of libraries (Orbax, JAX, TensorFlow) unless --verbosity is given."""
-  if "verbosity" in flag_values and flag_values["verbosity"].present:
-    return
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  """Hides the INFO chatter of libraries (Orbax, JAX, TensorFlow) unless --verbosity is given;
+  keeps TensorFlow, whenever it is imported, off the GPUs."""
+  verbose = "verbosity" in flag_values and flag_values["verbosity"].present
   if "tensorflow" not in sys.modules and not any(
       isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _QuietTensorFlowImport())
+    sys.meta_path.insert(0, _QuietTensorFlowImport(quiet=not verbose))
+  if verbose:
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   if not getattr(sys.excepthook, "hn_jax_quiet", False):
     sys.excepthook = _excepthook_without_closed_loops(sys.excepthook)
   handler = logging.get_absl_handler()

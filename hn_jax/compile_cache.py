@@ -3,6 +3,9 @@
 A command started again (a resumed run, a second `embed` of the same model, the seeds of a
 `reproduce` study) finds its programs compiled: JAX's persistent compilation cache, kept in
 `$XDG_CACHE_HOME/hn_jax/xla` (`~/.cache/hn_jax/xla`), or in the folder `--xla_cache` names.
+Every program is kept, however quick it compiled (unless
+`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says otherwise): a command's dozens of small
+programs load faster than they compile.
 
 A compiled program is code that the process runs: a cache folder that another user could
 write would let them run theirs. So the folder is created private (mode 0700), and one that
@@ -26,6 +29,7 @@ from pathlib import Path
 OFF = ("off", "none", "no", "false", "0")
 ENV_DIR = "JAX_COMPILATION_CACHE_DIR"
 ENV_ENABLE = "JAX_ENABLE_COMPILATION_CACHE"
+ENV_MIN_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def default_dir() -> Path:
@@ -120,9 +124,15 @@ def enable(folder: str | os.PathLike | None = None, *, warn=None) -> str | None:
                "can write lets them run code); --xla_cache=DIR names another folder")
     (warn or (lambda line: print(line, file=sys.stderr)))(message)
     return None
+  # Every program, however quick to compile: a model's eager initialization alone compiles
+  # some 40 programs of ~0.1 s each, which JAX's default (1 s) would compile anew every time.
+  settings = {ENV_DIR: str(path)}
+  if ENV_MIN_TIME not in os.environ:
+    settings[ENV_MIN_TIME] = "0"
   jax = sys.modules.get("jax")
-  if jax is None:
-    os.environ[ENV_DIR] = str(path)  # read by JAX when it is imported
-  else:
-    jax.config.update("jax_compilation_cache_dir", str(path))
+  for name, value in settings.items():
+    if jax is None:
+      os.environ[name] = value  # read by JAX when it is imported
+    else:
+      jax.config.update(name.lower(), float(value) if name == ENV_MIN_TIME else value)
   return str(path)

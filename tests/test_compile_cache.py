@@ -33,9 +33,8 @@ _COMPILE_ONCE = textwrap.dedent("""
 def _env(xdg: Path, **extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if k not in (compile_cache.ENV_DIR, compile_cache.ENV_ENABLE)}
-  # Even a program this small is cached (JAX's default skips those compiled under 1 s).
-  return env | {"XDG_CACHE_HOME": str(xdg), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "PYTHONPATH": str(ROOT)} | extra
+  env.pop(compile_cache.ENV_MIN_TIME, None)  # the commands' own setting: every program kept
+  return env | {"XDG_CACHE_HOME": str(xdg), "PYTHONPATH": str(ROOT)} | extra
 
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -64,6 +63,7 @@ def fresh(monkeypatch, tmp_path):
   monkeypatch.delitem(sys.modules, "jax", raising=False)
   monkeypatch.delenv(compile_cache.ENV_DIR, raising=False)
   monkeypatch.delenv(compile_cache.ENV_ENABLE, raising=False)
+  monkeypatch.delenv(compile_cache.ENV_MIN_TIME, raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   return tmp_path
 
@@ -75,6 +75,7 @@ def test_a_command_points_jax_at_the_private_default_folder(fresh):
                  prog="hn_test") == 0
   folder = fresh / "xdg" / "hn_jax" / "xla"
   assert seen == [str(folder)] and stat.S_IMODE(folder.stat().st_mode) == 0o700
+  assert os.environ[compile_cache.ENV_MIN_TIME] == "0", "small programs are kept too"
 
 
 def test_xla_cache_names_the_folder_or_turns_the_cache_off(fresh, monkeypatch):
