@@ -69,6 +69,14 @@ def test_library_info_is_hidden_ours_and_warnings_are_not():
   assert not only_ours.filter(record(orbax, logging.INFO))
   assert only_ours.filter(record(orbax, logging.WARNING))
   assert only_ours.filter(record(os.path.join(REPO, "hn_jax", "train.py"), logging.INFO))
+  # A checkout named hn_jax with its virtual environment inside: the libraries' paths hold
+  # "hn_jax" too, and are still not ours.
+  inside = os.path.join(REPO, ".venv", "lib", "python3", "site-packages", "orbax", "x.py")
+  beside = os.path.join(REPO, "hn_jax_extra", "x.py")
+  for path in (inside, beside, "/tmp/x/hn_jax/.venv/lib/site-packages/orbax/checkpoint/x.py"):
+    assert not cli.logged_by_hn_jax(record(path, logging.INFO)), path
+    assert not only_ours.filter(record(path, logging.INFO)), path
+  assert cli.logged_by_hn_jax(record(os.path.join(REPO, "hn_jax", "data", "x.py"), logging.INFO))
 
 
 def test_a_workdir_of_another_config_is_refused_at_once(tmp_path):
