@@ -3,9 +3,9 @@
 Every setting, with its default and a one-line comment, is listed in docs/settings.md
 (generated from `hn_jax.run_config.defaults()`, where they are defined); the dataset configs
 (configs/digits.py, cub.py, car.py, sop.py, inshop.py, hotel.py, synthetic.py) change what
-differs. Override any of them on the
-command line, e.g. `--config.loss=shn --config.seed=3 --config.num_epochs=40`. What the
-settings reproduce is described in docs/protocol.md; the datasets' layouts in docs/datasets.md.
+differs. Override any of them on the command line, e.g. `--config.loss=shn --config.seed=3
+--config.num_epochs=40`. What the settings reproduce is described in docs/protocol.md; the
+datasets' layouts in docs/datasets.md.
 
 The workdir belongs to one run: running the same command again resumes it; settings that
 shape the run cannot change then (see hn_jax/run_config.py). Asked again once finished, it
