@@ -1,5 +1,6 @@
 """Every setting of a run with its default: `hn_jax.run_config.defaults()`, where each has its
-one-line comment (ResNet50 with the paper's CUB schedule, on the embedded digits data).
+one-line comment (ResNet50 with the paper's CUB schedule, on the embedded digits data), listed
+with its default and comment in docs/settings.md.
 
 The dataset configs beside this file start from these defaults and set only what differs.
 Override any value on the command line: `--config.loss=shn --config.learning_rate=0.002`.

@@ -27,12 +27,14 @@ from typing import Callable, Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
+from hn_jax import compile_cache
+
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
 # absl's logging flags, shared by every command (--verbosity=0 shows libraries' INFO lines).
 _LOGGING_FLAGS = ("verbosity", "logtostderr", "alsologtostderr", "stderrthreshold",
                   "log_dir", "showprefixforinfo")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-SETTINGS_HINT = "every setting is in configs/default.py"
+SETTINGS_HINT = "every setting, its default and its meaning: docs/settings.md"
 
 
 _CONFIG_DEFAULTS: dict[int, str | None] = {}  # id(FlagValues) -> its --config default
@@ -43,11 +45,16 @@ class UsageProblem(ValueError):
 
 
 def command_flags() -> flags.FlagValues:
-  """A command's own flags, with absl's logging flags (`--verbosity`, ...) among them."""
+  """A command's own flags, with absl's logging flags (`--verbosity`, ...) and `--xla_cache`
+  among them."""
   flag_values = flags.FlagValues()
   for name in _LOGGING_FLAGS:
     if name in flags.FLAGS:
       flag_values[name] = flags.FLAGS[name]
+  flags.DEFINE_string(
+      "xla_cache", None, "Folder of the persistent cache of compiled programs (default: "
+      "$XDG_CACHE_HOME/hn_jax/xla, i.e. ~/.cache/hn_jax/xla; private to this user); `off`: "
+      "no cache. JAX_COMPILATION_CACHE_DIR, when set, wins.", flag_values=flag_values)
   return flag_values
 
 
@@ -223,11 +230,18 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, prog: str,
   return rest
 
 
-def _print_help(flag_values: flags.FlagValues, prog: str, doc: str | None) -> None:
-  print(f"usage: python -m {prog} [flags]\n")
+def _print_help(flag_values: flags.FlagValues, module: str, doc: str | None) -> None:
+  print(f"usage: python -m {module} [flags]\n")
   if doc:
     print(doc.strip() + "\n")
   print(flag_values.get_help())
+
+
+def logged_by_hn_jax(record: py_logging.LogRecord) -> bool:
+  """Whether one of hn_jax's own modules logged `record` (absl logs every library under one
+  logger name, "absl": the module's file tells them apart, wherever the checkout and the
+  libraries live)."""
+  return os.path.abspath(record.pathname).startswith(_PACKAGE_DIR + os.sep)
 
 
 class _OnlyOurs(py_logging.Filter):
@@ -238,8 +252,7 @@ class _OnlyOurs(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
       return False
-    return (record.levelno >= py_logging.WARNING
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+    return record.levelno >= py_logging.WARNING or logged_by_hn_jax(record)
 
 
 @contextlib.contextmanager
@@ -258,8 +271,13 @@ def stderr_silenced():
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-  """Imports TensorFlow, whenever something first does, without the lines its C++ start-up
-  writes to stderr before any log level applies (TF_CPP_MIN_LOG_LEVEL no longer hides them)."""
+  """Imports TensorFlow, whenever something first does, off the GPUs (it only feeds data;
+  the accelerators are JAX's) and, when `quiet`, without the lines its C++ start-up writes to
+  stderr before any log level applies (TF_CPP_MIN_LOG_LEVEL no longer hides them). So a
+  command imports TensorFlow only where its data needs it."""
+
+  def __init__(self, quiet: bool = True):
+    self.quiet = quiet
 
   def find_spec(self, name, path, target=None):
     if name != "tensorflow":
@@ -272,8 +290,12 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     def exec_module(module):
       if self in sys.meta_path:
         sys.meta_path.remove(self)
-      with stderr_silenced():
+      with stderr_silenced() if self.quiet else contextlib.nullcontext():
         original(module)
+      try:
+        module.config.set_visible_devices([], "GPU")
+      except Exception:  # pylint: disable=broad-except; no GPU build, or already initialized
+        pass
 
     spec.loader.exec_module = exec_module
     return spec
@@ -293,13 +315,15 @@ def _excepthook_without_closed_loops(previous):
 
 
 def quiet_libraries(flag_values: flags.FlagValues) -> None:
-  """Hides the INFO chatter of libraries (Orbax, JAX, TensorFlow) unless --verbosity is given."""
-  if "verbosity" in flag_values and flag_values["verbosity"].present:
-    return
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  """Hides the INFO chatter of libraries (Orbax, JAX, TensorFlow) unless --verbosity is given;
+  keeps TensorFlow, whenever it is imported, off the GPUs."""
+  verbose = "verbosity" in flag_values and flag_values["verbosity"].present
   if "tensorflow" not in sys.modules and not any(
       isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _QuietTensorFlowImport())
+    sys.meta_path.insert(0, _QuietTensorFlowImport(quiet=not verbose))
+  if verbose:
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   if not getattr(sys.excepthook, "hn_jax_quiet", False):
     sys.excepthook = _excepthook_without_closed_loops(sys.excepthook)
   handler = logging.get_absl_handler()
@@ -310,8 +334,11 @@ def quiet_libraries(flag_values: flags.FlagValues) -> None:
 def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
         argv: Sequence[str] | None, *, prog: str, doc: str | None = None,
         required: Sequence[str] = (), positional: int = 0,
-        errors: tuple[type[BaseException], ...] = ()) -> int:
+        errors: tuple[type[BaseException], ...] = (), module: str | None = None) -> int:
   """Parses `argv` (default: the process's, without the program name), then `main(positional)`.
+
+  `prog` names the command in its messages; `module` (default: `prog`) is what `--help`'s
+  usage line runs, `python -m MODULE`.
 
   Returns the exit status: 0 on `--help` and on success (or `main`'s own status), 2 with
   one line `PROG: error: ...` on a usage problem or one of `errors` raised by `main`, 1 with
@@ -321,7 +348,7 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   """
   try:
     return _run(main, flag_values, argv, prog=prog, doc=doc, required=required,
-                positional=positional, errors=errors)
+                positional=positional, errors=errors, module=module or prog)
   except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 141
@@ -330,12 +357,12 @@ def run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
 def _run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
          argv: Sequence[str] | None, *, prog: str, doc: str | None,
          required: Sequence[str], positional: int,
-         errors: tuple[type[BaseException], ...]) -> int:
+         errors: tuple[type[BaseException], ...], module: str) -> int:
   from hn_jax.errors import (  # pylint: disable=g-import-not-at-top
       Interrupted, Preempted, RunStopped)
   argv = list(sys.argv[1:] if argv is None else argv)
   if wants_help(argv):
-    _print_help(flag_values, prog, doc)
+    _print_help(flag_values, module, doc)
     return 0
   try:
     rest = parse(flag_values, argv, prog=prog, required=required, positional=positional)
@@ -348,6 +375,8 @@ def _run(main: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
   if not flag_values["verbosity"].present:
     logging.set_verbosity(logging.INFO)  # absl's app.run does the same
   quiet_libraries(flag_values)
+  compile_cache.enable(flag_values["xla_cache"].value if "xla_cache" in flag_values else None,
+                       warn=lambda line: print(f"{prog}: {line}", file=sys.stderr))
   try:
     status = main(rest)
   except Preempted as e:

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hn_jax import checkpoints as checkpoints_lib
-from hn_jax import evaluators, run_config, sharding, summaries, train_step
+from hn_jax import evaluators, finished, run_config, sharding, summaries, train_step
 from hn_jax.errors import DiskFull, Interrupted, Preempted, TrainingStopped
 from hn_jax.run_lock import WorkdirLock
 from hn_jax.data import datasets, input_pipeline, samplers
@@ -400,6 +400,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
       pass
     saved = checkpoints.all_steps()
     checkpoints.close()
+  if jax.process_index() == 0 and step == total_steps:  # asked again, the run answers at once
+    finished.record(workdir, step=step, num_epochs=config.num_epochs, metrics=metrics,
+                    checkpoint_steps=saved)
   line = clock.summary(step, log.skipped_steps, metrics, workdir, saved)
   if jax.process_index() == 0:
     if summary is None:

@@ -27,3 +27,14 @@ def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_run")
   metrics = train.train_and_evaluate(runs.tiny_config(), str(workdir))
   return workdir, metrics
+
+
+# Fixtures that train a run or start a multi-process job: a test that uses one (directly or
+# through another fixture) is slow, whatever its own body does.
+SLOW_FIXTURES = frozenset({"tiny_run", "tpu_report"})  # a run; a TPU compile of a model
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)

@@ -81,6 +81,7 @@ def googlenet_file(tmp_path_factory):
   return model, path
 
 
+@pytest.mark.slow
 def test_googlenet_matches_torchvision_layout(googlenet_file, caplog):
   torch_model, path = googlenet_file
   sd = torch_model.state_dict()
@@ -118,6 +119,7 @@ def test_max_pool_ceil_mode_matches_torch():
     np.testing.assert_array_equal(got, want, err_msg=f"{window} {stride} {padding}")
 
 
+@pytest.mark.slow
 def test_googlenet_converted_files_and_key_errors(googlenet_file, tmp_path, capsys):
   _, path = googlenet_file
   want = _model("googlenet")
@@ -171,6 +173,7 @@ def vit_file(tmp_path_factory):
   return model, path
 
 
+@pytest.mark.slow
 def test_vit_small_matches_timm_layout_at_224(vit_file):
   torch_model, path = vit_file
   assert len(torch_model.state_dict()) == VIT_S_KEYS + 2  # + head.weight, head.bias
@@ -185,6 +188,7 @@ def test_vit_small_matches_timm_layout_at_224(vit_file):
   assert err <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_vit_small_at_256_from_224_weights(vit_file, tmp_path, caplog):
   """256 px from 224 px weights, both ways timm does it: the grid resized when the weights are
   read (timm's checkpoint filter, a model built for 256 px), and on the fly (a 224 px model
@@ -215,6 +219,7 @@ def test_vit_small_at_256_from_224_weights(vit_file, tmp_path, caplog):
   assert err_load <= TOLERANCE and err_dynamic <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_pos_embed_resampling_matches_torch_antialiased_bicubic():
   for old, new in ((14, 16), (14, 12), (7, 10), (16, 5), (3, 3)):
     pos = np.random.default_rng(old).standard_normal((1, 1 + old * old, 4))

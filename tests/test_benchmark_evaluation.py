@@ -22,6 +22,7 @@ def fixture_bench(monkeypatch):
   return benchmarks.load("evaluation")
 
 
+@pytest.mark.slow
 def test_smoke_cases_agree_across_methods(bench):
   for case in bench.SMOKE_CASES:
     results = [bench.worker(case, method, bench.SMOKE_CASES, device_loop=False)
@@ -45,6 +46,7 @@ def test_unknown_method_is_an_error(bench):
     bench.worker("1000x8000x64", "nope", bench.SMOKE_CASES, device_loop=False)
 
 
+@pytest.mark.slow
 def test_runs_without_tensorflow_tfds_or_clu():
   """The GPU machine has none of them: the benchmark and hn_jax.evaluation must not need them."""
   script = textwrap.dedent("""

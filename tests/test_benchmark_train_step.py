@@ -29,6 +29,7 @@ SCRIPT = REPO / "benchmarks" / "train_step.py"
 bench = benchmarks.load("train_step")
 
 
+@pytest.mark.slow
 def test_smoke_run_without_tensorflow(tmp_path):
   """The --smoke preset end to end in a subprocess, with tensorflow/tfds/clu made unimportable.
 
@@ -65,6 +66,7 @@ def test_smoke_run_without_tensorflow(tmp_path):
   assert ratio["jax_over_torch_eager"] > 0
 
 
+@pytest.mark.slow
 def test_a_failing_configuration_does_not_stop_the_run(tmp_path):
   """Batch 15 cannot be split over the 8 simulated devices: an error row, not a crash."""
   assert 15 % jax.device_count()
@@ -90,6 +92,7 @@ def _embeddings(seed=0, n=40, dim=16):
   return f.astype(np.float32), labels.astype(np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sct", "hn", "shn"])
 def test_torch_loss_equals_hn_jax(method):
   f, y = _embeddings()
@@ -114,6 +117,7 @@ def test_torch_loss_equals_hn_jax(method):
       float(loss), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["small", "resnet50"])
 def test_torch_resnet_has_hn_jax_layout(name):
   """Every key and shape of the script's torch ResNet maps onto hn_jax's model."""
@@ -166,6 +170,7 @@ def test_table_ratios_and_targets():
 BACKBONES = ("googlenet", "googlenet_mini", "vit_small_patch16", "vit_base_patch16", "vit_mini")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKBONES)
 def test_torch_backbone_has_hn_jax_layout(name):
   """The script's torch googlenet / ViT (the references): hn_jax's keys, shapes and size."""
@@ -203,6 +208,7 @@ def _tiny_args(model: str) -> dict:
   return dict(args, torch_impl="script")
 
 
+@pytest.mark.slow
 def test_torch_googlenet_and_vit_steps_run_tiny():
   """The torch worker's step, in this process, on googlenet_mini (32 px; vit_mini: the
   end-to-end run below)."""
@@ -218,6 +224,7 @@ def test_torch_googlenet_and_vit_steps_run_tiny():
     assert row["images_per_s"] > 0 and np.isfinite(row["final_loss"])
 
 
+@pytest.mark.slow
 def test_jax_and_torch_vit_steps_run_end_to_end(tmp_path):
   """The script on vit_mini (both frameworks, float32, one timed step): rows and which model."""
   out = tmp_path / "vit.json"

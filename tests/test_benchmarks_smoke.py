@@ -110,6 +110,7 @@ def test_smoke_run(script, tmp_path):
   assert stdout.strip(), "the script printed no table"
 
 
+@pytest.mark.slow
 def test_pretrained_check_has_a_googlenet_reference():
   """The smoke run leaves GoogLeNet out (its JAX compile is the slowest): its reference here."""
   torch = pytest.importorskip("torch")

@@ -14,6 +14,7 @@ def _split(labels, chains=None):
                None if chains is None else np.asarray(chains))
 
 
+@pytest.mark.slow
 def test_self_retrieval_keys_and_values():
   rng = np.random.default_rng(0)
   train, test = _split(np.repeat(np.arange(10), 3)), _split(np.repeat(np.arange(12), 4))

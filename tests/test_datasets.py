@@ -29,6 +29,8 @@ SPLITS = {"inshop": ("train", "query", "gallery")}
 def _refuse(*args, **kwargs):
   raise AssertionError(f"a test tried to reach the network: {args}")
 
+# One dataset in the quick tier, the others in the full suite (each test reads every layout).
+ONE_QUICK = [NAMES[0], *[pytest.param(n, marks=pytest.mark.slow) for n in NAMES[1:]]]
 
 @pytest.fixture(scope="module", autouse=True)
 def no_network():
@@ -121,7 +123,7 @@ def test_both_cars_layouts_give_the_same_splits(prepared):
     assert sorted(a["labels"]) == sorted(b["labels"])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ONE_QUICK)
 def test_pipeline_streams_prepared_splits(prepared, name):
   _, data_dir, _ = prepared[name]
   config = _config(name, data_dir, sampler="filled" if name in ("cub", "cars") else "sample")
@@ -268,7 +270,7 @@ def _embed_by_label(split):
   return np.eye(64, dtype=np.float32)[np.asarray(split.labels) % 64]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ONE_QUICK)
 def test_evaluate_reports_the_protocol_keys(prepared, name):
   _, data_dir, _ = prepared[name]
   dataset = datasets.load(_config(name, data_dir))
@@ -344,6 +346,7 @@ def test_missing_annotation_or_folder_stops_at_once(tmp_path, name, remove, name
   assert not list((tmp_path / "data").glob(f"hn_{name}/*/*.array_record*"))
 
 
+@pytest.mark.slow
 def test_prepare_command_line(tmp_path):
   expected = fakes.write_sop(str(tmp_path / "raw"))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

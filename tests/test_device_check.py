@@ -179,6 +179,7 @@ def test_import_recorder_tells_probes_imports_and_loaded(tmp_path):
   assert all(r["importer"].startswith(("<string>", "-")) for r in records)
 
 
+@pytest.mark.slow
 def test_benchmark_modules_import_no_tensorflow(tmp_path):
   """What device_check.sh runs, imported under the recorder: no import of TF, TFDS or CLU."""
   log = tmp_path / "imports.jsonl"
@@ -216,6 +217,7 @@ def test_configs_flag_keeps_its_order():
       train_step.parse_args([f"--configs={bad}"])
 
 
+@pytest.mark.slow
 def test_a_stopped_train_step_run_keeps_its_finished_rows(tmp_path):
   """SIGTERM (as `timeout` sends) after the first row: that row is kept, the rest "stopped"."""
   out = tmp_path / "stopped.json"

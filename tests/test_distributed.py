@@ -91,22 +91,32 @@ def test_same_losses_and_recalls_on_every_topology(topologies, other):
   base_loss = np.array([p[2] for p in base["step_loss"]])
   run_loss = np.array([p[2] for p in run["step_loss"]])
   assert len(base_loss) == len(run_loss) == 920 // 128
-  # Class (b), 7 steps of argmax mining: the rounding of another reduction order is amplified
-  # by an amount that depends on the CPU's kernels (the fixed rtol=1e-5 this replaces is the
-  # kind that failed on an AVX-512 EPYC, see tests/test_image_cache.py). Self-measured: within
-  # 4x the effect of a one-ulp nudge of the initial weights on this machine, with a floor of
-  # ~8 ulps of the loss (1e-6 relative) should the nudge happen to change nothing.
+  # Class (a), the first step: its loss comes from the initial weights, a continuous function
+  # of them and of the pixels (the hardest negative's similarity is a max), summed over the
+  # shards in another order: float32 reassociation, ~1e-6 relative (tests/test_train.py's
+  # one-step comparison measured 1.4e-6 absolute); 1e-5 relative.
+  np.testing.assert_allclose(run_loss[0], base_loss[0], rtol=1e-5)
+  # Later steps: after an update, a near-tie that the argmax resolves differently changes the
+  # gradient by a whole triplet's term, so the runs part by an amount that depends on the
+  # CPU's kernels (1e-3 relative after 3 steps for one ulp of the initial weights on one
+  # machine, under 4e-5 on others). Scale, not bound: the same run from initial weights
+  # nudged by one ulp measures it on this machine; the topologies must stay within 16x that
+  # plus 1e-3 of the first loss. A wrong reduction (a shard's gradient lost, a sum where a
+  # mean belongs) moves step 2 on by the size of a learning-rate step, not a rounding.
   nudged = topologies["one_device_nudged"]
   nudged_loss = np.array([p[2] for p in nudged["step_loss"]])
   ulp_effect = float(np.max(np.abs(nudged_loss - base_loss)))
-  assert ulp_effect < 1e-3 * abs(base_loss[0]), "one ulp must not change a run"
   np.testing.assert_allclose(run_loss, base_loss, rtol=0,
-                             atol=4 * ulp_effect + 1e-6 * np.abs(base_loss).max())
+                             atol=16 * ulp_effect + 1e-3 * abs(base_loss[0]))
   for key in ("DIGITS_test_R_1", "DIGITS_test_R_8", "DIGITS_train_R_1"):
-    # Class (b): a recall moves in steps of one query (1 / 1000 here) when rounding flips a
-    # nearest neighbour; allowed: 4x the nudged run's change (0 on the Xeon this was measured
-    # on, where the topologies agree exactly), at least 1e-5 (no query may flip then).
-    allowed = max(4 * abs(nudged[key][-1][2] - base[key][-1][2]), 1e-5)
+    # Epoch 0 (the initial weights, as on every topology): the embeddings differ by float32
+    # reassociation (~1e-6), so a recall moves only where two neighbours are that close: at
+    # most 2 queries of the ~900 (1 query = 1.1e-3).
+    assert base[key][0][0] == run[key][0][0] == 0
+    assert abs(run[key][0][2] - base[key][0][2]) <= 2.5e-3, key
+    # After training, a recall moves in steps of one query when rounding flips a nearest
+    # neighbour: allowed 4x the nudged run's change, at least 3 queries' worth.
+    allowed = max(4 * abs(nudged[key][-1][2] - base[key][-1][2]), 3.5e-3)
     assert abs(run[key][-1][2] - base[key][-1][2]) <= allowed, (key, allowed)
 
 

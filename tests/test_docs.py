@@ -132,3 +132,14 @@ def test_no_pointer_to_notes_outside_the_repository():
            for line in s.read_text().splitlines()
            if re.search(r"\bPROTOCOL(\.md| section)|\bDATASETS\.md", line)]
   assert not stale, stale
+
+
+def test_the_settings_page_is_current_and_lists_every_setting():
+  """docs/settings.md, where --help and the errors send users, is run_config.defaults()'s
+  source as `python -m hn_jax.settings_doc --write` renders it (run that after a change)."""
+  from hn_jax import run_config, settings_doc  # pylint: disable=import-outside-toplevel
+  listed = settings_doc.settings()
+  assert sorted(name for _, name, _, _ in listed) == sorted(run_config.defaults().keys())
+  assert all(comment for _, _, _, comment in listed), "every setting has its comment"
+  assert (REPO / "docs" / "settings.md").read_text() == settings_doc.markdown(), (
+      "docs/settings.md is stale: python -m hn_jax.settings_doc --write")

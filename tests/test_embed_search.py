@@ -95,3 +95,23 @@ def test_index_of_another_dimension_is_refused(run, tmp_path, capsys):
   message = capsys.readouterr().err.strip()
   assert message.startswith("hn_jax.tools.search: error:") and "dimension 8" in message
   assert "dimension 16" in message and "\n" not in message
+
+
+def test_nearest_without_self_against_numpy():
+  """The search's ranking and its self-exclusion on random vectors, no trained run: a float64
+  NumPy reference of the cosine similarities, the top k by it (distinct values: no ties)."""
+  rng = np.random.default_rng(0)
+  gallery = rng.standard_normal((40, 6)).astype(np.float32)
+  queries = np.concatenate([gallery[[3, 17]] * 2.5, rng.standard_normal((1, 6))]).astype(
+      np.float32)
+  top, sims = search.nearest(queries, gallery, 6)
+  unit = lambda x: x / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+  reference = unit(queries) @ unit(gallery).T
+  np.testing.assert_array_equal(top, np.argsort(-reference, axis=1)[:, :6])
+  # Class (a): float32 dots of 6-dim unit vectors: within ~6 2^-24 of float64.
+  np.testing.assert_allclose(sims, np.take_along_axis(reference, top, 1), rtol=0, atol=1e-6)
+  assert list(top[:2, 0]) == [3, 17], "a scaled copy of a gallery item is its own nearest"
+  kept, kept_sims = search._without_self(top, sims, np.array([3, 17, -1]), 5)
+  np.testing.assert_array_equal(kept[:2], top[:2, 1:6])
+  np.testing.assert_array_equal(kept[2], top[2, :5])
+  np.testing.assert_array_equal(kept_sims[:2], sims[:2, 1:6])

@@ -188,6 +188,7 @@ def test_recall_query_gallery_matches_bruteforce(rank_path):
   assert np.all(evaluation.first_hit_ranks(q, qy, g, gy)[:10] == len(g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("member_table,dim", [(True, 5), (False, 5), (True, 4)])
 def test_exact_ties_everywhere_match_the_tie_rule(monkeypatch, member_table, dim, rank_path):
   if not member_table:  # the masked pass used for very large classes
@@ -239,6 +240,7 @@ def test_tie_rule_on_duplicates(rank_path):
   assert evaluation.first_hit_ranks(embeddings, labels).tolist() == [1, 1, 1, 5, 5]
 
 
+@pytest.mark.slow
 def test_exact_duplicates_of_continuous_embeddings(rank_path):
   """Copies of Gaussian embeddings under another label tie exactly with their originals.
 
@@ -275,6 +277,7 @@ def test_collapsed_embedding_scores_zero(rank_path):
 # ----------------------------------------------------------------------------- MAP@R
 
 
+@pytest.mark.slow
 def test_map_at_r_matches_reference():
   x, y = _continuous(3, 260)
   for max_bytes in (evaluation.DEFAULT_MAX_BYTES, 40_000):
@@ -372,6 +375,7 @@ def _all_metrics(mesh, x, y):
   }
 
 
+@pytest.mark.slow
 def test_one_device_and_all_devices_agree(rank_path):
   x, y = _lattice(8, 250)
   one = _all_metrics(sharding.create_mesh(jax.devices()[:1]), x, y)
@@ -380,6 +384,7 @@ def test_one_device_and_all_devices_agree(rank_path):
   assert one["self_ranks"] == _ref_ranks(x, y).tolist()
 
 
+@pytest.mark.slow
 def test_eight_simulated_devices_in_a_subprocess():
   script = textwrap.dedent("""
       import json, sys

@@ -20,7 +20,7 @@ import pytest
 
 from hn_jax import checkpoints as checkpoints_lib
 from hn_jax import errors, run_lock, sharding, train, train_step
-from hn_jax.testing.runs import signal_at_step, tiny_config
+from hn_jax.testing.runs import own_lines, signal_at_step, tiny_config
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_a_complete_run_whose_final_checkpoint_is_damaged_trains_its_last_epoch_
   caplog.set_level(logging.INFO, logger="absl")
   resumed = train.train_and_evaluate(tiny_config(), str(workdir))
   assert resumed == uninterrupted, "the same final metrics as the run never damaged"
-  console = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
+  console = own_lines(caplog.records)
   assert any("The checkpoint of step 28 is damaged: 1 of" in line for line in console), console
   assert "Resumed" in "\n".join(console) and "step 14" in "\n".join(console)
   assert not any("complete run" in line for line in console)
@@ -156,6 +156,7 @@ def test_digest_names_the_changed_array():
 # A full disk.
 
 
+@pytest.mark.slow
 def test_too_little_free_space_stops_before_the_save(tmp_path, monkeypatch):
   free = {"bytes": 1 << 40}
   monkeypatch.setattr(checkpoints_lib, "_free_bytes", lambda folder: free["bytes"])
@@ -180,6 +181,7 @@ def test_too_little_free_space_stops_before_the_save(tmp_path, monkeypatch):
   assert max(steps) == 14, "nothing trained past the save that could not happen"
 
 
+@pytest.mark.slow
 def test_a_save_failing_in_the_background_stops_the_run_at_the_next_step(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoints_lib, "_free_bytes", lambda folder: None)  # as on gs://
   saved, real_save = [], checkpoints_lib.Saver.save
@@ -413,6 +415,7 @@ def test_a_run_stopped_by_non_finite_steps_resumes_with_the_lower_rate_it_is_tol
   assert [h["changes"] for h in history] == [{"learning_rate": [1e30, 0.05]}]
 
 
+@pytest.mark.slow
 def test_a_bad_weights_file_is_one_line_naming_it(tmp_path):
   from hn_jax import run_config
   for name, words in _write_bad_indexes(tmp_path).items():
@@ -428,6 +431,7 @@ def test_a_bad_weights_file_is_one_line_naming_it(tmp_path):
       assert "not a readable .npz weights file" in message, message
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_event_files_stops_the_run(tmp_path, monkeypatch):
   create = train._create_writer  # pylint: disable=protected-access
 

@@ -67,6 +67,7 @@ def test_linear_model_partials_against_float64(n, kind):
   assert _rel(total, x64.T @ c64) < 1e-6
 
 
+@pytest.mark.slow
 def test_linear_model_with_the_triplet_loss():
   """The project's loss: the partials sum to the full gradient, X^T dE in float64."""
   from hn_jax import losses
@@ -94,6 +95,7 @@ def _centering_forward(vmapped):
   return forward
 
 
+@pytest.mark.slow
 def test_batch_coupled_model_local_partials_are_the_devices():
   """With rows coupled through batch statistics (as by BatchNorm), the local partials are each
   device's own rows' weight gradient (float64 by hand); the masked-cotangent partials differ
@@ -144,6 +146,7 @@ def test_round_bf16_is_round_to_nearest_even():
   np.testing.assert_array_equal(np.asarray(jax.jit(bench.round_bf16)(jnp.asarray(x))), want)
 
 
+@pytest.mark.slow
 def test_bf16_reduction_orders():
   """[1, 2^-8, 2^-8, 2^-8]: each 1 + 2^-8 in a ring is a tie rounded back to 1; a tree adds
   the small ones first (2^-7: one bf16 ulp at 1); float32 keeps them all."""

@@ -153,6 +153,7 @@ def test_pod_all_leaves_an_existing_slice_alone(cluster):
   assert cluster.tpu_verbs() == ["create", "describe"] and cluster.slice_exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("during", ["create", "train"])
 def test_pod_all_interrupted_deletes_the_slice(cluster, during):
   if during == "create":  # the slice exists, gcloud still waits for it to be ready
@@ -169,6 +170,7 @@ def test_pod_all_interrupted_deletes_the_slice(cluster, during):
   assert cluster.calls()[-1]["argv"][3] == "delete" and not cluster.slice_exists()
 
 
+@pytest.mark.slow
 def test_pod_run_refuses_while_a_run_lives_and_stop_ends_it(cluster):
   proc = cluster.start("launch/tpu_pod.sh", "all", "--", *ARGS, FAKE_HANG="^python -m hn_jax.main")
   cluster.wait_for(lambda: len(cluster.trainers()) == 2)

@@ -87,7 +87,8 @@ def jax_loss_and_grad(f, y, method, **kw):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("n,d", [(8, 4), (32, 16), (64, 8)])
+@pytest.mark.parametrize("n,d", [(8, 4), pytest.param(32, 16, marks=pytest.mark.slow),
+                                 pytest.param(64, 8, marks=pytest.mark.slow)])
 def test_value_and_gradient_match_reference(method, n, d):
   rng = np.random.default_rng(n * 100 + d)
   f, y = paired_batch(rng, n, d)
@@ -115,6 +116,7 @@ def test_methods_differ_and_sct_has_both_kinds():
   assert aux["num_hard"] > 0 and aux["num_easy"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_lam_and_temperature_are_used(method):
   rng = np.random.default_rng(1)
@@ -216,6 +218,7 @@ def _min_compared_distance(f, y):
   return float(np.sqrt(np.maximum(2 - 2 * s[compared], 0)).min())
 
 
+@pytest.mark.slow
 def test_edge_case_gradients_match_reference():
   for case in ("singleton_class", "near_identical", "all_hard", "all_easy"):
     f, y = EDGE_CASES[case]

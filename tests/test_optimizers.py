@@ -30,6 +30,7 @@ def _steps(tx, grads, params):
   return out, state
 
 
+@pytest.mark.slow
 def test_default_sgd_is_the_release_chain_bit_for_bit():
   config = _config(momentum=0.5)
   assert (config.optimizer, config.weight_decay, config.warmup_epochs, config.lr_schedule) == (
@@ -70,6 +71,7 @@ def test_warmup_then_step_drops_at_the_same_epochs():
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_adamw_matches_torch_adamw():
   torch = pytest.importorskip("torch")
   config = _config(optimizer="adamw", learning_rate=1e-2, weight_decay=0.05)
@@ -90,6 +92,7 @@ def test_adamw_matches_torch_adamw():
   np.testing.assert_allclose(np.asarray(params["w"]), w.detach().numpy(), rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1, warmup_epochs=1,
          lr_schedule="cosine", cosine_epochs=2),

@@ -239,6 +239,7 @@ def test_a_compiler_refusal_is_a_no_fit_and_other_errors_are_not():
     preflight.compile_program("train", Broken(), 8, chip)
 
 
+@pytest.mark.slow
 def test_gpu_host_fits_and_without_the_memory_does_not(monkeypatch, figures):
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
   report = preflight.run_preflight(tiny_config(), "h200:2", search_batch=False,
@@ -280,6 +281,7 @@ def test_command_that_does_not_fit_exits_1_with_one_line(monkeypatch, capsys):
                      "chip needs 2 GiB of 1 GiB")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--topology=v5e:2x2", "--config.batch_size=6"], "not divisible by the 4 devices"),
     (["--topology=v5e:3x3"], "libtpu refuses v5e:3x3"),
@@ -294,6 +296,7 @@ def test_command_refuses_what_cannot_run_there_before_compiling(args, message):
   assert "compiling" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cpu_only_processes_keep_the_accelerator_plugins_unloaded():
   if platforms.accelerator_visible():
     pytest.skip("this machine has an accelerator: JAX chooses its platforms itself")
@@ -304,6 +307,7 @@ def test_cpu_only_processes_keep_the_accelerator_plugins_unloaded():
   assert result.stdout.split() == ["cpu", "cpu"] and result.stderr == "", result.stderr
 
 
+@pytest.mark.slow
 def test_the_state_is_built_as_shapes_without_weights_or_tensorflow(tmp_path):
   code = (
       "import sys, hn_jax, jax\n"

@@ -144,6 +144,7 @@ def test_backbone_matches_torch(torch_checkpoint):
   assert err <= 1e-4
 
 
+@pytest.mark.slow
 def test_pth_values_land_in_the_right_place(torch_checkpoint):
   """Spot-checks the layout conversion key by key (OIHW -> HWIO, BN names, downsample)."""
   pytest.importorskip("torch")
@@ -166,6 +167,7 @@ def test_pth_values_land_in_the_right_place(torch_checkpoint):
 # Converted formats.
 
 
+@pytest.mark.slow
 def test_npz_and_safetensors_roundtrip(make_checkpoint, tmp_path, capsys):
   pytest.importorskip("safetensors")
   name, _, path = make_checkpoint("resnet18")  # one architecture is enough for the formats
@@ -235,6 +237,7 @@ def test_pure_conversion_uses_every_key(resnet18_state):
   pretrained.convert_torchvision_state_dict(no_counter, params, batch_stats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation, pattern", [
     ("missing", r"missing key 'layer3\.1\.bn2\.running_var' \(expected shape \(256,\)\)"),
     ("missing_fc", r"missing key 'fc\.bias'"),
@@ -280,6 +283,7 @@ def test_wrong_architecture_lists_keys(resnet18_state):
         sd, nnx.state(abstract, nnx.Param), nnx.state(abstract, nnx.BatchStat))
 
 
+@pytest.mark.slow
 def test_npz_load_without_torch(resnet18_state, tmp_path):
   _, _, sd = resnet18_state
   path = tmp_path / "w.npz"
@@ -304,6 +308,7 @@ def test_file_errors(tmp_path):
     convert_weights.convert(tmp_path / "nope.pth", tmp_path / "x.pth")
 
 
+@pytest.mark.slow
 def test_imports_need_neither_torch_nor_tensorflow():
   """hn_jax.pretrained / convert_weights and benchmarks/pretrained_check.py import cleanly
   and import neither torch, safetensors nor tensorflow."""

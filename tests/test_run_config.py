@@ -114,6 +114,7 @@ def bucket(tmp_path, monkeypatch):
   return fake
 
 
+@pytest.mark.slow
 def test_a_bucket_workdir_is_written_in_the_bucket_not_on_local_disk(bucket, tmp_path,
                                                                       monkeypatch):
   """`gs://` workdirs (TPU pods) keep their URL: config.json, its history, the checkpoint

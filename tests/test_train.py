@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hn_jax import errors, run_config, sharding, train, train_step
-from hn_jax.testing.runs import signal_at_step, tiny_config
+from hn_jax.testing.runs import own_lines, signal_at_step, tiny_config
 from hn_jax.tools import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_sigterm_mid_epoch_then_restart_resumes_exactly(two_epoch_run, tmp_path,
   assert json.loads((tmp_path / "config.json").read_text())["checkpoints_to_keep"] == 3
   history = json.loads((tmp_path / "config_history.json").read_text())
   assert [h["changes"] for h in history] == [{"checkpoints_to_keep": [2, 3]}]
-  console = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
+  console = own_lines(caplog.records)
   assert "Changed settings: checkpoints_to_keep 2 -> 3" in "\n".join(console)
   assert not any("step_loss" in line for line in console), "per-step scalars: TensorBoard only"
   epoch_lines = [line for line in console if line.startswith("epoch 2/2: loss")]
@@ -106,7 +106,7 @@ def test_a_workdir_belongs_to_one_config(two_epoch_run, caplog):
     train.train_and_evaluate(tiny_config(embedding_dim=32, loss="hn"), str(workdir))
   caplog.set_level(logging.INFO, logger="absl")  # whatever an earlier test left it at
   assert train.train_and_evaluate(tiny_config(eval_every=2), str(workdir)) == {}
-  console = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
+  console = own_lines(caplog.records)
   assert console == [f"{workdir} holds a complete run (step 28, epoch 2 of 2): nothing to do; "
                      "raise --config.num_epochs to train further"]
   assert sorted(p.name for p in workdir.iterdir()) == before, "no event file, no history"
@@ -120,7 +120,7 @@ def test_progress_inside_a_long_epoch_has_rate_and_eta(caplog, monkeypatch):
   for step in range(1, 23):
     clock.stepped(step)
     now[0] += 10.0  # 0.1 steps/s
-  lines = [r.getMessage() for r in caplog.records if "hn_jax" in r.pathname]
+  lines = own_lines(caplog.records)
   assert lines == ["epoch 1/2: step 7 of 20, 0.1 steps/s, ETA 0:05:30",
                    "epoch 1/2: step 13 of 20, 0.1 steps/s, ETA 0:04:30",
                    "epoch 1/2: step 19 of 20, 0.1 steps/s, ETA 0:03:30"]
@@ -151,6 +151,7 @@ def test_one_meter_excludes_evaluations_from_the_rate_and_counts_them_in_the_eta
   assert clock.eta(10) == pytest.approx(30 / 0.5 + 30.0)
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
   # The default limit (10 in a row): tests/test_faults.py's run with this rate compiles the
   # same programs (the limit is one of the step's constants).
@@ -286,6 +287,7 @@ def test_epoch_shorter_than_a_batch_is_refused(tmp_path):
   assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_main_stops_with_one_line_before_compiling(tmp_path):
   override, message = "--config.batch_size=36", "not divisible by the 8 devices"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -303,6 +305,7 @@ def test_main_stops_with_one_line_before_compiling(tmp_path):
   assert not workdir.exists() or not any(workdir.iterdir()), "nothing written"
 
 
+@pytest.mark.slow
 def test_config_pretrained_fills_the_backbone(tmp_path):
   from hn_jax import pretrained
   from flax import nnx

@@ -16,6 +16,13 @@ TINY_OVERRIDES = dict(image_size=16, embedding_dim=16, batch_size=64, eval_batch
                       num_epochs=2, eval_every=1, lr_drop_epochs=(2,))
 
 
+def own_lines(records) -> list[str]:
+  """The messages of `records` (pytest's caplog.records) that hn_jax itself logged: the run's
+  console account, without the libraries' lines."""
+  from hn_jax import cli  # pylint: disable=import-outside-toplevel
+  return [r.getMessage() for r in records if cli.logged_by_hn_jax(r)]
+
+
 def tiny_config(**overrides):
   """configs/digits.py at TINY_OVERRIDES, then `overrides` (needs the checkout's configs/)."""
   from configs import digits  # pylint: disable=import-outside-toplevel

@@ -27,8 +27,10 @@ to the later record: "the last value written".
 
 Table. For each group and each ``*_test_R_<K>`` key (sorted by dataset prefix, then K
 numerically), the mean and the sample standard deviation (ddof=1) over runs of the key's
-value at its last step, and n, the number of runs averaged. A cell of a single run shows
-``(n=1)`` instead of a spread (its JSON row keeps std 0.0).
+value at its last step, and n, the number of runs averaged. The table shows recall in percent
+with two decimals (as the paper's and the README's tables); ``--json`` keeps the logged
+fractions. A cell of a single run shows ``(n=1)`` instead of a spread (its JSON row keeps
+std 0.0).
 
 Collapse rule, applied per run (thresholds are the module constants below):
   * if the run logged ``embedding_mean_sim`` (hn_jax's trainer: mean pairwise cosine
@@ -389,8 +391,9 @@ def summarize(groups: Mapping[str, Sequence[Run]]) -> list[dict[str, Any]]:
   return rows
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 5) -> str:
-  """A plain-text table: one line per group, a ``mean +- std`` column per metric, n."""
+def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
+  """A plain-text table: one line per group, a ``mean +- std`` column per metric in percent
+  (as the paper's and the README's tables), n. The rows (and ``--json``) keep fractions."""
   groups: dict[str, list[Mapping[str, Any]]] = {}
   for row in rows:
     groups.setdefault(row["group"], []).append(row)
@@ -409,10 +412,11 @@ def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 5) -> str:
       elif row["collapse"]:
         cells.append("collapse")
       else:
+        mean, std = 100 * row["mean"], 100 * row["std"]
         if row["n"] == 1:
-          cell = f"{row['mean']:.{digits}f} (n=1)"
+          cell = f"{mean:.{digits}f} (n=1)"
         else:
-          cell = f"{row['mean']:.{digits}f} +- {row['std']:.{digits}f}"
+          cell = f"{mean:.{digits}f} +- {std:.{digits}f}"
           if row["n"] != n:
             cell += f" (n={row['n']})"
         cells.append(cell)
@@ -422,6 +426,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 5) -> str:
   text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                     for i, (c, w) in enumerate(zip(line, widths))).rstrip()
           for line in lines]
+  text.append("recall in percent: the mean over runs of each run's final value, and the "
+              "sample standard deviation")
   if any(row["n_collapsed"] for row in rows):
     text.append("collapsed runs are left out of the mean unless all of a group collapsed "
                 "(see `python -m hn_jax.tools.report --help`)")

@@ -31,8 +31,9 @@ Every run is an ordinary hn_jax run in the release's layout,
 process one after another; `python -m hn_jax.tools.report ROOT/<DATA>_R50` reads them too. Running
 the command again on the same root skips finished runs and resumes interrupted ones (or
 lengthens them, for a larger ``--config.num_epochs``); a root holding runs of another config
-is refused (`hn_jax.run_config`'s rule). Compiled programs are cached in ``ROOT/xla_cache``
-(unless ``JAX_COMPILATION_CACHE_DIR`` says where), so the seeds of a method compile once.
+is refused (`hn_jax.run_config`'s rule). Compiled programs are cached (`hn_jax.compile_cache`:
+the command's ``--xla_cache``, ``~/.cache/hn_jax/xla`` by default; ``ROOT/xla_cache`` when
+`reproduce` is called from Python with no cache set), so the seeds of a method compile once.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from hn_jax import cli
+from hn_jax import cli, compile_cache
 from hn_jax.tools import report
 
 PAPER_KS = (1, 2, 4, 8)
@@ -214,8 +215,9 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   key = datasets.KEYS[config.dataset]
   base = Path(root) / f"{key}_R50"
   if not jax.config.jax_compilation_cache_dir:
-    # The seeds of a method compile the same programs: compile them once.
-    jax.config.update("jax_compilation_cache_dir", str(Path(root).resolve() / "xla_cache"))
+    # The seeds of a method compile the same programs: compile them once (the command line
+    # has set hn_jax's cache already; a library caller gets ROOT/xla_cache, checked private).
+    compile_cache.enable(Path(root).resolve() / "xla_cache", warn=log)
   started = time.perf_counter()
 
   def workdir(method: str, lr: str, seed: int) -> Path:

@@ -238,8 +238,7 @@ def _search(_: list[str]) -> None:
     raise SearchError(f"--query_indices={','.join(FLAGS.query_indices)!r}: give integers "
                       "separated by commas") from e
   load_index(FLAGS.index)  # a bad index is refused before the heavy imports
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  # TensorFlow (for records of prepared datasets only) is kept off the GPUs by hn_jax.cli.
   from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
   try:
     search(FLAGS.index, queries=FLAGS.query, query_split=FLAGS.query_split,
