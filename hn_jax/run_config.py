@@ -86,11 +86,11 @@ def defaults() -> ml_collections.ConfigDict:
   config.synthetic_classes = 200  # synthetic: classes generated; the first half train, the rest test.
   config.synthetic_images_per_class = 10  # synthetic: images per class.
   # Validation on held-out training classes (docs/study.md): 0, off (evaluate on the test
-  # split); k >= 2, deal the training classes into k folds by fold_seed, train on all but
-  # `fold` and evaluate on `fold` (the test split is not read).
+  # split); k >= 2, deal the training classes into k folds, train on all but `fold` and
+  # evaluate on `fold` (the test split is not read).
   config.folds = 0
-  config.fold = 0
-  config.fold_seed = 0
+  config.fold = 0  # The held-out fold, 0 .. folds - 1 (with folds >= 2).
+  config.fold_seed = 0  # Deals the training classes into the folds (the same for every run).
   config.image_size = 256  # Side of the square crop fed to the model.
   config.mean = (0.485, 0.456, 0.406)  # Per-channel RGB mean of the dataset, images in [0, 1].
   config.std = (0.229, 0.224, 0.225)  # Per-channel RGB standard deviation.
