@@ -152,7 +152,7 @@ def defaults() -> ml_collections.ConfigDict:
   # TensorBoard (docs/tensorboard.md): test points in the Projector (whole classes, seeded;
   # 0: no projector), written at the final evaluation or, with projector_every_eval, at each.
   config.projector_points = 2000
-  config.projector_every_eval = False
+  config.projector_every_eval = False  # Write the projector at every evaluation, not only the last.
   config.neighbour_queries = 8  # Test queries shown with their nearest neighbours (0: none).
   return config
 
