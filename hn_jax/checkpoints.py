@@ -89,6 +89,14 @@ def digest(state: Any) -> dict[str, str]:
   return out
 
 
+def state_id(state: Any) -> str:
+  """One digest of the whole of `state` (of its arrays' `digest`): which checkpoint it is."""
+  h = hashlib.sha256()
+  for path, value in sorted(digest(state).items()):
+    h.update(f"{path}={value};".encode())
+  return h.hexdigest()[:32]
+
+
 def state_bytes(state: Any) -> int:
   """The bytes of the arrays of `state` (what a checkpoint of it writes, uncompressed)."""
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -322,13 +330,17 @@ def _mismatch(checkpoints: ocp.CheckpointManager, step: int, error: BaseExceptio
   if not named and error is not None:
     shapes = _SHAPES.search(str(error))
     if shapes:
-      asked, stored = shapes.groups()
-      if asked.split(",")[-1].strip() != stored.split(",")[-1].strip():
-        named = (f"an array of shape ({stored}) stored, ({asked}) asked: probably "
-                 f"config.embedding_dim (the checkpoint's: {stored.split(',')[-1].strip()})")
+      asked, stored = ([d for d in g.replace(" ", "").split(",") if d] for g in shapes.groups())
+      if config is not None and asked[-1:] == [str(config.embedding_dim)] != stored[-1:]:
+        named = (f"an array of shape {tuple(map(int, stored))} stored, {tuple(map(int, asked))} "
+                 f"asked: config.embedding_dim={config.embedding_dim} but the checkpoint's is "
+                 f"{stored[-1]}")
+      elif asked[-1:] != stored[-1:]:
+        named = (f"an array of shape {tuple(map(int, stored))} stored, {tuple(map(int, asked))} "
+                 f"asked: probably config.embedding_dim (the checkpoint's: {stored[-1]})")
       else:
-        named = (f"an array of shape ({stored}) stored, ({asked}) asked: config.model, "
-                 "embedding_dim or another setting that shapes the model differs")
+        named = (f"an array of shape {tuple(map(int, stored))} stored, {tuple(map(int, asked))} "
+                 "asked: config.model or another setting that shapes the model differs")
   if not named:
     return None  # not shown to be other settings: treated as damage
   return CheckpointMismatch(
