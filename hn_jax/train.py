@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 
 from hn_jax import checkpoints as checkpoints_lib
 from hn_jax import evaluators, run_config, sharding, train_step
-from hn_jax.errors import DiskFull, Interrupted, Preempted, TrainingStopped
+from hn_jax.errors import (DiskFull, Interrupted, Preempted, RunStopped, TrainingStopped,
+                           is_out_of_memory, out_of_memory)
 from hn_jax.run_lock import WorkdirLock
 from hn_jax.data import datasets, input_pipeline, samplers
 
@@ -286,8 +287,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
       config, dataset, mesh=mesh, neighbours_dir=run_config.workdir_path(workdir) / "neighbours")
 
   def evaluate(epoch: int) -> dict[str, float]:
-    return evaluator.run(lambda split: evaluators.embed_split(embed_fn, state, split, config,
-                                                              mesh), epoch=epoch)
+    with _memory("while evaluating", "--config.eval_batch_size (or use --config.cache=off)"):
+      return evaluator.run(lambda split: evaluators.embed_split(embed_fn, state, split, config,
+                                                                mesh), epoch=epoch)
 
   checkpoints = checkpoints_lib.manager(workdir, max_to_keep=config.checkpoints_to_keep)
   total_steps = config.num_epochs * steps_per_epoch
@@ -344,9 +346,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
           message = (f"{how}: saved the checkpoint of step {step}; run the same command "
                      "to resume")
           raise Interrupted(message) if preemption.interrupted else Preempted(message)
-        state, step_metrics = step_fn(state, batch["images"], batch["labels"], batch["flips"])
-        step += 1
-        log.add(step, step_metrics)
+        with _memory("in the training step", "--config.batch_size (a multiple of "
+                     "config.images_per_class), or use --config.half_precision=True"):
+          state, step_metrics = step_fn(state, batch["images"], batch["labels"],
+                                        batch["flips"])
+          step += 1
+          log.add(step, step_metrics)
         if log.skipped_in_a_row >= config.max_consecutive_skips:
           raise TrainingStopped(
               f"the loss or its gradients were not finite for {log.skipped_in_a_row} steps in "
@@ -384,6 +389,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
     else:
       summary(line)
   return metrics
+
+
+@contextlib.contextmanager
+def _memory(where: str, lower: str):
+  """Running out of memory (the host's or XLA's) inside: one line naming what to lower."""
+  try:
+    yield
+  except RunStopped:
+    raise
+  except Exception as e:  # pylint: disable=broad-except; XLA's errors have no common type
+    if is_out_of_memory(e):
+      raise out_of_memory(where, lower) from None
+    raise
 
 
 def _flush(writer: metric_writers.MetricWriter, workdir: str) -> None:

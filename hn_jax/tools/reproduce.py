@@ -205,8 +205,14 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   key = datasets.KEYS[config.dataset]
   base = Path(root) / f"{key}_R50"
   if not jax.config.jax_compilation_cache_dir:
-    # The seeds of a method compile the same programs: compile them once.
-    jax.config.update("jax_compilation_cache_dir", str(Path(root).resolve() / "xla_cache"))
+    # The seeds of a method compile the same programs: compile them once, in a folder only
+    # this user can write (programs loaded from it run as code).
+    from hn_jax import private_dirs  # pylint: disable=g-import-not-at-top
+    try:
+      cache = private_dirs.ensure(Path(root).resolve() / "xla_cache", "the compilation cache")
+    except private_dirs.NotPrivate as e:
+      raise ReproduceError(str(e)) from None
+    jax.config.update("jax_compilation_cache_dir", cache)
   started = time.perf_counter()
 
   def workdir(method: str, lr: str, seed: int) -> Path:
