@@ -294,6 +294,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
   checkpoints = checkpoints_lib.manager(workdir, max_to_keep=config.checkpoints_to_keep)
   total_steps = config.num_epochs * steps_per_epoch
   found = checkpoints_lib.restore_newest_good(checkpoints, state, config=config)
+  if found is not None and jax.process_index() == 0 and not run_config.file_is_sound(workdir):
+    run_config.record(config, workdir)  # a lost or broken config.json, written back
+    _say("Wrote %s back (it was lost or broken)", os.path.join(workdir, run_config.CONFIG_FILE))
   if found is not None and found[0] >= total_steps:
     checkpoints.close()
     _say("%s holds a complete run (step %d, epoch %d of %d): nothing to do; "
@@ -323,8 +326,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
       log = EpochLog(writer, progress["sums"], progress["count"])
       _say("Resumed %s from its checkpoint of step %d (epoch %d of %d)", workdir, step,
            step // steps_per_epoch, config.num_epochs)
-      if jax.process_index() == 0 and not changes and not run_config.file_is_sound(workdir):
-        run_config.record(config, workdir)  # a lost or broken config.json, written back
       if changes:
         if jax.process_index() == 0:
           run_config.record(config, workdir, changes)

@@ -120,10 +120,13 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
         # The new layout is read before anything of the old copy is touched.
         builder_cls(data_dir=data_dir).check_layout(manual_dir)
         scratch = os.path.join(folder, f"{REBUILD_PREFIX}{os.getpid()}")
-        built = _build(builder_cls, name, manual_dir, scratch, workers, progress)
-        _replace(os.path.join(scratch, os.path.basename(folder),
-                              os.path.basename(builder.data_dir)), builder.data_dir)
-        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+          built = _build(builder_cls, name, manual_dir, scratch, workers, progress,
+                         shown_dir=data_dir)
+          _replace(os.path.join(scratch, os.path.basename(folder),
+                                os.path.basename(builder.data_dir)), builder.data_dir)
+        finally:
+          shutil.rmtree(scratch, ignore_errors=True)
         fresh = builder_cls(data_dir=data_dir, file_format="array_record")
         fresh.progress = built.progress
         return fresh
@@ -178,8 +181,10 @@ def _out_of_space(error: BaseException) -> bool:
 
 
 def _build(builder_cls, name: str, manual_dir: str, data_dir: str, workers: int | None,
-           progress: bool):
-  """Builds `name` from `manual_dir` into `data_dir` (nothing prepared there yet)."""
+           progress: bool, shown_dir: str | None = None):
+  """Builds `name` from `manual_dir` into `data_dir` (nothing prepared there yet); errors
+  name `shown_dir` (default `data_dir`)."""
+  shown_dir = shown_dir or data_dir
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = builder_cls(data_dir=data_dir, file_format="array_record")
   if workers:
@@ -209,10 +214,10 @@ def _build(builder_cls, name: str, manual_dir: str, data_dir: str, workers: int 
     raise
   except Exception as e:  # pylint: disable=broad-except; TFDS and TF wrap OSErrors
     if _out_of_space(e):
-      raise PrepareError(f"no room left in {data_dir} while writing {name} (nothing prepared "
-                         "was replaced); free space there, or give another --data_dir") from None
+      raise PrepareError(f"no room left in {shown_dir} while writing {name}, nothing prepared "
+                         "was replaced; free space there, or give another --data_dir") from None
     if isinstance(e, OSError):
-      raise PrepareError(f"cannot write {name} in {data_dir} ({e.strerror or e}); give a "
+      raise PrepareError(f"cannot write {name} in {shown_dir} ({e.strerror or e}); give a "
                          "--data_dir you can write") from None
     raise
   finally:
