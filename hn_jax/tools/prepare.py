@@ -38,7 +38,8 @@ flags.DEFINE_string("manual_dir", None, "Folder of the published layout, as down
                     "docs/datasets.md).", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR.",
                     flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.",
+flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared (the "
+                  "prepared copy is replaced only once the new one is built).",
                   flag_values=FLAGS)
 flags.DEFINE_integer("workers", None, "Threads checking images (default: 2 per core, <= 32).",
                      flag_values=FLAGS)

@@ -2,8 +2,10 @@
 
 A builder subclasses `LayoutBuilder` and only says how to read its published layout
 (`_find_root`, `_list`): the annotation files give, per split, the examples (image path,
-label, image_id, chain). The base class then checks every image (PIL decodes it, JPEGs at
-1/8 scale, in a pool of threads), skips what is unsound with its path and reason, and
+label, image_id, chain). The base class refuses a listing that names files outside the
+layout's folder (absolute paths, `..`), then checks every image (PIL decodes it, JPEGs at
+1/8 scale, in a pool of threads; an image stored as it is must also decode with the decoder
+training uses, `tf.io.decode_image`), skips what is unsound with its path and reason, and
 writes the rest in listing order: shuffling is disabled, so record i of a split is the
 i-th sound example, and the split's label, chain and image_id tables, saved in the
 dataset's metadata (`metadata.json`), line up with the records without reading them.
