@@ -233,7 +233,8 @@ class Saver:
       self.checkpoints.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except; Orbax re-raises the thread's error
       raise self._failed(e) from None
-    if self._pending is None or self.checkpoints.is_saving_in_progress():
+    if (self._pending is None or jax.process_count() > 1
+        or self.checkpoints.is_saving_in_progress()):
       return
     step, self._pending = self._pending, None
     if step in finished_steps(self.folder):
