@@ -29,6 +29,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import re
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -136,7 +137,8 @@ def training_decoder_problem(data: bytes) -> str | None:
   try:
     tf.io.decode_image(data, channels=3, expand_animations=False)
   except (tf.errors.OpError, ValueError) as e:
-    return " ".join(str(getattr(e, "message", e)).split())[:120]
+    text = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", str(getattr(e, "message", e)))
+    return " ".join(text.split())[:120]
   return None
 
 
