@@ -613,3 +613,25 @@ def test_a_compilation_cache_others_can_write_is_refused(tmp_path):
   with pytest.raises(private_dirs.NotPrivate, match="chmod go-w") as e:
     private_dirs.ensure(shared, "the compilation cache")
   _one_line(e.value)
+
+
+def test_an_undecodable_image_prepared_earlier_stops_training_in_one_line(tmp_path, monkeypatch):
+  """A dataset prepared before prepare checked images with TensorFlow: one line naming the
+  dataset and the command that fixes it, not a traceback, when its cache is built."""
+  from hn_jax.data import datasets, image_cache  # pylint: disable=import-outside-toplevel
+  from hn_jax.data.tfds_builders import common  # pylint: disable=import-outside-toplevel
+  from hn_jax.testing import fake_datasets  # pylint: disable=import-outside-toplevel
+  from hn_jax.tools import prepare  # pylint: disable=import-outside-toplevel
+  expected = fake_datasets.write_cub(str(tmp_path / "raw"))
+  relative = (Path(expected.root) / "images.txt").read_text().split()[1]
+  (Path(expected.root) / "images" / relative).write_bytes(_png_tensorflow_refuses())
+  monkeypatch.setattr(common, "training_decoder_problem", lambda data: None)  # the old check
+  prepare.prepare("cub", expected.root, str(tmp_path / "data"), progress=False)
+  monkeypatch.undo()
+  dataset = datasets.load(tiny_config(dataset="cub", data_dir=str(tmp_path / "data")))
+  for mode in ("auto", "memory"):
+    with pytest.raises(image_cache.UndecodableImage, match="prepare it again with .* "
+                       "--dataset=cub --overwrite") as e:
+      image_cache.cached_images(dataset.train, "eval", 16,
+                                image_cache.CachePolicy(mode, str(tmp_path / f"cache_{mode}")))
+    _one_line(e.value)

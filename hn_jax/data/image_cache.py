@@ -60,6 +60,22 @@ class CacheError(RunStopped):
   a RunStopped, as the commands print it)."""
 
 
+class UndecodableImage(RunStopped):
+  """A prepared image TensorFlow cannot decode (prepared before `prepare` checked for that)."""
+
+
+def _undecodable(split: Split, error: BaseException) -> UndecodableImage | None:
+  if type(error).__name__ != "InvalidArgumentError":  # tf.errors', without importing TF
+    return None
+  reason = " ".join(str(getattr(error, "message", error)).split("\n")[0].split())[:160]
+  dataset = (split.name or "the dataset").rsplit("-", 1)[0]
+  return UndecodableImage(
+      f"an image of {split.name or 'a split'} cannot be decoded ({reason}); {dataset} was "
+      "prepared without checking its images with TensorFlow: prepare it again with "
+      f"python -m hn_jax.tools.prepare --dataset={dataset} --overwrite (it skips and names "
+      "such images)")
+
+
 class CorruptCache(ValueError):
   """A cache file that must not be used (truncated, corrupt, or of another key)."""
 
@@ -456,6 +472,11 @@ def cached_images(split: Split, kind: str, image_size: int,
             f"out of memory holding the decoded images of {split.name or 'a split'} "
             f"({key.kind}); use --config.cache=disk (a memory-mapped file) or "
             "--config.cache=off, or lower --config.cache_memory_gb") from None
+      except Exception as e:  # pylint: disable=broad-except; TensorFlow's decoding errors
+        undecodable = _undecodable(split, e)
+        if undecodable is None:
+          raise
+        raise undecodable from None
     except CacheError as e:
       if policy.mode != "auto":
         raise
