@@ -365,6 +365,10 @@ def _mismatch(checkpoints: ocp.CheckpointManager, step: int, error: BaseExceptio
       else:
         named = (f"an array of shape {tuple(map(int, stored))} stored, {tuple(map(int, asked))} "
                  "asked: config.model or another setting that shapes the model differs")
+  if not named and error is not None and "tree structures do not match" in str(error):
+    # The metadata read, and names other arrays than the config's model has.
+    named = ("its arrays are another model's: config.model or another setting that shapes "
+             "the model differs")
   if not named:
     return None  # not shown to be other settings: treated as damage
   return CheckpointMismatch(

@@ -635,3 +635,18 @@ def test_an_undecodable_image_prepared_earlier_stops_training_in_one_line(tmp_pa
       image_cache.cached_images(dataset.train, "eval", 16,
                                 image_cache.CachePolicy(mode, str(tmp_path / f"cache_{mode}")))
     _one_line(e.value)
+
+
+def test_checkpoint_of_another_model_is_not_damage(tiny_run, tmp_path):
+  from hn_jax import sharding, train_step  # pylint: disable=import-outside-toplevel
+  workdir = _copy(tiny_run[0], tmp_path)
+  _, state, _ = train_step.init_state(tiny_config(model="googlenet_mini"), steps_per_epoch=14,
+                                      read_weights=False)
+  state = sharding.replicate(state, sharding.create_mesh())
+  manager = checkpoints_lib.manager(workdir, create=False)
+  with pytest.raises(errors.CheckpointMismatch, match="config.model") as e:
+    checkpoints_lib.restore_newest_good(manager, state, say=lambda *a: None)
+  manager.close()
+  _one_line(e.value)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["14", "28"]
+  assert not (workdir / checkpoints_lib.DAMAGED_FOLDER).exists()
