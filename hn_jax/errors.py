@@ -73,7 +73,10 @@ def out_of_memory(where: str, lower: str) -> OutOfMemory:
 def unwritable(folder, error: OSError) -> RunStopped:
   """The one line for a workdir (or data folder) that cannot be written: `error`'s cause."""
   import errno  # pylint: disable=g-import-not-at-top
-  reason = error.strerror or str(error)
+  reason = error.strerror or " ".join(str(error).split())[:200]
+  if "://" in str(folder) and error.errno is None:  # an object store's client error
+    return WorkdirUnusable(f"cannot reach {folder} ({reason}); check the network and the "
+                           "credentials, or give a local --workdir")
   if error.errno in (errno.ENOSPC, errno.EDQUOT):
     return DiskFull(f"no room to write in {folder} ({reason}); free space there (or use another "
                     "folder), then run the same command again")

@@ -71,6 +71,13 @@ class WorkdirLock:
         self._flock()
     except OSError as e:
       raise errors.unwritable(os.fspath(self.workdir), e) from None
+    except Exception as e:  # pylint: disable=broad-except; object stores' client errors
+      if not self.lease:
+        raise
+      first = " ".join(str(e).split("\n")[0].split())[:160]
+      raise errors.WorkdirUnusable(
+          f"cannot reach {os.fspath(self.workdir)} ({type(e).__name__}: {first}); check the "
+          "network and the credentials, or give a local --workdir") from None
     return self
 
   def __exit__(self, *exc) -> None:

@@ -234,12 +234,19 @@ def test_full_disk_at_start_is_one_line(tmp_path, monkeypatch):
 
 def test_unreachable_remote_workdir_is_one_line(monkeypatch):
   from etils import epath  # pylint: disable=import-outside-toplevel
+  remote = type(epath.Path("gs://bucket/run"))  # the class of gs:// paths (no network used)
 
-  def no_network(self):
+  def no_network(self, *args, **kwargs):
     raise RuntimeError("Could not resolve host: storage.googleapis.com\nretrying...")
-  monkeypatch.setattr(epath.Path, "is_file", no_network)
+  for method in ("is_file", "exists", "mkdir", "iterdir", "read_text", "write_text"):
+    monkeypatch.setattr(remote, method, no_network)
   with pytest.raises(run_config.ConfigError, match="cannot reach it .* check the network") as e:
     run_config.load("gs://bucket/run")
+  _one_line(e.value)
+
+  with pytest.raises(errors.WorkdirUnusable, match="cannot reach gs://bucket/run .* network") as e:
+    with run_lock.WorkdirLock("gs://bucket/run"):
+      pass
   _one_line(e.value)
 
 
