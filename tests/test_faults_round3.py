@@ -41,7 +41,7 @@ def _one_line(text: str) -> str:
   return text
 
 
-# Settings ------------------------------------------------------------------------------------
+# Settings ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("key,value", [
@@ -70,7 +70,7 @@ def test_checkpoints_to_keep_0_on_resume_deletes_nothing(tiny_run, tmp_path, cap
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before == ["14", "28"]
 
 
-# A run's settings live with its checkpoints ---------------------------------------------------
+# A run's settings live with its checkpoints ------------------------------------------------------
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty", "not json", "a list"])
@@ -121,7 +121,7 @@ def test_a_resume_writes_a_lost_config_json_back(tiny_run, tmp_path):
   assert json.loads((workdir / "config.json").read_text()) == original
 
 
-# A restore of other settings is not damage ----------------------------------------------------
+# A restore of other settings is not damage -------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_config", [True, False])
@@ -146,7 +146,7 @@ def test_checkpoint_of_other_settings_is_refused_and_moved_nowhere(with_config, 
   assert not (workdir / checkpoints_lib.DAMAGED_FOLDER).exists()
 
 
-# A save that fails in the background ----------------------------------------------------------
+# A save that fails in the background -------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -176,7 +176,7 @@ def test_failed_background_save_stops_at_the_next_step_and_lets_go(tmp_path, mon
     pass
 
 
-# Workdirs that cannot be written ----------------------------------------------------------------
+# Workdirs that cannot be written -----------------------------------------------------------------
 
 
 def test_workdir_that_is_a_file_or_too_long_is_one_line(tmp_path):
@@ -250,7 +250,7 @@ def test_unreachable_remote_workdir_is_one_line(monkeypatch):
   _one_line(e.value)
 
 
-# Out of memory --------------------------------------------------------------------------------
+# Out of memory -----------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -361,7 +361,7 @@ def test_unfinished_cache_files_of_a_dead_build_are_removed(tmp_path):
   assert live.exists() and other_host.exists() and not stale.exists()
 
 
-# Files a command writes ---------------------------------------------------------------------------
+# Files a command writes --------------------------------------------------------------------------
 
 
 def test_outputs_never_touch_a_runs_files(tiny_run, tmp_path):
@@ -492,7 +492,7 @@ def test_search_refuses_another_checkpoint_and_embed_records_its_own(tiny_run, t
   assert not (tmp_path / "new.npz").exists()
 
 
-# Prepared datasets ---------------------------------------------------------------------------------
+# Prepared datasets -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -607,7 +607,7 @@ def test_image_paths_outside_the_layout_are_refused(tmp_path):
   assert not (tmp_path / "data" / "hn_cub" / "1.1.0").exists()
 
 
-# A compilation cache others can write ---------------------------------------------------------------
+# A compilation cache others can write ------------------------------------------------------------
 
 
 def test_a_compilation_cache_others_can_write_is_refused(tmp_path):
@@ -644,6 +644,7 @@ def test_an_undecodable_image_prepared_earlier_stops_training_in_one_line(tmp_pa
     _one_line(e.value)
 
 
+@pytest.mark.slow  # builds another model's state (6 s)
 def test_checkpoint_of_another_model_is_not_damage(tiny_run, tmp_path):
   from hn_jax import sharding, train_step  # pylint: disable=import-outside-toplevel
   workdir = _copy(tiny_run[0], tmp_path)
