@@ -71,6 +71,8 @@ class WorkdirLock:
         self._flock()
     except OSError as e:
       raise errors.unwritable(os.fspath(self.workdir), e) from None
+    except errors.RunStopped:
+      raise
     except Exception as e:  # pylint: disable=broad-except; object stores' client errors
       if not self.lease:
         raise
