@@ -39,6 +39,14 @@ from etils import epath
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.json"
+# hn_jax.checkpoints' folder, and the key of its progress JSON that holds the run's settings
+# (a second record of them, beside config.json: `load` falls back to it).
+CHECKPOINT_FOLDER = "checkpoints"
+CHECKPOINT_CONFIG_KEY = "config"
+# The highest seed (NumPy's and JAX's seeds are 64-bit; the samplers' are signed).
+MAX_SEED = 2**63 - 1
+# Distinct glyphs the synthetic set can draw (5 x 3 half-glyphs with at least 4 cells on).
+SYNTHETIC_MAX_CLASSES = 32192
 # Settings a resumed run may change; any other setting belongs to the run for good.
 CHANGEABLE = frozenset({
     "num_epochs",  # train longer (or stop earlier)
@@ -319,6 +327,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int,
   need(config.get("cache_memory_gb", 0) >= 0,
        f"config.cache_memory_gb={config.get('cache_memory_gb')} must be >= 0 (0: a quarter of "
        "this host's memory)")
+  need(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED,
+       f"config.seed={config.seed!r} must be an integer in [0, 2**63 - 1]")
+  need(isinstance(config.checkpoints_to_keep, int) and config.checkpoints_to_keep >= 1,
+       f"config.checkpoints_to_keep={config.checkpoints_to_keep!r} must be at least 1 (the "
+       "newest checkpoints kept; 0 would delete every one, finished ones included)")
+  need(isinstance(config.max_consecutive_skips, int) and config.max_consecutive_skips >= 1,
+       f"config.max_consecutive_skips={config.max_consecutive_skips!r} must be at least 1 (the "
+       "run stops after this many non-finite steps in a row)")
+  if config.dataset == "synthetic":
+    need(isinstance(config.synthetic_classes, int)
+         and 2 <= config.synthetic_classes <= SYNTHETIC_MAX_CLASSES,
+         f"config.synthetic_classes={config.synthetic_classes!r} must be in [2, "
+         f"{SYNTHETIC_MAX_CLASSES}] (the distinct glyphs the synthetic set can draw)")
   need(len(config.mean) == 3 and len(config.std) == 3 and min(config.std) > 0,
        f"config.mean={tuple(config.mean)} and config.std={tuple(config.std)} must be 3 values "
        "each, std positive")
@@ -365,12 +386,81 @@ def read(workdir: str) -> ml_collections.ConfigDict:
   return from_plain(recorded)
 
 
+_SAID: set[str] = set()  # the fallbacks `load` reported already (one line per workdir)
+
+
 def load(workdir: str) -> dict[str, Any] | None:
-  """The workdir's recorded config, or None for a workdir without one."""
-  path = workdir_path(workdir) / CONFIG_FILE
-  if not path.is_file():
+  """The workdir's recorded config, or None for a workdir without one.
+
+  A missing or broken config.json is replaced by the settings saved with the newest
+  checkpoint (said in one line); a broken one with no checkpoint to stand for it, or a
+  workdir that cannot be read, is a ConfigError.
+  """
+  folder = workdir_path(workdir)
+  path = folder / CONFIG_FILE
+  problem = None
+  try:
+    if path.is_file():
+      try:
+        values = json.loads(path.read_text())
+      except ValueError as e:
+        values, problem = None, f"is not valid JSON ({' '.join(str(e).split())[:120]})"
+      if isinstance(values, dict) and values:
+        return values
+      problem = problem or "holds no settings"
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir}: cannot read {path} ({e.strerror or e}); give a "
+                      "workdir you can read and write") from None
+  except Exception as e:  # pylint: disable=broad-except; remote filesystems (gs://, ...)
+    raise ConfigError(f"--workdir {workdir}: cannot reach it ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:160]}); check the network and the "
+                      "credentials, or give a local --workdir") from None
+  saved = saved_config(folder)
+  if saved is not None:
+    step, values = saved
+    if os.fspath(folder) not in _SAID:
+      _SAID.add(os.fspath(folder))
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("%s %s: using the settings saved with the checkpoint of step %d (a "
+                      "resumed run writes them back)", path,
+                      problem or "is missing", step)
+    return values
+  if problem:
+    raise ConfigError(f"{path} {problem} and no checkpoint records the run's settings; "
+                      f"restore the file from a backup, or delete it to run with the --config "
+                      "given")
+  return None
+
+
+def saved_config(workdir: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
+  """(step, settings) saved with the workdir's newest checkpoint that holds them, if any.
+
+  Read straight from its progress JSON (no Orbax, no JAX).
+  """
+  folder = workdir_path(workdir) / CHECKPOINT_FOLDER
+  try:
+    steps = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit()), reverse=True)
+  except OSError:
     return None
-  return json.loads(path.read_text())
+  for step in steps:
+    try:
+      progress = json.loads((folder / str(step) / "progress" / "metadata").read_text())
+    except (OSError, ValueError):
+      continue
+    values = progress.get(CHECKPOINT_CONFIG_KEY) if isinstance(progress, dict) else None
+    if isinstance(values, dict) and values:
+      return step, values
+  return None
+
+
+def file_is_sound(workdir: str) -> bool:
+  """Whether the workdir's config.json exists and holds settings (else a run rewrites it)."""
+  path = workdir_path(workdir) / CONFIG_FILE
+  try:
+    values = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(values, dict) and bool(values)
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -400,6 +490,8 @@ def check(config: ml_collections.ConfigDict | Mapping[str, Any], workdir: str
   changed = {k: (old, new) for k, (old, new) in changed.items()
              if not (old is _MISSING and k in default and default[k] == new)}
   fixed = {k: v for k, v in changed.items() if k not in CHANGEABLE}
+  if changed and not fixed:
+    _read_history(workdir_path(workdir) / HISTORY_FILE)  # a broken one: one line, now
   if fixed:
     listed = "; ".join(f"config.{k}={_show(new)} but the run has {_show(old)}"
                        for k, (old, new) in fixed.items())
@@ -426,14 +518,32 @@ def record(config: ml_collections.ConfigDict, workdir: str,
            changes: Mapping[str, tuple[Any, Any]] | None = None) -> None:
   """Writes `config` as the workdir's config.json; appends `changes` to its history."""
   folder = workdir_path(workdir)
-  folder.mkdir(parents=True, exist_ok=True)
-  if changes:
-    path = folder / HISTORY_FILE
-    history = json.loads(path.read_text()) if path.is_file() else []
-    history.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "changes": {k: list(v) for k, v in changes.items()}})
-    _write(path, json.dumps(history, indent=2))
-  _write(folder / CONFIG_FILE, config.to_json(indent=2))
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    if changes:
+      path = folder / HISTORY_FILE
+      history = _read_history(path)
+      history.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"), "changes": {k: list(v) for k, v in changes.items()}})
+      _write(path, json.dumps(history, indent=2))
+    _write(folder / CONFIG_FILE, config.to_json(indent=2))
+  except OSError as e:
+    from hn_jax import errors  # pylint: disable=g-import-not-at-top
+    raise errors.unwritable(folder, e) from None
+
+
+def _read_history(path: epath.Path) -> list:
+  """The change history at `path` ([] if none); ConfigError, one line, if it is broken."""
+  if not path.is_file():
+    return []
+  try:
+    history = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    history = e
+  if not isinstance(history, list):
+    raise ConfigError(f"{path} is not a readable change history ({type(history).__name__}); "
+                      "move it aside (it only lists past changes of settings) and run again")
+  return history
 
 
 def _write(path: epath.Path, text: str) -> None:

@@ -23,6 +23,7 @@ import time
 
 from etils import epath
 
+from hn_jax import errors
 from hn_jax.errors import WorkdirBusy
 
 LOCK_FILE = "run.lock"
@@ -35,9 +36,12 @@ def _holder() -> dict:
           "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
-def _busy(workdir: str, holder: dict, how: str) -> WorkdirBusy:
+def _busy(workdir: str, holder: dict, how: str, what: str = "run") -> WorkdirBusy:
   who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since "
          f"{holder.get('since', '?')}")
+  if what != "run":
+    return WorkdirBusy(f"{workdir} is in use by another {what} ({who}; {how}); wait for it to "
+                       "end or stop it")
   return WorkdirBusy(f"{workdir} is in use by another run ({who}; {how}); wait for it to end or "
                      "stop it, or give this run another --workdir")
 
@@ -47,8 +51,11 @@ class WorkdirLock:
   live process holds it. `lease=True` forces the object-store lease (tests)."""
 
   def __init__(self, workdir: str | os.PathLike, *, lease: bool | None = None,
-               lease_seconds: float = LEASE_SECONDS):
+               lease_seconds: float = LEASE_SECONDS, lock_file: str = LOCK_FILE,
+               what: str = "run"):
     self.workdir = epath.Path(workdir)
+    self.lock_file = lock_file
+    self.what = what
     self.lease = "://" in os.fspath(workdir) if lease is None else lease
     self.lease_seconds = lease_seconds
     self._fd: int | None = None
@@ -56,11 +63,23 @@ class WorkdirLock:
     self._thread: threading.Thread | None = None
 
   def __enter__(self) -> WorkdirLock:
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    if self.lease:
-      self._take_lease()
-    else:
-      self._flock()
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      if self.lease:
+        self._take_lease()
+      else:
+        self._flock()
+    except OSError as e:
+      raise errors.unwritable(os.fspath(self.workdir), e) from None
+    except errors.RunStopped:
+      raise
+    except Exception as e:  # pylint: disable=broad-except; object stores' client errors
+      if not self.lease:
+        raise
+      first = " ".join(str(e).split("\n")[0].split())[:160]
+      raise errors.WorkdirUnusable(
+          f"cannot reach {os.fspath(self.workdir)} ({type(e).__name__}: {first}); check the "
+          "network and the credentials, or give a local --workdir") from None
     return self
 
   def __exit__(self, *exc) -> None:
@@ -68,7 +87,7 @@ class WorkdirLock:
 
   def _flock(self) -> None:
     import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
-    path = os.fspath(self.workdir / LOCK_FILE)
+    path = os.fspath(self.workdir / self.lock_file)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,9 +97,13 @@ class WorkdirLock:
       except ValueError:
         holder = {}
       os.close(fd)
-      raise _busy(os.fspath(self.workdir), holder, f"it holds {path}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+      raise _busy(os.fspath(self.workdir), holder, f"it holds {path}", self.what) from None
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+    except OSError:
+      os.close(fd)
+      raise
     self._fd = fd
 
   def _take_lease(self) -> None:

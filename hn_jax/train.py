@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 
 from hn_jax import checkpoints as checkpoints_lib
 from hn_jax import evaluators, finished, run_config, sharding, summaries, train_step
-from hn_jax.errors import DiskFull, Interrupted, Preempted, TrainingStopped
+from hn_jax.errors import (DiskFull, Interrupted, Preempted, RunStopped, TrainingStopped,
+                           is_out_of_memory, out_of_memory)
 from hn_jax.run_lock import WorkdirLock
 from hn_jax.data import datasets, input_pipeline, samplers
 
@@ -300,18 +301,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
       embedded[id(split)] = evaluators.embed_split(embed_fn, state, split, config, mesh)
       return embedded[id(split)]
 
-    metrics = evaluator.run(embed, epoch=epoch)
+    with _memory("while evaluating", "--config.eval_batch_size (or use --config.cache=off)"):
+      metrics = evaluator.run(embed, epoch=epoch)
     views.evaluated(epoch, embedded, writer, final=epoch == config.num_epochs)
     return metrics
 
   checkpoints = checkpoints_lib.manager(workdir, max_to_keep=config.checkpoints_to_keep)
   total_steps = config.num_epochs * steps_per_epoch
-  found = checkpoints_lib.restore_newest_good(checkpoints, state)
+  found = checkpoints_lib.restore_newest_good(checkpoints, state, config=config)
   if found is None and not weights_read and config.pretrained not in ("", "none"):
     # No good checkpoint after all: the run starts afresh, from the published weights.
     state = sharding.replicate(train_step.init_state(
         config, steps_per_epoch,
         num_classes=train_step.num_train_classes(dataset.train.labels))[1], mesh)
+  if found is not None and jax.process_index() == 0 and not run_config.file_is_sound(workdir):
+    run_config.record(config, workdir)  # a lost or broken config.json, written back
+    _say("Wrote %s back (it was lost or broken)", os.path.join(workdir, run_config.CONFIG_FILE))
   if found is not None and found[0] >= total_steps:
     checkpoints.close()
     _say("%s holds a complete run (step %d, epoch %d of %d): nothing to do; "
@@ -319,7 +324,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
          found[0] // steps_per_epoch, config.num_epochs)
     return {}
   saver = checkpoints_lib.Saver(
-      checkpoints, num_classes=train_step.num_train_classes(dataset.train.labels))
+      checkpoints, num_classes=train_step.num_train_classes(dataset.train.labels), config=config)
   # HParams before the scalars' event file, so that a live TensorBoard polls the newer file.
   views = summaries.RunSummaries(config, dataset, workdir, enabled=jax.process_index() == 0)
   views.started()
@@ -366,9 +371,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
           message = (f"{how}: saved the checkpoint of step {step}; run the same command "
                      "to resume")
           raise Interrupted(message) if preemption.interrupted else Preempted(message)
-        state, step_metrics = step_fn(state, batch["images"], batch["labels"], batch["flips"])
-        step += 1
-        log.add(step, step_metrics)
+        with _memory("in the training step", "--config.batch_size (a multiple of "
+                     "config.images_per_class), or use --config.half_precision=True"):
+          state, step_metrics = step_fn(state, batch["images"], batch["labels"],
+                                        batch["flips"])
+          step += 1
+          log.add(step, step_metrics)
         if log.skipped_in_a_row >= config.max_consecutive_skips:
           raise TrainingStopped(
               f"the loss or its gradients were not finite for {log.skipped_in_a_row} steps in "
@@ -410,6 +418,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
     else:
       summary(line)
   return metrics
+
+
+@contextlib.contextmanager
+def _memory(where: str, lower: str):
+  """Running out of memory (the host's or XLA's) inside: one line naming what to lower."""
+  try:
+    yield
+  except RunStopped:
+    raise
+  except Exception as e:  # pylint: disable=broad-except; XLA's errors have no common type
+    if is_out_of_memory(e):
+      raise out_of_memory(where, lower) from None
+    raise
 
 
 def _flush(writer: metric_writers.MetricWriter, workdir: str) -> None:

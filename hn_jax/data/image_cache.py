@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -38,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from hn_jax.data.splits import Split
+from hn_jax.errors import RunStopped
 
 MODES = ("auto", "memory", "disk", "off")
 FORMAT_VERSION = 1
@@ -53,8 +55,25 @@ DISK_MARGIN = 1 << 30
 DEFAULT_MEMORY_FRACTION = 0.25
 
 
-class CacheError(RuntimeError):
-  """A cache that cannot be built where asked; the message says what to change."""
+class CacheError(RunStopped):
+  """A cache that cannot be built where asked; the message says what to change (one line:
+  a RunStopped, as the commands print it)."""
+
+
+class UndecodableImage(RunStopped):
+  """A prepared image TensorFlow cannot decode (prepared before `prepare` checked for that)."""
+
+
+def _undecodable(split: Split, error: BaseException) -> UndecodableImage | None:
+  if type(error).__name__ != "InvalidArgumentError":  # tf.errors', without importing TF
+    return None
+  reason = " ".join(str(getattr(error, "message", error)).split("\n")[0].split())[:160]
+  dataset = (split.name or "the dataset").rsplit("-", 1)[0]
+  return UndecodableImage(
+      f"an image of {split.name or 'a split'} cannot be decoded ({reason}); {dataset} was "
+      "prepared without checking its images with TensorFlow: prepare it again with "
+      f"python -m hn_jax.tools.prepare --dataset={dataset} --overwrite (it skips and names "
+      "such images)")
 
 
 class CorruptCache(ValueError):
@@ -199,10 +218,10 @@ def write_file(path: str, key: CacheKey, images: Iterable[np.ndarray], count: in
   (a full disk, an interrupt) the partial file is removed and nothing is left at `path`.
   """
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp = f"{path}{_TMP_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   done = False
   try:
+    os.makedirs(folder, exist_ok=True)
     with open(tmp, "wb") as f:
       f.write(_MAGIC + bytes(_PREFIX - len(_MAGIC)))
       table = np.zeros((count, 3), np.uint32)  # H, W, CRC32
@@ -237,6 +256,55 @@ def write_file(path: str, key: CacheKey, images: Iterable[np.ndarray], count: in
   finally:
     if not done and os.path.exists(tmp):
       os.remove(tmp)
+
+
+_TMP_MARK = ".tmp-"  # PATH.tmp-HOST-PID-RANDOM: a cache file being written
+
+
+def _host() -> str:
+  return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True  # someone else's live process
+  return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+  """Removes the temporary files of `path` left by a cache build that died on this host (its
+  process is gone); another host's, or a live process's, are left alone. What it removed."""
+  folder, name = os.path.split(os.path.abspath(path))
+  removed = []
+  try:
+    entries = os.listdir(folder)
+  except OSError:
+    return removed
+  for entry in entries:
+    if not entry.startswith(name + _TMP_MARK):
+      continue
+    fields = entry[len(name + _TMP_MARK):].split("-")
+    if len(fields) == 3 and fields[0] != _host():
+      continue  # written from another host: its process cannot be checked from here
+    try:
+      pid = int(fields[-2])
+    except (ValueError, IndexError):
+      continue
+    if _alive(pid):
+      continue
+    try:
+      os.remove(os.path.join(folder, entry))
+      removed.append(entry)
+    except OSError:
+      pass
+  if removed:
+    logging.warning("image cache: removed %d unfinished file(s) of a build that died: %s",
+                    len(removed), ", ".join(removed))
+  return removed
 
 
 def read_file(path: str, key: CacheKey, *, load: bool) -> DecodedImages:
@@ -397,7 +465,18 @@ def cached_images(split: Split, kind: str, image_size: int,
   opened = _OPENED.setdefault(split, {})
   if (policy, key) not in opened:
     try:
-      opened[(policy, key)] = _open_or_build(split, key, policy)
+      try:
+        opened[(policy, key)] = _open_or_build(split, key, policy)
+      except MemoryError:
+        raise CacheError(
+            f"out of memory holding the decoded images of {split.name or 'a split'} "
+            f"({key.kind}); use --config.cache=disk (a memory-mapped file) or "
+            "--config.cache=off, or lower --config.cache_memory_gb") from None
+      except Exception as e:  # pylint: disable=broad-except; TensorFlow's decoding errors
+        undecodable = _undecodable(split, e)
+        if undecodable is None:
+          raise
+        raise undecodable from None
     except CacheError as e:
       if policy.mode != "auto":
         raise
@@ -415,6 +494,8 @@ def _open_or_build(split: Split, key: CacheKey, policy: CachePolicy) -> DecodedI
   folder = policy.folder or split.cache_folder
   path = os.path.join(folder, file_name(split.name, key)) if folder else None
   budget = memory_budget(policy.memory_gb) - memory_in_use()
+  if path:
+    remove_stale_temporaries(path)
   if path and os.path.exists(path):
     cache = _read_existing(path, key, policy.mode, budget)
     if cache is not None:
@@ -434,6 +515,10 @@ def _open_or_build(split: Split, key: CacheKey, policy: CachePolicy) -> DecodedI
       raise CacheError(
           "config.cache=disk needs a folder for the cache file: set --config.cache_dir (images "
           "held in memory, as digits and synthetic, have no data_dir)")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+      raise CacheError(
+          f"config.cache=disk: the cache folder {folder} is a file; set --config.cache_dir to "
+          "a folder (or move the file), or use --config.cache=memory or off")
     if free < needed + DISK_MARGIN:
       raise CacheError(
           f"config.cache=disk: {split.name or 'the split'}'s {key.kind} cache needs about "
@@ -459,8 +544,13 @@ def _read_existing(path: str, key: CacheKey, mode: str, budget: int) -> DecodedI
   try:
     cache = read_file(path, key, load=load)
   except CorruptCache as e:
+    try:
+      os.remove(path)
+    except OSError as removing:  # a read-only folder: rebuilt elsewhere (or not at all)
+      logging.warning("image cache %s is unusable (%s) and cannot be removed (%s): building "
+                      "the images anew without it", path, e, removing.strerror or removing)
+      return None
     logging.warning("image cache %s is unusable (%s): rebuilding it", path, e)
-    os.remove(path)
     return None
   logging.info("image cache: %s %s", "loaded" if load else "mapped", path)
   return cache

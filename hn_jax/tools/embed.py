@@ -18,6 +18,14 @@ cache that training left (`config.cache`), so it decodes nothing again. The `.np
   source         str, e.g. "dataset digits, split test" or "folder /path"
   kind           "dataset" or "folder"; dataset, split, data_dir: where the images are
   workdir        the run that embedded them (hn_jax.tools.search uses it to embed queries)
+  checkpoint     the digest of the checkpoint that embedded them (`checkpoints.state_id`);
+                 search refuses to embed queries with another one
+  checkpoint_step  its step
+
+The `.npz` is written to a temporary file, then renamed: never left truncated. An existing
+`--out` is refused unless `--overwrite` is given, and a run's own files (config.json, anything
+under checkpoints/, ...) always are. Embeddings that are not finite (a checkpoint of a run
+that diverged) are refused, not written.
 
 Folder images: .jpg, .jpeg, .png (any case), sorted by path, decoded by PIL to RGB; an
 unreadable one is reported on stderr (one line, naming it) and skipped. Single process.
@@ -42,7 +50,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from hn_jax import checkpoints, cli, evaluation, evaluators, run_config, summaries, train_step
+from hn_jax import checkpoints, cli, errors, evaluation, evaluators, output_files, run_config
+from hn_jax import summaries, train_step
 from hn_jax.data import datasets, image_cache
 from hn_jax.data.splits import Split
 
@@ -60,6 +69,27 @@ def load_run(workdir: str, mesh=None):
     return checkpoints.restore_run(workdir, mesh)
   except (run_config.ConfigError, checkpoints.NoCheckpoint) as e:
     raise EmbedError(str(e)) from e
+
+
+def check_finite(embeddings: np.ndarray, ids, what: str) -> None:
+  """EmbedError, one line, if any embedding is not finite (a run that diverged)."""
+  bad = ~np.isfinite(embeddings).all(axis=1)
+  if bad.any():
+    first = ids[int(np.argmax(bad))] if len(ids) else int(np.argmax(bad))
+    raise EmbedError(f"{int(bad.sum())} of {len(bad)} {what} embed to values that are not "
+                     f"finite (first: {first}): the run's checkpoint is not usable (did its "
+                     "training diverge?); embed with another run")
+
+
+def _embedding(fn, *args, **kwargs) -> np.ndarray:
+  """fn(*args, **kwargs); running out of memory there is one line naming the batch size."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except; XLA's errors have no common type
+    if errors.is_out_of_memory(e):
+      raise EmbedError("out of memory while embedding; lower the batch with --eval_batch_size "
+                       "(default: the run's config.eval_batch_size)") from None
+    raise
 
 
 _EMBED_STEPS: dict = {}
@@ -117,6 +147,9 @@ def read_image(path: str) -> np.ndarray | None:
     with Image.open(path) as image:
       image.load()
       return np.asarray(image.convert("RGB"), np.uint8)
+  except MemoryError:
+    raise EmbedError(f"out of memory reading {path}; embed fewer or smaller images at once "
+                     "(a folder of them at a time)") from None
   except FileNotFoundError:
     warn(f"skipped {path}: no such file")
   except Exception as e:  # pylint: disable=broad-except
@@ -199,8 +232,9 @@ def split_image(split: Split, index: int) -> np.ndarray:
 
 def embed_to_file(workdir: str, out: str | None, *, dataset: str | None = None,
                   split: str | None = None, images: str | None = None,
-                  data_dir: str | None = None, progress: bool = True,
-                  projector: str | None = None, projector_points: int | None = None) -> dict:
+                  data_dir: str | None = None, progress: bool = True, overwrite: bool = False,
+                  eval_batch_size: int | None = None, projector: str | None = None,
+                  projector_points: int | None = None) -> dict:
   """Embeds a dataset split or an image folder with the run in `workdir`; writes `out` (and
   the projector's files to `projector`; see the module doc)."""
   if out is None and projector is None:
@@ -211,14 +245,32 @@ def embed_to_file(workdir: str, out: str | None, *, dataset: str | None = None,
     raise EmbedError("give either --split (with --dataset, default the run's) or --images")
   if images is not None and not os.path.isdir(images):
     raise EmbedError(f"--images={images!r}: no such folder")
+  try:
+    if out is not None:
+      output_files.check(out, "--out", overwrite=overwrite)
+    if projector is not None and output_files.bookkeeping(projector) is not None:
+      raise output_files.OutputRefused(f"--projector={projector} is "
+                                       f"{output_files.bookkeeping(projector)}; write elsewhere")
+  except output_files.OutputRefused as e:
+    raise EmbedError(str(e)) from None
   config, graphdef, state, mesh = load_run(workdir)
+  if eval_batch_size:
+    if eval_batch_size % mesh.size:
+      raise EmbedError(f"--eval_batch_size={eval_batch_size} is not divisible by the "
+                       f"{mesh.size} devices; use a multiple of {mesh.size}")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval_batch_size = eval_batch_size
   record = {"workdir": os.fspath(run_config.workdir_path(workdir)),
-            "embedding_dim": int(config.embedding_dim)}
+            "embedding_dim": int(config.embedding_dim),
+            "checkpoint": checkpoints.state_id(state),
+            "checkpoint_step": int(state.step) if hasattr(state, "step") else -1}
   if images is not None:
     paths, pixels = read_images(list_images(images))
     if not paths:
       raise EmbedError(f"no readable image (jpg, jpeg, png) in {images}")
-    embeddings = embed_images(config, graphdef, state, mesh, pixels, progress=progress)
+    embeddings = _embedding(embed_images, config, graphdef, state, mesh, pixels,
+                            progress=progress)
+    check_finite(embeddings, paths, "images")
     record.update(embeddings=embeddings, ids=np.asarray(paths, dtype=str),
                   labels=np.full(len(paths), -1, np.int64), kind="folder",
                   source=f"folder {os.path.abspath(images)}", dataset="", split="",
@@ -226,7 +278,12 @@ def embed_to_file(workdir: str, out: str | None, *, dataset: str | None = None,
   else:
     data_config = dataset_config(config, dataset, data_dir)
     the_split = get_split(data_config, split)
-    embeddings = embed_split(data_config, graphdef, state, mesh, the_split, progress=progress)
+    if len(the_split) == 0:
+      raise EmbedError(f"the {split} split of {data_config.dataset} holds no image: nothing "
+                       "to embed")
+    embeddings = _embedding(embed_split, data_config, graphdef, state, mesh, the_split,
+                            progress=progress)
+    check_finite(embeddings, range(len(embeddings)), f"images of the {split} split")
     record.update(embeddings=embeddings, ids=split_ids(data_config, split, len(the_split)),
                   labels=np.asarray(the_split.labels, np.int64), kind="dataset",
                   source=f"dataset {data_config.dataset}, split {split}",
@@ -242,9 +299,10 @@ def embed_to_file(workdir: str, out: str | None, *, dataset: str | None = None,
       write_projector(projector, record, cap,
                       lambda rows: summaries.split_images(the_split, rows, data_config))
   if out is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "wb") as f:
-      np.savez(f, **record)
+    try:
+      output_files.write(out, "--out", lambda f: np.savez(f, **record))
+    except output_files.OutputRefused as e:
+      raise EmbedError(str(e)) from None
   return record
 
 
@@ -278,6 +336,11 @@ flags.DEFINE_integer("projector_points", None, "At most this many points in the 
                      "(default: the run's config.projector_points).", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "A progress bar on stderr (--noprogress: none).",
                   flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (a run's own files never).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("eval_batch_size", None, "Images per batch (default: the run's "
+                     "config.eval_batch_size); lower it if memory runs out.", lower_bound=1,
+                     flag_values=FLAGS)
 
 
 def _embed(_: list[str]) -> None:
@@ -285,7 +348,8 @@ def _embed(_: list[str]) -> None:
     sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
   record = embed_to_file(FLAGS.workdir, FLAGS.out, dataset=FLAGS.dataset, split=FLAGS.split,
                          images=FLAGS.images, data_dir=FLAGS.data_dir, progress=FLAGS.progress,
-                         projector=FLAGS.projector, projector_points=FLAGS.projector_points)
+                         projector=FLAGS.projector, projector_points=FLAGS.projector_points,
+                         overwrite=FLAGS.overwrite, eval_batch_size=FLAGS.eval_batch_size)
   where = ", ".join(w for w in (FLAGS.out, FLAGS.projector and
                                 f"projector files in {FLAGS.projector}") if w)
   print(f"{where}: {len(record['ids'])} embeddings of dimension {record['embedding_dim']} "

@@ -12,11 +12,19 @@ Nothing is downloaded: TFDS is told to use the manual folder only.
 `--dataset=folder --manual_dir=DIR_OR_CSV` prepares one's own images (docs/folder.md) into
 their own folder under `data_dir` (default `~/.cache/hn_jax/datasets`); training on them
 (configs/folder.py) does this by itself on first use.
+
+One prepare of a dataset at a time: a lock (`run_lock`, `data_dir/hn_<dataset>/prepare.lock`)
+refuses a second one in one line, and what a killed one left (TFDS's `incomplete.*` folders,
+a half-done rebuild) is cleaned up when the next one starts. `--overwrite` reads the new
+layout first and builds the new copy beside the old one, which it replaces only once the
+build succeeded: a wrong `--manual_dir`, a full disk or a crash leave the prepared copy as
+it was.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import shutil
 import sys
@@ -35,7 +43,8 @@ flags.DEFINE_string("manual_dir", None, "Folder of the published layout, as down
                     "the CSV file.", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "Where prepared datasets live; default $HN_DATA_DIR "
                     "(folder: else ~/.cache/hn_jax/datasets).", flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared.",
+flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset is already prepared (the "
+                  "prepared copy is replaced only once the new one is built).",
                   flag_values=FLAGS)
 flags.DEFINE_integer("workers", None, "Threads checking images (default: 2 per core, <= 32).",
                      flag_values=FLAGS)
@@ -108,7 +117,6 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
   For `folder` (one's own images), `manual_dir` is the folder or CSV file, and the copy goes
   to its own folder under `data_dir` (`datasets.folder_dir`; data_dir "": the default cache).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets, tfds_builders  # pylint: disable=g-import-not-at-top
 
   name = canonical_name(dataset)
@@ -125,11 +133,86 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
                        "where to write the prepared dataset")
   builder_cls = tfds_builders.BUILDERS[name]
   builder = builder_cls(data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared() and overwrite:
-    shutil.rmtree(builder.data_dir)
-    builder = builder_cls(data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():
-    return builder
+  folder = os.path.dirname(builder.data_dir)  # data_dir/hn_<name>: its versions
+  from hn_jax import run_lock  # pylint: disable=g-import-not-at-top
+  from hn_jax.errors import RunStopped  # pylint: disable=g-import-not-at-top
+  try:
+    with run_lock.WorkdirLock(folder, lock_file=LOCK_FILE, what=f"prepare of {name}"):
+      _clean_leftovers(folder, os.path.basename(builder.data_dir))
+      builder = builder_cls(data_dir=data_dir, file_format="array_record")
+      if builder.is_prepared() and not overwrite:
+        return builder
+      if builder.is_prepared():
+        # The new layout is read before anything of the old copy is touched.
+        builder_cls(data_dir=data_dir).check_layout(manual_dir)
+        scratch = os.path.join(folder, f"{REBUILD_PREFIX}{os.getpid()}")
+        try:
+          built = _build(builder_cls, name, manual_dir, scratch, workers, progress,
+                         shown_dir=data_dir)
+          _replace(os.path.join(scratch, os.path.basename(folder),
+                                os.path.basename(builder.data_dir)), builder.data_dir)
+        finally:
+          shutil.rmtree(scratch, ignore_errors=True)
+        fresh = builder_cls(data_dir=data_dir, file_format="array_record")
+        fresh.progress = built.progress
+        return fresh
+      return _build(builder_cls, name, manual_dir, data_dir, workers, progress)
+  except RunStopped as e:
+    raise PrepareError(str(e)) from None
+
+
+LOCK_FILE = "prepare.lock"
+REBUILD_PREFIX = "rebuild-"  # data_dir/hn_<name>/rebuild-PID: an --overwrite's new copy
+_OLD_SUFFIX = ".old-"  # data_dir/hn_<name>/VERSION.old-PID: the copy an --overwrite replaces
+
+
+def _clean_leftovers(folder: str, version: str) -> None:
+  """Removes what a killed prepare of this dataset left (the caller holds its lock)."""
+  if not os.path.isdir(folder):
+    return
+  final = os.path.join(folder, version)
+  for entry in sorted(os.listdir(folder)):
+    path = os.path.join(folder, entry)
+    if entry.startswith(f"{version}{_OLD_SUFFIX}"):
+      if not os.path.exists(final):  # killed between the two renames of a rebuild
+        os.rename(path, final)
+        logging.warning("restored %s, which a killed --overwrite had moved aside", final)
+      else:
+        shutil.rmtree(path, ignore_errors=True)
+    elif entry.startswith("incomplete.") or entry.startswith(REBUILD_PREFIX):
+      print(f"removing {path}, left by a prepare that did not finish", file=sys.stderr)
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _replace(new: str, final: str) -> None:
+  """Puts the folder `new` at `final`, the old copy moved aside first, then deleted."""
+  old = f"{final}{_OLD_SUFFIX}{os.getpid()}"
+  os.rename(final, old)
+  try:
+    os.rename(new, final)
+  except OSError:
+    os.rename(old, final)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _out_of_space(error: BaseException) -> bool:
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left" in str(error) or "Disk quota exceeded" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _build(builder_cls, name: str, manual_dir: str, data_dir: str, workers: int | None,
+           progress: bool, shown_dir: str | None = None):
+  """Builds `name` from `manual_dir` into `data_dir` (nothing prepared there yet); errors
+  name `shown_dir` (default `data_dir`)."""
+  shown_dir = shown_dir or data_dir
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = builder_cls(data_dir=data_dir, file_format="array_record")
   if workers:
     builder.workers = workers
   bars = {}
@@ -148,16 +231,24 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, *, overwrite: bool = F
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
   try:
     builder.download_and_prepare(download_config=config)
+    with open(os.path.join(builder.data_dir, REPORT_FILE), "w") as f:
+      f.write(summary(builder, full=True) + "\n")
   except AssertionError as e:
     if "No examples were yielded" in str(e):
       raise PrepareError(f"{name}: no image of a split could be read ({e}); check the files "
                          f"under {manual_dir}") from e
     raise
+  except Exception as e:  # pylint: disable=broad-except; TFDS and TF wrap OSErrors
+    if _out_of_space(e):
+      raise PrepareError(f"no room left in {shown_dir} while writing {name}, nothing prepared "
+                         "was replaced; free space there, or give another --data_dir") from None
+    if isinstance(e, OSError):
+      raise PrepareError(f"cannot write {name} in {shown_dir} ({e.strerror or e}); give a "
+                         "--data_dir you can write") from None
+    raise
   finally:
     for bar in bars.values():
       bar.close()
-  with open(os.path.join(builder.data_dir, REPORT_FILE), "w") as f:
-    f.write(summary(builder, full=True) + "\n")
   return builder
 
 

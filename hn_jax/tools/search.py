@@ -17,6 +17,12 @@ Hotels-50K). `--sheet` writes a contact sheet: one row per query, the query imag
 nearest, as thumbnails of `--thumb` pixels in a frame of FRAME pixels. A neighbour is framed
 green when its label equals the query's, red when not; the query is framed blue; where the
 query's label is unknown, the neighbours are framed grey.
+
+The queries must be embedded by the checkpoint that embedded the index (its digest is in
+the index): another run, or another checkpoint of the same run, is refused unless
+`--allow_other_checkpoint`. An index that is empty, inconsistent (as many labels and ids as
+embeddings) or not finite is refused in one line; so is an existing `--sheet` without
+`--overwrite`, and a run's own files always.
 """
 
 from __future__ import annotations
@@ -57,11 +63,64 @@ def load_index(path: str) -> dict:
   if missing:
     raise SearchError(f"--index={path}: not an index of hn_jax.tools.embed (no "
                       f"{', '.join(missing)}); write it with python -m hn_jax.tools.embed")
-  for key in ("source", "kind", "dataset", "split", "data_dir", "workdir"):
+  for key in ("source", "kind", "dataset", "split", "data_dir", "workdir", "checkpoint"):
     if key in index:
       index[key] = str(index[key])
-  index["embedding_dim"] = int(index["embedding_dim"])
+  try:
+    index["embedding_dim"] = int(index["embedding_dim"])
+  except (TypeError, ValueError):
+    raise SearchError(f"--index={path}: its embedding_dim is not a number; write it again "
+                      "with python -m hn_jax.tools.embed") from None
+  problem = _index_problem(index)
+  if problem:
+    raise SearchError(f"--index={path}: {problem}; write it again with python -m "
+                      "hn_jax.tools.embed")
   return index
+
+
+def _index_problem(index: dict) -> str | None:
+  """What makes an index unusable: empty, inconsistent, not finite (None: nothing)."""
+  embeddings = index["embeddings"]
+  if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
+    return f"its embeddings are {embeddings.dtype} of shape {embeddings.shape}, not (N, D) floats"
+  n, dim = embeddings.shape
+  if n == 0:
+    return "it holds no embedding (a gallery of 0 images)"
+  if dim != index["embedding_dim"]:
+    return f"its embeddings have dimension {dim} but it says {index['embedding_dim']}"
+  for key in ("labels", "ids", "chains"):
+    if key in index and (index[key].ndim != 1 or len(index[key]) != n):
+      return f"it holds {n} embeddings but {index[key].size} {key}"
+  if index.get("kind") not in (None, "dataset", "folder"):
+    return f"its kind {index['kind']!r} is neither dataset nor folder"
+  if "ids" not in index and index.get("kind") == "folder":
+    return "it holds folder images without their paths (ids)"
+  if not np.isfinite(embeddings).all():
+    bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
+    return f"{bad} of its {n} embeddings are not finite"
+  return None
+
+
+def check_checkpoint(index: dict, state, index_path: str, workdir: str, allow_other: bool,
+                     warn) -> None:
+  """Refuses queries embedded by another checkpoint than the index's (unless `allow_other`)."""
+  from hn_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  recorded = index.get("checkpoint")
+  if not recorded:
+    warn(f"the index {index_path} does not record the checkpoint that embedded it (written "
+         "by an older hn_jax): queries are embedded by the newest checkpoint of "
+         f"{workdir}, unchecked")
+    return
+  have = checkpoints.state_id(state)
+  if have == recorded:
+    return
+  message = (f"the index {index_path} was embedded by checkpoint {recorded[:12]} (of "
+             f"{index.get('workdir') or 'an unrecorded run'}) but {workdir}'s newest good "
+             f"checkpoint is {have[:12]}: query and gallery embeddings would not be comparable")
+  if not allow_other:
+    raise SearchError(f"{message}; embed the gallery again with this checkpoint, or give "
+                      "--allow_other_checkpoint to search anyway")
+  warn(f"{message}; searching anyway (--allow_other_checkpoint)")
 
 
 def check_dimension(index: dict, config, index_path: str, workdir: str) -> None:
@@ -135,13 +194,20 @@ def _query_paths(queries: Sequence[str]) -> list[str]:
 def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | None = None,
            query_dataset: str | None = None, query_indices: Sequence[int] | None = None,
            k: int = 10, sheet: str | None = None, workdir: str | None = None,
-           thumb: int = 96, exclude_self: bool = False, out=None) -> dict:
+           thumb: int = 96, exclude_self: bool = False, out=None, overwrite: bool = False,
+           allow_other_checkpoint: bool = False) -> dict:
   """Runs a search (see the module doc); prints to `out` (default stdout).
 
   Returns {"ids", "labels", "top", "sims", "images"} of the queries kept.
   """
   from hn_jax.tools import embed  # pylint: disable=g-import-not-at-top
+  from hn_jax import output_files  # pylint: disable=g-import-not-at-top
   out = sys.stdout if out is None else out
+  if sheet:
+    try:
+      output_files.check(sheet, "--sheet", overwrite=overwrite)
+    except output_files.OutputRefused as e:
+      raise SearchError(str(e)) from None
   index = load_index(index_path)
   workdir = workdir or index.get("workdir")
   if not workdir:
@@ -153,6 +219,7 @@ def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | N
     raise SearchError(str(e)) from e
   check_dimension(index, config, index_path, workdir)
   config, graphdef, state, mesh = embed.load_run(workdir)
+  check_checkpoint(index, state, index_path, workdir, allow_other_checkpoint, embed.warn)
 
   ids, labels, images, selves = [], [], [], []
   if query_split is not None:
@@ -178,7 +245,9 @@ def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | N
   if not images:
     raise SearchError("no query image left to search with")
 
-  query_embeddings = embed.embed_images(config, graphdef, state, mesh, images, progress=False)
+  query_embeddings = embed._embedding(  # pylint: disable=protected-access
+      embed.embed_images, config, graphdef, state, mesh, images, progress=False)
+  embed.check_finite(query_embeddings, ids, "queries")
   if exclude_self:
     top, sims = _without_self(*nearest(query_embeddings, index["embeddings"], k + 1),
                               np.asarray(selves), min(k, len(index["embeddings"]) - 1))
@@ -199,8 +268,11 @@ def search(index_path: str, *, queries: Sequence[str] = (), query_split: str | N
         row.append((gallery.image(g), color))
     rows.append(row)
   if sheet:
-    os.makedirs(os.path.dirname(os.path.abspath(sheet)), exist_ok=True)
-    contact_sheet(rows, thumb).save(sheet, format="PNG")
+    picture = contact_sheet(rows, thumb)
+    try:
+      output_files.write(sheet, "--sheet", lambda f: picture.save(f, format="PNG"))
+    except output_files.OutputRefused as e:
+      raise SearchError(str(e)) from None
     print(f"wrote {sheet}", file=out)
   return {"ids": ids, "labels": labels, "top": top, "sims": sims, "images": images,
           "embeddings": query_embeddings}
@@ -226,6 +298,11 @@ flags.DEFINE_bool("exclude_self", False, "Leave a --query_split query out of its
                   "neighbours when the index holds that split.", flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "The run that embeds the queries (default: the index's).",
                     flag_values=FLAGS)
+flags.DEFINE_bool("allow_other_checkpoint", False, "Embed the queries with another checkpoint "
+                  "than the one that embedded the index (their embeddings may not compare).",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace --sheet if it exists (a run's own files never).",
+                  flag_values=FLAGS)
 
 
 def _search(_: list[str]) -> None:
@@ -244,7 +321,8 @@ def _search(_: list[str]) -> None:
     search(FLAGS.index, queries=FLAGS.query, query_split=FLAGS.query_split,
            query_dataset=FLAGS.query_dataset, query_indices=indices, k=FLAGS.k,
            sheet=FLAGS.sheet, workdir=FLAGS.workdir, thumb=FLAGS.thumb,
-           exclude_self=FLAGS.exclude_self)
+           exclude_self=FLAGS.exclude_self, overwrite=FLAGS.overwrite,
+           allow_other_checkpoint=FLAGS.allow_other_checkpoint)
   except embed.EmbedError as e:
     raise SearchError(str(e)) from e
 

@@ -2,8 +2,10 @@
 
 A builder subclasses `LayoutBuilder` and only says how to read its published layout
 (`_find_root`, `_list`): the annotation files give, per split, the examples (image path,
-label, image_id, chain). The base class then checks every image (PIL decodes it, JPEGs at
-1/8 scale, in a pool of threads), skips what is unsound with its path and reason, and
+label, image_id, chain). The base class refuses a listing that names files outside the
+layout's folder (absolute paths, `..`), then checks every image (PIL decodes it, JPEGs at
+1/8 scale, in a pool of threads; an image stored as it is must also decode with the decoder
+training uses, `tf.io.decode_image`), skips what is unsound with its path and reason, and
 writes the rest in listing order: shuffling is disabled, so record i of a split is the
 i-th sound example, and the split's label, chain and image_id tables, saved in the
 dataset's metadata (`metadata.json`), line up with the records without reading them.
@@ -27,6 +29,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import re
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -114,6 +117,9 @@ def check_image(path: str) -> tuple[bytes | None, str]:
       return None, "truncated image"
     return None, "not a readable image"
   if _stored_as_is(data, image_format, mode):
+    problem = training_decoder_problem(data)
+    if problem:
+      return None, f"TensorFlow cannot decode it ({problem})"
     return data, ""
   try:
     with Image.open(io.BytesIO(data)) as image:
@@ -122,6 +128,26 @@ def check_image(path: str) -> tuple[bytes | None, str]:
   except (OSError, SyntaxError, ValueError, EOFError):
     return None, "not a readable image"
   return out.getvalue(), f"converted from {image_format} {mode} to PNG"
+
+
+def training_decoder_problem(data: bytes) -> str | None:
+  """Why the decoder training uses (tf.io.decode_image, `tf_pipeline.decode_image`) fails on
+  `data`, which PIL read; None when it decodes. Images are stored only if it does."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.io.decode_image(data, channels=3, expand_animations=False)
+  except (tf.errors.OpError, ValueError) as e:
+    text = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", str(getattr(e, "message", e)))
+    return " ".join(text.split())[:120]
+  return None
+
+
+def outside(root: str, path: str) -> bool:
+  """Whether `path` (as an annotation file names it, joined to `root`) leaves `root`: an
+  absolute path, or one with enough `..` (read lexically: links inside the layout are fine)."""
+  root = os.path.normpath(os.path.abspath(root))
+  path = os.path.normpath(os.path.join(root, path))
+  return os.path.commonpath([root, path]) != root
 
 
 def _stored_as_is(data: bytes, image_format: str, mode: str) -> bool:
@@ -194,8 +220,10 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   # Shared. -------------------------------------------------------------------------------
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual_dir = epath.Path(dl_manager._manual_dir)  # pylint: disable=protected-access
+  def check_layout(self, manual_dir: str | os.PathLike) -> tuple[epath.Path, Listing]:
+    """(root, listing) of the layout in `manual_dir`; LayoutError, one line, if it cannot be
+    built from (missing files, an empty split, paths that leave the layout's folder)."""
+    manual_dir = epath.Path(manual_dir)
     if not manual_dir.exists():  # a folder (the folder dataset's source may be a CSV file)
       raise LayoutError(f"missing folder {manual_dir} (the manual_dir); expected "
                         f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]}")
@@ -205,6 +233,19 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if not listing.splits.get(split):
         raise LayoutError(f"the annotation files under {root} list no image of the {split} "
                           f"split; expected {self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+    escaping = [e.path for entries in listing.splits.values() for e in entries
+                if outside(os.fspath(root), e.path)]
+    if escaping:
+      shown = ", ".join(escaping[:3]) + (f" and {len(escaping) - 3} more" if len(escaping) > 3
+                                          else "")
+      raise LayoutError(f"the annotation files under {root} name {len(escaping)} image paths "
+                        f"outside it ({shown}): absolute paths or '..' are refused; fix those "
+                        "lines")
+    return root, listing
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = epath.Path(dl_manager._manual_dir)  # pylint: disable=protected-access
+    root, listing = self.check_layout(manual_dir)
     metadata = self.info.metadata
     metadata.clear()
     metadata.update(format=METADATA_FORMAT, root=os.fspath(root), splits={}, skipped=[],
