@@ -233,8 +233,9 @@ class LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if not listing.splits.get(split):
         raise LayoutError(f"the annotation files under {root} list no image of the {split} "
                           f"split; expected {self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+    base = os.fspath(root if root.is_dir() else root.parent)  # a CSV file's folder
     escaping = [e.path for entries in listing.splits.values() for e in entries
-                if outside(os.fspath(root), e.path)]
+                if outside(base, e.path)]
     if escaping:
       shown = ", ".join(escaping[:3]) + (f" and {len(escaping) - 3} more" if len(escaping) > 3
                                           else "")
