@@ -9,3 +9,4 @@ from hn_jax.losses.registry import (MemoryState, NAMES, create, hyperparameters,
                                     register)
 from hn_jax.losses.triplet import (DUPLICATE_SIMILARITY, METHODS,  # noqa: F401
                                    cosine_similarities, triplet_loss, triplet_terms)  # registers hn, shn, sct
+from hn_jax.losses import pair, triplet_margin  # noqa: F401,E402  (register the zoo)
