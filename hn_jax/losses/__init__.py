@@ -2,7 +2,10 @@
 
 `create(name, *, embedding_dim, num_classes, rngs, **hyperparameters)` returns an nnx.Module
 called as `module(embeddings, labels) -> (loss, aux)`; `NAMES` lists the registered names;
-`register(name, factory)` adds one. The paper's hn, shn and sct are `triplet.triplet_loss`.
+`register(name, factory)` adds one. The paper's hn, shn and sct are `triplet.triplet_loss`;
+pytorch-metric-learning's pair and triplet losses are in `pair` and `triplet_margin`.
+`build(name, ..., miner=, memory_size=)` composes a loss with a miner (`MINER_NAMES`) and
+cross-batch memory; `check(...)` validates that choice in one line.
 """
 
 from hn_jax.losses.registry import (MemoryState, NAMES, create, hyperparameters,  # noqa: F401
@@ -10,3 +13,5 @@ from hn_jax.losses.registry import (MemoryState, NAMES, create, hyperparameters,
 from hn_jax.losses.triplet import (DUPLICATE_SIMILARITY, METHODS,  # noqa: F401
                                    cosine_similarities, triplet_loss, triplet_terms)  # registers hn, shn, sct
 from hn_jax.losses import pair, triplet_margin  # noqa: F401,E402  (register the zoo)
+from hn_jax.losses.build import build, check, kind  # noqa: F401,E402
+from hn_jax.losses.miners import MINER_NAMES  # noqa: F401,E402

@@ -17,6 +17,8 @@ from flax import nnx
 HIGHEST = jax.lax.Precision.HIGHEST
 # PML's masked logsumexp fills with the dtype's lowest value, not -inf.
 NEG_FILL = float(jnp.finfo(jnp.float32).min)
+# Relative rounding of a squared distance computed from dot products in float32.
+_RESOLUTION = 8 * float(jnp.finfo(jnp.float32).eps)
 
 
 def normalize(x: jax.Array) -> jax.Array:
@@ -42,15 +44,20 @@ class Geometry(NamedTuple):
     return cls(q, r, dot(q, r))
 
   def squared_l2(self) -> jax.Array:
-    """||q - r||^2 of the normalized rows (zero rows have norm 0, as in PML), >= 0."""
-    qq = jnp.sum(self.q * self.q, axis=1)
-    rr = jnp.sum(self.r * self.r, axis=1)
-    return jnp.maximum(qq[:, None] + rr[None, :] - 2.0 * self.cos, 0.0)
+    """||q - r||^2 of the normalized rows (zero rows have norm 0, as in PML).
+
+    From the cosine matrix, so below float32's resolution of |q|^2 + |r|^2 - 2 q.r (about
+    1e-6, distances under ~1e-3) it reads 0: identical rows are at distance 0, as cdist's.
+    """
+    qq = jnp.sum(self.q * self.q, axis=1)[:, None]
+    rr = jnp.sum(self.r * self.r, axis=1)[None, :]
+    sq = qq + rr - 2.0 * self.cos
+    return jnp.where(sq > _RESOLUTION * (qq + rr), sq, 0.0)
 
   def l2(self) -> jax.Array:
     """PML's LpDistance(p=2) on normalized embeddings; gradient 0 at distance 0, like cdist."""
     sq = self.squared_l2()
-    positive = sq > 1e-30
+    positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
   def snr(self) -> jax.Array:
@@ -62,6 +69,7 @@ class Geometry(NamedTuple):
     diff_sq = qq[:, None] + rr[None, :] - 2.0 * self.cos
     diff_mean = (sq[:, None] - sr[None, :]) / d
     var_diff = jnp.maximum(diff_sq / d - diff_mean * diff_mean, 0.0) * (d / (d - 1))
+    var_diff = jnp.where(diff_sq > _RESOLUTION * (qq[:, None] + rr[None, :]), var_diff, 0.0)
     var_q = (qq / d - (sq / d) ** 2) * (d / (d - 1))
     return var_diff / var_q[:, None]
 
