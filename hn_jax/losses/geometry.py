@@ -141,7 +141,7 @@ def masked_logsumexp(x: jax.Array, keep: jax.Array, *, add_one: bool,
   if add_one:
     top = jnp.maximum(top, 0.0)
   top = jax.lax.stop_gradient(top)
-  e = jnp.where(keep, jnp.exp(x - top), 0.0)
+  e = jnp.where(keep, jnp.exp(jnp.where(keep, x - top, 0.0)), 0.0)
   if weights is not None:
     e = e * weights
   total = jnp.sum(e, axis=1)

@@ -20,11 +20,13 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 def _row_logsumexp(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per row: (stop-gradient max m over weights > 0, sum of weights * exp(x - m)); m is
-  NEG_FILL and the sum 0 on rows without any."""
+  """Per row: (stop-gradient max m over weights > 0, sum of weights * exp(x - m)); m is 0
+  and the sum 0 on rows without any."""
   keep = weights > 0
   top = jax.lax.stop_gradient(jnp.max(jnp.where(keep, x, NEG_FILL), axis=1))
-  total = jnp.sum(jnp.where(keep, jnp.exp(x - top[:, None]), 0.0) * weights, axis=1)
+  top = jnp.where(jnp.any(keep, axis=1), top, 0.0)
+  shifted = jnp.where(keep, x - top[:, None], 0.0)  # no inf * 0 in the gradient
+  total = jnp.sum(jnp.where(keep, jnp.exp(shifted), 0.0) * weights, axis=1)
   return top, total
 
 

@@ -199,7 +199,7 @@ class MarginLoss(MetricLoss):
   def terms(self, geometry, tuples, labels):
     d = geometry.l2()
     if self.learn_beta:
-      beta = jnp.take(self.beta.value, labels, mode="clip")[:, None]
+      beta = jnp.take(self.beta[...], labels, mode="clip")[:, None]
     else:
       beta = self.beta
     pos_loss = jax.nn.relu(d - beta + self.margin)
@@ -211,8 +211,8 @@ class MarginLoss(MetricLoss):
                + jnp.sum(jnp.where(neg_loss > 0, per_neg, 0.0)))
     triplets = jnp.sum(per_pos)
     loss = jnp.where(divisor > 0, total / jnp.maximum(divisor, 1.0), 0.0)
-    if self.learn_beta and self.beta.value.shape[0] == 1:
-      loss = loss + self.nu * self.beta.value[0]  # PML: one beta's term is not divided
+    if self.learn_beta and self.beta[...].shape[0] == 1:
+      loss = loss + self.nu * self.beta[...][0]  # PML: one beta's term is not divided
     elif self.learn_beta:
       reg = jnp.sum(beta[:, 0] * self.nu * jnp.sum(per_pos, axis=1))
       loss = loss + jnp.where(divisor > 0, reg / jnp.maximum(divisor, 1.0), 0.0)
