@@ -99,20 +99,6 @@ def _compiled(key: str):
 ROWS = (0, 5, 10, 11)
 
 
-def numeric_gradient(f, x, h=1e-6, rows=None):
-  """Central differences of f at x (only `rows`, the rest left 0)."""
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(*x.shape):
-    if rows is not None and idx[0] not in rows:
-      continue
-    up, down = x.copy(), x.copy()
-    up[idx] += h
-    down[idx] -= h
-    g[idx] = (f(up) - f(down)) / (2 * h)
-  return g
-
-
 def _reference(key, x, y):
   params = dict(CASES[key][0])
   if key == "circle":  # the weights are constants of the base point
@@ -130,7 +116,7 @@ def test_value_and_gradient_match_reference(key, case):
   fn = _reference(key, x, y)
   expected = fn(x)
   np.testing.assert_allclose(float(value), expected, rtol=2e-5, atol=2e-6)
-  expected_grad = numeric_gradient(fn, x, rows=ROWS)[list(ROWS)]
+  expected_grad = R.numeric_gradient(fn, x, rows=ROWS)[list(ROWS)]
   scale = max(1.0, np.abs(expected_grad).max())
   np.testing.assert_allclose(np.asarray(grad)[list(ROWS)], expected_grad, rtol=0,
                              atol=2e-4 * scale)
@@ -175,9 +161,9 @@ def test_learned_margin_beta_value_and_gradients():
   ref = lambda e, b: R.margin(e, e, triplets, list(y), margin=0.2, nu=0.3, beta=b,  # noqa: E731
                               learn_beta=True)
   np.testing.assert_allclose(float(value), ref(x, betas), rtol=2e-5)
-  np.testing.assert_allclose(np.asarray(gx), numeric_gradient(lambda e: ref(e, betas), x),
+  np.testing.assert_allclose(np.asarray(gx), R.numeric_gradient(lambda e: ref(e, betas), x),
                              atol=2e-4)
-  grad_beta = numeric_gradient(lambda b: ref(x, b[0]), betas[None])[0]
+  grad_beta = R.numeric_gradient(lambda b: ref(x, b[0]), betas[None])[0]
   np.testing.assert_allclose(np.asarray(gp["beta"][...]), grad_beta, atol=2e-4)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # PML's masked logsumexp fills with the dtype's lowest value, not -inf.
@@ -74,7 +74,8 @@ class Geometry(NamedTuple):
     return var_diff / var_q[:, None]
 
 
-class Tuples(NamedTuple):
+@struct.dataclass
+class Tuples:
   """Which (query a, reference j) pairs and triplets a loss sums over: PML's indices_tuple.
 
   pos, neg: (B, M) float32 multiplicities of the positive pairs (a, p) and negative pairs
@@ -87,7 +88,7 @@ class Tuples(NamedTuple):
   neg: jax.Array
   tpos: jax.Array
   tneg: jax.Array
-  window: tuple[float, str] | None = None
+  window: tuple[float, str] | None = struct.field(pytree_node=False, default=None)
 
 
 def label_masks(labels: jax.Array, ref_labels: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -57,7 +57,7 @@ class CrossBatchMemory(nnx.Module):
     itself = slots[:, None] == jnp.arange(m)[None, :]  # removed after mining
     if self.miner is None:
       tuples = all_pairs(labels, memory_labels, empty | itself)
-      tuples = tuples._replace(neg=jnp.where(empty, 0.0, tuples.neg),
+      tuples = tuples.replace(neg=jnp.where(empty, 0.0, tuples.neg),
                                tneg=tuples.tneg & ~empty)
     else:
       tuples = self.miner(embeddings, labels, memory, memory_labels, exclude=empty,

@@ -334,3 +334,17 @@ class MemoryReference:
     ref_labels = np.array([self.history[k][1] for k in slots])
     skip = [(i, (start + i) % self.size) for i in range(len(x))]
     return r, ref_labels, skip
+
+
+def numeric_gradient(f, x, h=1e-6, rows=None):
+  """Central differences of the float64 function f at x (only `rows`; the rest left 0)."""
+  x = np.asarray(x, np.float64)
+  g = np.zeros_like(x)
+  for idx in np.ndindex(*x.shape):
+    if rows is not None and idx[0] not in rows:
+      continue
+    up, down = x.copy(), x.copy()
+    up[idx] += h
+    down[idx] -= h
+    g[idx] = (f(up) - f(down)) / (2 * h)
+  return g
