@@ -90,8 +90,14 @@ def _compiled(key: str):
 
   @jax.jit
   def run(x, y):
-    return jax.value_and_grad(lambda e: module(e, y)[0])(x)
+    (value, aux), grad = jax.value_and_grad(lambda e: module(e, y), has_aux=True)(x)
+    return value, grad, aux
   return run
+
+
+def _run(key, x, y):
+  """(loss, gradient) of the loss configuration `key` at (x, y)."""
+  return _compiled(key)(jnp.asarray(x), jnp.asarray(y))[:2]
 
 
 # The rows whose gradient is checked by finite differences (a sample of each class, the
@@ -112,7 +118,7 @@ def _reference(key, x, y):
 @pytest.mark.parametrize("case", ["random", "singleton"])
 def test_value_and_gradient_match_reference(key, case):
   x, y = _batch(case, seed=zlib.crc32(f"{key}{case}".encode()) % 1000)
-  value, grad = _compiled(key)(jnp.asarray(x), jnp.asarray(y))
+  value, grad = _run(key, x, y)
   fn = _reference(key, x, y)
   expected = fn(x)
   np.testing.assert_allclose(float(value), expected, rtol=2e-5, atol=2e-6)
@@ -128,7 +134,7 @@ def test_edge_case_values_match_reference(key, case):
   if case == "zeros" and key == "snr_contrastive":
     pytest.skip("the SNR distance divides by a zero row's variance (NaN, as in PML)")
   x, y = _batch(case, seed=3)
-  value, grad = _compiled(key)(jnp.asarray(x), jnp.asarray(y))
+  value, grad = _run(key, x, y)
   np.testing.assert_allclose(float(value), _reference(key, x, y)(x), rtol=2e-5, atol=2e-6)
   assert np.all(np.isfinite(np.asarray(grad)))
 
@@ -137,7 +143,7 @@ def test_one_class_batch_has_zero_loss_where_no_negatives():
   x, y = _batch("one_class")
   for key in ("contrastive", "multi_similarity", "ntxent", "supcon", "triplet_margin",
               "margin", "circle", "lifted_structure"):
-    value, grad = _compiled(key)(jnp.asarray(x), jnp.asarray(y))
+    value, grad = _run(key, x, y)
     if key == "contrastive":  # its positive part stays
       assert float(value) > 0
     elif key != "multi_similarity":
@@ -177,7 +183,7 @@ def test_registered_with_pml_names_defaults_and_kinds():
 def test_aux_reports_collapse_and_hard_negatives():
   x, y = _batch("random")
   for name in ("contrastive", "triplet_margin"):
-    module = jax.jit(losses.create(name, embedding_dim=D, num_classes=4, rngs=nnx.Rngs(0)))
+    module = lambda e, labels: _compiled(name)(e, labels)[::2]  # noqa: E731  (loss, aux)
     _, aux = module(jnp.asarray(x), jnp.asarray(y))
     s = R.cos(x, x)
     mean_sim = (s.sum() - np.trace(s)) / (N * (N - 1))
@@ -248,6 +254,6 @@ def test_matches_pytorch_metric_learning(key):
   xt = torch.tensor(x, requires_grad=True)
   expected = loss(xt, torch.tensor(y))
   expected.backward()
-  value, grad = _compiled(key)(jnp.asarray(x), jnp.asarray(y))
+  value, grad = _run(key, x, y)
   np.testing.assert_allclose(float(value), expected.item(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), rtol=1e-4, atol=1e-5)

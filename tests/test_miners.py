@@ -108,12 +108,10 @@ COMBOS = [
     ("contrastive", dict(neg_margin=1.2), "triplet_margin/all", "pairs"),
     ("lifted_structure", {}, "triplet_margin/semihard", "pairs"),
     ("ntxent", dict(temperature=0.5), "batch_hard", "pairs"),
-    ("supcon", {}, "multi_similarity", "pairs"),
     ("multi_similarity", dict(beta=10.0), "multi_similarity", "pairs"),
     ("triplet_margin", dict(margin=0.2), "multi_similarity", "triplets"),
     ("triplet_margin", dict(margin=0.5), "triplet_margin/easy", "triplets"),
     ("margin", {}, "triplet_margin/hard", "triplets"),
-    ("margin", {}, "batch_hard", "triplets"),
 ]
 
 

@@ -43,15 +43,15 @@ class CrossBatchMemory(nnx.Module):
     if b > m:
       raise ValueError(f"cross-batch memory: the batch ({b}) exceeds memory_size ({m}); "
                        "use a memory at least as large as the global batch")
-    slots = (self.position.value + jnp.arange(b)) % m
-    memory = self.embeddings.value.at[slots].set(
+    slots = (self.position[...] + jnp.arange(b)) % m
+    memory = self.embeddings[...].at[slots].set(
         jax.lax.stop_gradient(embeddings).astype(jnp.float32))
-    memory_labels = self.labels.value.at[slots].set(labels.astype(jnp.int32))
-    filled = jnp.minimum(self.filled.value + b, m)
-    self.embeddings.value = memory
-    self.labels.value = memory_labels
-    self.position.value = (self.position.value + b) % m
-    self.filled.value = filled
+    memory_labels = self.labels[...].at[slots].set(labels.astype(jnp.int32))
+    filled = jnp.minimum(self.filled[...] + b, m)
+    self.embeddings[...] = memory
+    self.labels[...] = memory_labels
+    self.position[...] = (self.position[...] + b) % m
+    self.filled[...] = filled
 
     empty = (jnp.arange(m) >= filled)[None, :]  # never a candidate
     itself = slots[:, None] == jnp.arange(m)[None, :]  # removed after mining
