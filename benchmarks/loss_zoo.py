@@ -59,11 +59,11 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--losses", default=",".join(LOSSES))
   parser.add_argument("--pml-max-bytes", type=float, default=2e9)
-  parser.add_argument("--smoke", action="store_true", help="batches 16,32, dim 8, 1 repeat")
+  parser.add_argument("--smoke", action="store_true", help="batch 16, dim 8, 1 repeat")
   parser.add_argument("--json", default="")
   args = parser.parse_args(argv)
   if args.smoke:
-    args.batches, args.dim, args.repeats = "16,32", 8, 1
+    args.batches, args.dim, args.repeats = "16", 8, 1
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

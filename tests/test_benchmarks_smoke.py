@@ -36,6 +36,7 @@ SMOKE_HERE = {
     "evaluation.py": ["--smoke", "--methods=ours,numpy-gemm"],
     "event_reader.py": ["--smoke"],
     "input_pipeline.py": ["--smoke"],
+    "loss_zoo.py": ["--smoke", "--losses=contrastive,triplet_margin,triplet_margin+batch_hard"],
     "pretrained_check.py": ["--smoke"],
 }
 
@@ -76,6 +77,8 @@ def _run(script: str, args: list[str], tmp_path: Path) -> tuple[dict, str]:
 def test_smoke_run(script, tmp_path):
   if script == "pretrained_check.py":
     pytest.importorskip("torch")
+  if script == "loss_zoo.py":
+    pytest.importorskip("pytorch_metric_learning")
   result, stdout = _run(script, SMOKE_HERE[script], tmp_path)
   if script == "device_summary.py":  # nothing measured in an empty OUT: every figure missing
     assert result["smoke"] and result["figures"]
@@ -98,6 +101,11 @@ def test_smoke_run(script, tmp_path):
     counts = {name: r["images"] for name, r in result["results"].items()}
     assert len(counts) == 6 and len(set(counts.values())) == 1, counts  # one epoch each
     assert next(iter(counts.values())) % 8 == 0
+  elif script == "loss_zoo.py":  # each loss timed beside PML's, and equal to it
+    assert [r["loss"] for r in result["rows"]] == ["contrastive", "triplet_margin",
+                                                   "triplet_margin+batch_hard"]
+    assert all(r["batch"] == 16 and r["rel_diff"] < 1e-5 and r["ours_s"] > 0
+               for r in result["rows"]), result["rows"]
   elif script == "pretrained_check.py":
     assert result["complete"] and result["passed"], result
     assert [m["name"] for m in result["models"]] == ["resnet18", "vit_small_patch16"]
