@@ -5,11 +5,11 @@
 
 Each timing is one loss and its gradient with respect to the embeddings (forward and
 backward), the median of --repeats runs after a warm-up (JAX: a jitted value_and_grad, its
-compile excluded; PML: loss(emb, labels).backward() on torch's CPU threads, all PML timings
-first, before JAX starts its thread pool). Batches hold
-4 images per class. Before timing, the two losses are compared on the batch (relative
-difference of the values). PML is skipped where its (B, B, D) SNR distance tensor exceeds --pml-max-bytes, and so are lifted structure's and NT-Xent's (positive pairs x
-negative pairs) masks.
+compile excluded; PML: loss(emb, labels).backward() on torch's CPU threads, every PML timing
+first, before JAX starts its thread pool). Batches hold 4 images per class. The two losses'
+values on the batch are compared (rel_diff). PML is skipped where its largest temporary
+would exceed --pml-max-bytes: the SNR distance's (B, B, D) tensor, lifted structure's and
+NT-Xent's (positive pairs x negative pairs) masks.
 """
 
 from __future__ import annotations
