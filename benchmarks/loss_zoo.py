@@ -76,10 +76,11 @@ def main(argv=None) -> int:
   if args.smoke:
     args.batches, args.dim, args.repeats = "16", 8, 1
 
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  from pytorch_metric_learning import losses as pml_losses  # pylint: disable=import-outside-toplevel
-  from pytorch_metric_learning import miners as pml_miners  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  import torch
+  from pytorch_metric_learning import losses as pml_losses
+  from pytorch_metric_learning import miners as pml_miners
 
   names = [n for n in args.losses.split(",") if n]
   unknown = sorted(set(names) - set(LOSSES))
@@ -111,11 +112,11 @@ def main(argv=None) -> int:
         return value.item()
       pml_results[name, batch] = (pml_step(), _median_time(pml_step, args.repeats))
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
 
-  from hn_jax import losses  # pylint: disable=import-outside-toplevel
+  from hn_jax import losses
 
   rows = []
   for batch in batches:

@@ -108,7 +108,8 @@ ROWS = (0, 5, 10, 11)
 def _reference(key, x, y):
   params = dict(CASES[key][0])
   if key == "circle":  # the weights are constants of the base point
-    fn = lambda e: R.circle(e, e, *R.all_pairs(list(y)), weight_sims=R.cos(x, x), **params)  # noqa: E731
+    pairs = R.all_pairs(list(y))
+    fn = lambda e: R.circle(e, e, *pairs, weight_sims=R.cos(x, x), **params)  # noqa: E731
   else:
     fn = lambda e: CASES[key][1](e, y, params)  # noqa: E731
   return fn

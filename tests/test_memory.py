@@ -107,9 +107,8 @@ def test_matches_pytorch_metric_learning_cross_batch_memory():
   """A cross-check against PML's CrossBatchMemory itself (the concatenation is the primary
   reference)."""
   torch = pytest.importorskip("torch")
-  pml = pytest.importorskip("pytorch_metric_learning")
-  from pytorch_metric_learning import losses as pml_losses, miners as pml_miners  # noqa: E501,I001  pylint: disable=import-outside-toplevel
-  del pml
+  pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+  pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
   step, state = _step("ntxent+multi_similarity")
   wrapper = pml_losses.CrossBatchMemory(pml_losses.NTXentLoss(temperature=0.5), D,
                                         memory_size=M,

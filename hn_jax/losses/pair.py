@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hn_jax.losses.geometry import (as_factory, NEG_FILL, Geometry, MetricLoss, Tuples, avg_nonzero,
+from hn_jax.losses.geometry import (NEG_FILL, Geometry, MetricLoss, as_factory, avg_nonzero,
                                     few_pairs, masked_logsumexp, mean_of)
 from hn_jax.losses.registry import register
 
@@ -67,7 +67,9 @@ class SignalToNoiseRatioContrastiveLoss(ContrastiveLoss):
 
 
 class MultiSimilarityLoss(MetricLoss):
-  """mean_a 1/alpha log(1 + sum_p e^{-alpha (S_ap - base)}) + 1/beta log(1 + sum_n e^{beta (S_an - base)}).
+  """mean_a 1/a log(1 + sum_p e^{-a (S_ap - base)}) + 1/b log(1 + sum_n e^{b (S_an - base)}).
+
+  (a = alpha, b = beta.)
 
   Wang, Han, Huang, Dong, Scott: "Multi-similarity loss with general pair weighting for deep
   metric learning", CVPR 2019. PML: MultiSimilarityLoss (CosineSimilarity, MeanReducer).

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hn_jax.losses.geometry import as_factory, Geometry, MetricLoss, Tuples
+from hn_jax.losses.geometry import MetricLoss, Tuples, as_factory
 from hn_jax.losses.registry import register
 
 TRIPLET_TYPES = ("all", "hard", "semihard", "easy")
