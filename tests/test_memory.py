@@ -94,6 +94,9 @@ def test_steps_that_wrap_the_memory_match_a_concatenation(key):
                                atol=2e-4 * max(1.0, np.abs(expected_grad).max()),
                                err_msg=f"step {t}")
     assert float(aux["memory_filled"]) == filled
+    s = R.cos(x, x)  # the collapse statistic is the batch's own, not the memory's
+    np.testing.assert_allclose(float(aux["embedding_mean_sim"]),
+                               (s.sum() - np.trace(s)) / (B * (B - 1)), atol=1e-6)
 
 
 def test_memory_is_refused_a_batch_larger_than_itself():
