@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hn_jax.losses import registry
-from hn_jax.losses.geometry import MetricLoss
+from hn_jax.losses.geometry import Geometry, MetricLoss
 from hn_jax.losses.memory import CrossBatchMemory
 from hn_jax.losses.miners import MINER_NAMES, create_miner, miner_parameters
 from hn_jax.losses.triplet_margin import TRIPLET_TYPES
@@ -81,8 +81,10 @@ class Mined(nnx.Module):
   def __call__(self, embeddings: jax.Array,
                labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     eye = jnp.eye(embeddings.shape[0], dtype=bool)
-    tuples = self.miner(embeddings, labels, embeddings, labels, exclude=eye)
-    loss, aux = self.loss.compute(embeddings, labels, embeddings, labels, tuples)
+    geometry = Geometry.of(embeddings)
+    tuples = self.miner(embeddings, labels, embeddings, labels, exclude=eye, geometry=geometry)
+    loss, aux = self.loss.compute(embeddings, labels, embeddings, labels, tuples,
+                                  geometry=geometry)
     aux = {**aux, "num_pos_pairs": jax.lax.stop_gradient(jnp.sum(tuples.pos)),
            "num_neg_pairs": jax.lax.stop_gradient(jnp.sum(tuples.neg))}
     return loss, aux

@@ -32,6 +32,23 @@ def dot(q: jax.Array, r: jax.Array) -> jax.Array:
   return jnp.matmul(q, r.T, precision=HIGHEST)
 
 
+@jax.custom_vjp
+def gram(u: jax.Array) -> jax.Array:
+  """u @ u.T (HIGHEST); its gradient (G + G.T) @ u is one matmul where autodiff makes two."""
+  return dot(u, u)
+
+
+def _gram_fwd(u):
+  return dot(u, u), u
+
+
+def _gram_bwd(u, g):
+  return (jnp.matmul(g + g.T, u, precision=HIGHEST),)
+
+
+gram.defvjp(_gram_fwd, _gram_bwd)
+
+
 class Geometry(NamedTuple):
   """The normalized query (B, D) and reference (M, D) rows and their cosine matrix (B, M)."""
   q: jax.Array
@@ -39,9 +56,18 @@ class Geometry(NamedTuple):
   cos: jax.Array
 
   @classmethod
-  def of(cls, embeddings: jax.Array, ref_embeddings: jax.Array) -> "Geometry":
-    q, r = normalize(embeddings), normalize(ref_embeddings)
+  def of(cls, embeddings: jax.Array, ref_embeddings: jax.Array | None = None) -> "Geometry":
+    """Of the query batch and a reference set (None: the batch itself; the reference
+    carries no gradient otherwise, as a memory)."""
+    if ref_embeddings is None or ref_embeddings is embeddings:
+      q = normalize(embeddings)
+      return cls(q, q, gram(q))
+    q, r = normalize(embeddings), normalize(jax.lax.stop_gradient(ref_embeddings))
     return cls(q, r, dot(q, r))
+
+  def fixed(self) -> "Geometry":
+    """The same without gradient (what a miner sees)."""
+    return Geometry(*(jax.lax.stop_gradient(a) for a in self))
 
   def squared_l2(self) -> jax.Array:
     """||q - r||^2 of the normalized rows (zero rows have norm 0, as in PML).
@@ -182,18 +208,16 @@ class MetricLoss(nnx.Module):
     return self.compute(embeddings, labels, embeddings, labels, all_pairs(labels, labels, eye))
 
   def compute(self, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array,
-              ref_labels: jax.Array, tuples: Tuples, batch_columns: jax.Array | None = None
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+              ref_labels: jax.Array, tuples: Tuples, batch_columns: jax.Array | None = None,
+              geometry: Geometry | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PML's `loss(emb, labels, indices_tuple, ref_emb, ref_labels)` with dense tuples.
 
     `batch_columns` (B,) are the reference columns that hold the batch itself (for the aux
-    statistics; None when the reference is the batch).
+    statistics; None when the reference is the batch). `geometry`: `Geometry.of(embeddings,
+    ref_embeddings)` when the caller has it already (a miner's), else computed here.
     """
-    if ref_embeddings is embeddings:
-      q = normalize(embeddings)
-      geometry = Geometry(q, q, dot(q, q))
-    else:
-      geometry = Geometry.of(embeddings, jax.lax.stop_gradient(ref_embeddings))
+    if geometry is None:
+      geometry = Geometry.of(embeddings, ref_embeddings)
     loss, aux = self.terms(geometry, tuples, labels)
     aux = {**aux, **batch_stats(geometry.cos, labels, batch_columns)}
     return loss, {k: jax.lax.stop_gradient(jnp.asarray(v, jnp.float32)) for k, v in aux.items()}

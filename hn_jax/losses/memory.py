@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hn_jax.losses.geometry import MetricLoss, all_pairs
+from hn_jax.losses.geometry import Geometry, MetricLoss, all_pairs
 from hn_jax.losses.registry import MemoryState
 
 
@@ -53,6 +53,7 @@ class CrossBatchMemory(nnx.Module):
     self.position[...] = (self.position[...] + b) % m
     self.filled[...] = filled
 
+    geometry = Geometry.of(embeddings, memory)
     empty = (jnp.arange(m) >= filled)[None, :]  # never a candidate
     itself = slots[:, None] == jnp.arange(m)[None, :]  # removed after mining
     if self.miner is None:
@@ -61,9 +62,9 @@ class CrossBatchMemory(nnx.Module):
                                tneg=tuples.tneg & ~empty)
     else:
       tuples = self.miner(embeddings, labels, memory, memory_labels, exclude=empty,
-                          remove=itself)
+                          remove=itself, geometry=geometry)
     loss, aux = self.loss.compute(embeddings, labels, memory, memory_labels, tuples,
-                                  batch_columns=slots)
+                                  batch_columns=slots, geometry=geometry)
     aux = {**aux, "memory_filled": filled.astype(jnp.float32),
            "num_pos_pairs": jnp.sum(tuples.pos), "num_neg_pairs": jnp.sum(tuples.neg)}
     return loss, {k: jax.lax.stop_gradient(jnp.asarray(v, jnp.float32))

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hn_jax.losses.geometry import Geometry, Tuples, label_masks
-from hn_jax.losses.triplet_margin import (TRIPLET_TYPES, negatives_in_window,
-                                          positives_in_window)
+from hn_jax.losses.triplet_margin import TRIPLET_TYPES, in_window, triplet_counts
 
 _MINERS: dict[str, type] = {}
 MINER_NAMES: list[str] = []
@@ -68,9 +67,11 @@ class Miner(nnx.Module):
 
   def __call__(self, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array,
                ref_labels: jax.Array, *, exclude: jax.Array | None = None,
-               remove: jax.Array | None = None) -> Tuples:
-    geometry = Geometry.of(jax.lax.stop_gradient(embeddings),
-                           jax.lax.stop_gradient(ref_embeddings))
+               remove: jax.Array | None = None, geometry: Geometry | None = None) -> Tuples:
+    """`geometry`: `Geometry.of(embeddings, ref_embeddings)` if the caller has it."""
+    if geometry is None:
+      geometry = Geometry.of(embeddings, ref_embeddings)
+    geometry = geometry.fixed()
     same, diff = _candidates(labels, ref_labels, exclude)
     return self.mine(geometry, same, diff, remove)
 
@@ -109,8 +110,7 @@ class TripletMarginMiner(Miner):
     d = geometry.l2()
     tpos = _drop(same, remove)
     window = (self.margin, self.type_of_triplets)
-    pos, _ = negatives_in_window(d, tpos, diff, window)
-    neg = positives_in_window(d, tpos, diff, window)
+    pos, neg = triplet_counts(d, tpos, diff, in_window(window))
     return Tuples(pos, neg, tpos, diff, window)
 
 

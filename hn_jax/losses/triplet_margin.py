@@ -1,12 +1,14 @@
 """Losses over triplets, as pytorch-metric-learning 2.9 computes them (docs/losses.md).
 
 The triplets of a `Tuples` are {(a, p, n): tpos[a, p], tneg[a, n], window(d_an - d_ap)}.
-A hinge summed over them needs no (B, M, M) tensor: per anchor, the negatives sorted by
-distance and their running sums give every positive's count and sum of active negatives
-(O(B M log M)). Only swap and smooth_loss need each triplet; they loop over anchor blocks.
+A hinge summed over them needs no (B, M, M) tensor: it is linear in d where it is nonzero,
+so counts of the triplets each pair is in (`triplet_counts`, B x M memory) give its value
+and gradient. Only swap and smooth_loss need each triplet; they loop over anchor blocks.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,83 +37,38 @@ def window_mask(t: jax.Array, window: tuple[float, str] | None) -> jax.Array:
   return keep
 
 
-def _bounds(window: tuple[float, str] | None, extra_upper: float | None
-            ) -> tuple[list[float], list[float], float | None]:
-  """The window (and t < extra_upper) as bounds on t: (closed uppers t <= u, open uppers
-  t < u, open lower t > l or None)."""
-  closed, opened, lower = [], [], None
-  if window is not None:
-    margin, kind = window
-    if kind == "easy":
-      lower = margin
-    else:
-      closed.append(margin)
-      if kind == "hard":
-        closed.append(0.0)
-      elif kind == "semihard":
-        lower = 0.0
-  if extra_upper is not None:
-    opened.append(extra_upper)
-  return closed, opened, lower
+def triplet_counts(d: jax.Array, tpos: jax.Array, tneg: jax.Array,
+                   keep: Callable[[jax.Array, jax.Array], jax.Array]
+                   ) -> tuple[jax.Array, jax.Array]:
+  """How many triplets (a, p, n) with tpos[a, p], tneg[a, n] and keep(d_ap, d_an) each pair
+  is in: (per positive pair (a, p), per negative pair (a, n)), (B, M) float32, no gradient.
 
-
-def _search(sorted_rows: jax.Array, queries: jax.Array, side: str) -> jax.Array:
-  return jax.vmap(lambda a, v: jnp.searchsorted(a, v, side=side))(sorted_rows, queries)
-
-
-def negatives_in_window(d: jax.Array, tpos: jax.Array, tneg: jax.Array,
-                        window: tuple[float, str] | None, extra_upper: float | None = None,
-                        with_sums: bool = False) -> tuple[jax.Array, jax.Array | None]:
-  """For every (a, p): how many negatives n of a have t = d_an - d_ap in the window (and
-  t < extra_upper), and (with_sums) the sum of their d_an, differentiable in d. (B, M) each;
-  0 where not tpos."""
-  b, m = d.shape
-  if window is None and extra_upper is None and not with_sums:  # every negative: no sort
-    return jnp.where(tpos, jnp.sum(tneg, axis=1, keepdims=True), 0).astype(jnp.float32), None
-  key = jnp.where(tneg, jax.lax.stop_gradient(d), jnp.inf)
-  order = jnp.argsort(key, axis=1)
-  sorted_key = jnp.take_along_axis(key, order, axis=1)
-  total = jnp.sum(tneg, axis=1, keepdims=True)
-  base = jax.lax.stop_gradient(d)
-  closed, opened, lower = _bounds(window, extra_upper)
-  hi = jnp.broadcast_to(total, (b, m))
-  for u in closed:
-    hi = jnp.minimum(hi, _search(sorted_key, base + u, "right"))
-  for u in opened:
-    hi = jnp.minimum(hi, _search(sorted_key, base + u, "left"))
-  lo = (jnp.zeros((b, m), hi.dtype) if lower is None
-        else _search(sorted_key, base + lower, "right"))
-  hi = jnp.maximum(hi, lo)
-  count = jnp.where(tpos, hi - lo, 0).astype(jnp.float32)
-  if not with_sums:
-    return count, None
-  values = jnp.take_along_axis(jnp.where(tneg, d, 0.0), order, axis=1)
-  running = jnp.concatenate([jnp.zeros((b, 1), d.dtype), jnp.cumsum(values, axis=1)], axis=1)
-  sums = (jnp.take_along_axis(running, hi, axis=1) - jnp.take_along_axis(running, lo, axis=1))
-  return count, jnp.where(tpos, sums, 0.0)
-
-
-def positives_in_window(d: jax.Array, tpos: jax.Array, tneg: jax.Array,
-                        window: tuple[float, str] | None) -> jax.Array:
-  """For every (a, n): how many positives p of a have t = d_an - d_ap in the window.
-  (B, M); 0 where not tneg."""
-  total = jnp.sum(tpos, axis=1, keepdims=True).astype(jnp.float32)
-  if window is None:
-    return jnp.where(tneg, total, 0.0)
+  Round r takes every anchor's r-th positive at once, so the cost is (the most positives of
+  an anchor) x B x M, and memory B x M: a few rounds for batches of a few images per class.
+  """
   d = jax.lax.stop_gradient(d)
-  key = jnp.sort(jnp.where(tpos, d, jnp.inf), axis=1)
-  margin, kind = window
-  # t <= c  <=>  d_ap >= d_an - c ;  t > c  <=>  d_ap < d_an - c.
-  below = lambda c: _search(key, d - c, "left")  # noqa: E731  (#{d_ap < d_an - c})
-  if kind == "easy":
-    count = below(margin)
-  else:
-    count = total - below(margin)
-    if kind == "hard":
-      count = jnp.minimum(count, total - below(0.0))
-    elif kind == "semihard":
-      count = jnp.maximum(count - (total - below(0.0)), 0)
-  return jnp.where(tneg, count, 0).astype(jnp.float32)
+  rank = jnp.where(tpos, jnp.cumsum(tpos, axis=1, dtype=jnp.int32), 0)
+  rounds = jnp.max(rank, initial=0)
+
+  def one_round(carry):
+    r, per_pos, per_neg = carry
+    chosen = rank == r
+    ap = jnp.sum(jnp.where(chosen, d, 0.0), axis=1, keepdims=True)  # d of the r-th positive
+    active = tneg & jnp.any(chosen, axis=1, keepdims=True) & keep(ap, d)
+    per_neg = per_neg + active
+    per_pos = per_pos + jnp.where(chosen, jnp.sum(active, axis=1, keepdims=True,
+                                                  dtype=jnp.int32), 0)
+    return r + 1, per_pos, per_neg
+
+  zeros = jnp.zeros(d.shape, jnp.int32)
+  _, per_pos, per_neg = jax.lax.while_loop(lambda c: c[0] <= rounds, one_round,
+                                           (jnp.int32(1), zeros, zeros))
+  return per_pos.astype(jnp.float32), per_neg.astype(jnp.float32)
+
+
+def in_window(window: tuple[float, str] | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """keep(d_ap, d_an) of a TripletMarginMiner's window (everything without one)."""
+  return lambda ap, an: window_mask(an - ap, window)
 
 
 def _anchor_blocks(b: int, m: int) -> int:
@@ -142,10 +99,13 @@ class TripletMarginLoss(MetricLoss):
     if self.swap or self.smooth_loss:
       total, count = self._per_triplet(d, tuples)
     else:
-      count, sums = negatives_in_window(d, tuples.tpos, tuples.tneg, tuples.window,
-                                        extra_upper=self.margin, with_sums=True)
-      total = jnp.sum(count * (d + self.margin) - sums)
-      count = jnp.sum(count)
+      window = in_window(tuples.window)
+      # PML's test of a nonzero term: (d_ap - d_an) + margin > 0.
+      per_pos, per_neg = triplet_counts(
+          d, tuples.tpos, tuples.tneg, lambda ap, an: window(ap, an) & (ap - an + self.margin > 0))
+      # The sum of d_ap - d_an + margin over those triplets (the counts are constants).
+      total = jnp.sum(per_pos * (d + self.margin)) - jnp.sum(per_neg * d)
+      count = jnp.sum(per_pos)
     return total / jnp.maximum(count, 1.0), {"num_nonzero_triplets": count}
 
   def _per_triplet(self, d: jax.Array, tuples: Tuples) -> tuple[jax.Array, jax.Array]:
@@ -206,8 +166,7 @@ class MarginLoss(MetricLoss):
       beta = self.beta
     pos_loss = jax.nn.relu(d - beta + self.margin)
     neg_loss = jax.nn.relu(beta - d + self.margin)
-    per_pos, _ = negatives_in_window(d, tuples.tpos, tuples.tneg, tuples.window)
-    per_neg = positives_in_window(d, tuples.tpos, tuples.tneg, tuples.window)
+    per_pos, per_neg = triplet_counts(d, tuples.tpos, tuples.tneg, in_window(tuples.window))
     total = jnp.sum(pos_loss * per_pos) + jnp.sum(neg_loss * per_neg)
     divisor = (jnp.sum(jnp.where(pos_loss > 0, per_pos, 0.0))
                + jnp.sum(jnp.where(neg_loss > 0, per_neg, 0.0)))
