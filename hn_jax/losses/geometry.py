@@ -75,8 +75,9 @@ class Geometry(NamedTuple):
     From the cosine matrix, so below float32's resolution of |q|^2 + |r|^2 - 2 q.r (about
     1e-6, distances under ~1e-3) it reads 0: identical rows are at distance 0, as cdist's.
     """
-    qq = jnp.sum(self.q * self.q, axis=1)[:, None]
-    rr = jnp.sum(self.r * self.r, axis=1)[None, :]
+    # 1 or 0 (zero rows) whatever the embeddings: no gradient (and a cheaper backward pass).
+    qq = jax.lax.stop_gradient(jnp.sum(self.q * self.q, axis=1))[:, None]
+    rr = jax.lax.stop_gradient(jnp.sum(self.r * self.r, axis=1))[None, :]
     sq = qq + rr - 2.0 * self.cos
     return jnp.where(sq > _RESOLUTION * (qq + rr), sq, 0.0)
 
