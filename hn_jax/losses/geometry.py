@@ -32,23 +32,6 @@ def dot(q: jax.Array, r: jax.Array) -> jax.Array:
   return jnp.matmul(q, r.T, precision=HIGHEST)
 
 
-@jax.custom_vjp
-def gram(u: jax.Array) -> jax.Array:
-  """u @ u.T (HIGHEST); its gradient (G + G.T) @ u is one matmul where autodiff makes two."""
-  return dot(u, u)
-
-
-def _gram_fwd(u):
-  return dot(u, u), u
-
-
-def _gram_bwd(u, g):
-  return (jnp.matmul(g + g.T, u, precision=HIGHEST),)
-
-
-gram.defvjp(_gram_fwd, _gram_bwd)
-
-
 class Geometry(NamedTuple):
   """The normalized query (B, D) and reference (M, D) rows and their cosine matrix (B, M)."""
   q: jax.Array
@@ -61,7 +44,7 @@ class Geometry(NamedTuple):
     carries no gradient otherwise, as a memory)."""
     if ref_embeddings is None or ref_embeddings is embeddings:
       q = normalize(embeddings)
-      return cls(q, q, gram(q))
+      return cls(q, q, dot(q, q))
     q, r = normalize(embeddings), normalize(jax.lax.stop_gradient(ref_embeddings))
     return cls(q, r, dot(q, r))
 
@@ -147,7 +130,7 @@ def batch_stats(cos: jax.Array, labels: jax.Array,
     cos = jnp.take(cos, columns, axis=1)
   n = cos.shape[0]
   eye = jnp.eye(n, dtype=bool)
-  mean_sim = jnp.sum(jnp.where(eye, 0.0, cos)) / float(max(1, n * (n - 1)))
+  mean_sim = (jnp.sum(cos) - jnp.trace(cos)) / float(max(1, n * (n - 1)))
   same = (labels[:, None] == labels[None, :]) & ~eye
   diff = labels[:, None] != labels[None, :]
   best_pos = jnp.max(jnp.where(same, cos, -jnp.inf), axis=1)

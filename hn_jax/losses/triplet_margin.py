@@ -166,7 +166,12 @@ class MarginLoss(MetricLoss):
       beta = self.beta
     pos_loss = jax.nn.relu(d - beta + self.margin)
     neg_loss = jax.nn.relu(beta - d + self.margin)
-    per_pos, per_neg = triplet_counts(d, tuples.tpos, tuples.tneg, in_window(tuples.window))
+    if tuples.window is None:  # every (positive, negative) of an anchor: counts by rows
+      per_pos = jnp.where(tuples.tpos, jnp.sum(tuples.tneg, axis=1, keepdims=True), 0)
+      per_neg = jnp.where(tuples.tneg, jnp.sum(tuples.tpos, axis=1, keepdims=True), 0)
+      per_pos, per_neg = per_pos.astype(jnp.float32), per_neg.astype(jnp.float32)
+    else:
+      per_pos, per_neg = triplet_counts(d, tuples.tpos, tuples.tneg, in_window(tuples.window))
     total = jnp.sum(pos_loss * per_pos) + jnp.sum(neg_loss * per_neg)
     divisor = (jnp.sum(jnp.where(pos_loss > 0, per_pos, 0.0))
                + jnp.sum(jnp.where(neg_loss > 0, per_neg, 0.0)))
