@@ -129,11 +129,13 @@ def test_value_and_gradient_match_reference(key, case):
                              atol=2e-4 * scale)
 
 
-@pytest.mark.parametrize("key", sorted(CASES))
-@pytest.mark.parametrize("case", ["ties", "zeros", "one_class"])
+# The SNR distance divides by a zero row's variance (NaN, as in PML): no zeros case for it.
+EDGE_CASES = [(key, case) for key in sorted(CASES) for case in ("ties", "zeros", "one_class")
+              if (key, case) != ("snr_contrastive", "zeros")]
+
+
+@pytest.mark.parametrize("key, case", EDGE_CASES)
 def test_edge_case_values_match_reference(key, case):
-  if case == "zeros" and key == "snr_contrastive":
-    pytest.skip("the SNR distance divides by a zero row's variance (NaN, as in PML)")
   x, y = _batch(case, seed=3)
   value, grad = _run(key, x, y)
   np.testing.assert_allclose(float(value), _reference(key, x, y)(x), rtol=2e-5, atol=2e-6)
