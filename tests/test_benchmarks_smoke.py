@@ -40,6 +40,7 @@ SMOKE_HERE = {
     "event_reader.py": ["--smoke"],
     "input_pipeline.py": ["--smoke"],
     "losses_proxy.py": ["--smoke"],
+    "loss_zoo.py": ["--smoke", "--losses=contrastive,triplet_margin,triplet_margin+batch_hard"],
     "pretrained_check.py": ["--smoke"],
 }
 
@@ -76,7 +77,7 @@ def _run(script: str, args: list[str], tmp_path: Path) -> tuple[dict, str]:
 def test_smoke_run(script, tmp_path):
   if script == "pretrained_check.py":
     pytest.importorskip("torch")
-  if script == "losses_proxy.py":
+  if script in ("losses_proxy.py", "loss_zoo.py"):
     pytest.importorskip("pytorch_metric_learning")
   result, stdout = _run(script, SMOKE_HERE[script], tmp_path)
   if script == "device_summary.py":  # nothing measured in an empty OUT: every figure missing
@@ -103,6 +104,11 @@ def test_smoke_run(script, tmp_path):
   elif script == "losses_proxy.py":
     assert result["smoke"] and len(result["results"]) == 6
     assert all(r["loss_rel_diff"] < 1e-4 for r in result["results"]), result["results"]
+  elif script == "loss_zoo.py":  # each loss timed beside PML's, and equal to it
+    assert [r["loss"] for r in result["rows"]] == ["contrastive", "triplet_margin",
+                                                   "triplet_margin+batch_hard"]
+    assert all(r["batch"] == 16 and r["rel_diff"] < 1e-5 and r["ours_s"] > 0
+               for r in result["rows"]), result["rows"]
   elif script == "pretrained_check.py":
     assert result["complete"] and result["passed"], result
     assert [m["name"] for m in result["models"]] == ["resnet18", "vit_small_patch16"]

@@ -2,8 +2,10 @@
 
 `create(name, *, embedding_dim, num_classes, rngs, **hyperparameters)` returns an nnx.Module
 called as `module(embeddings, labels) -> (loss, aux)`; `NAMES` lists the registered names;
-`register(name, factory)` adds one; `build` makes a run's loss from its config's names
-(with `check` refusing what cannot work). The paper's hn, shn and sct are `triplet.triplet_loss`.
+`register(name, factory)` adds one. The paper's hn, shn and sct are `triplet.triplet_loss`;
+pytorch-metric-learning's pair and triplet losses are in `pair` and `triplet_margin`.
+`build(name, ..., miner=, memory_size=)` composes a loss with a miner (`MINER_NAMES`) and
+cross-batch memory; `check(...)` validates that choice in one line.
 """
 
 from hn_jax.losses.build import build, check  # noqa: F401
@@ -11,4 +13,6 @@ from hn_jax.losses.registry import (MemoryState, NAMES, create, hyperparameters,
                                     register, search_space)
 from hn_jax.losses.triplet import (DUPLICATE_SIMILARITY, METHODS,  # noqa: F401
                                    cosine_similarities, triplet_loss, triplet_terms)  # registers hn, shn, sct
-from hn_jax.losses import proxies  # noqa: F401  (registers the proxy and classification losses)
+from hn_jax.losses import pair, proxies, triplet_margin  # noqa: F401,E402  (register the rest)
+from hn_jax.losses.build import kind  # noqa: F401,E402
+from hn_jax.losses.miners import MINER_NAMES  # noqa: F401,E402
