@@ -118,7 +118,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.half_precision = False  # Compute in bfloat16 (parameters, loss, optimizer stay float32).
   # Loss.
   # Any registered loss (hn_jax.losses.NAMES): the paper's "hn" (hardest negative), "shn"
-  # (semi-hard), "sct" (selective), ... (docs/own_loss_section.md).
+  # (semi-hard), "sct" (selective), ... (docs/losses.md).
   config.loss = "sct"
   config.lam = 1.0  # hn/shn/sct: weight of sct's hard-triplet term.
   config.temperature = 0.1  # hn/shn/sct: temperature t of softplus((S_an - S_ap) / t).
@@ -129,7 +129,7 @@ def defaults() -> ml_collections.ConfigDict:
   config.miner_params = ml_collections.ConfigDict()  # e.g. --config.miner_params.margin=0.1
   config.memory_size = 0  # Cross-batch memory of this many embeddings (pair/triplet losses); 0: none.
   config.loss_lr_multiplier = 1.0  # The loss's own parameters (proxies) train at this x the rate.
-  # A Python module imported first, which registers your own loss (docs/own_loss_section.md).
+  # A Python module imported first, which registers your own loss (docs/losses.md).
   config.loss_module = ""
   # Optimization.
   config.learning_rate = 0.009  # SGD learning rate (sct on CUB; shn uses 0.002).

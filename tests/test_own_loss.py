@@ -1,4 +1,4 @@
-"""docs/own_loss_section.md's example end to end (a user's module registers a loss with
+"""docs/losses.md ("Your own loss")'s example end to end (a user's module registers a loss with
 proxies; `python -m hn_jax.main` trains it), and the loss settings' mistakes on the real
 command line: one line each, before anything compiles, nothing written."""
 
@@ -16,11 +16,12 @@ import pytest
 from hn_jax.testing.runs import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "own_loss_section.md"
+DOC = REPO / "docs" / "losses.md"
 
 
 def _blocks(language):
-  return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), re.DOTALL)
+  section = DOC.read_text().split("## Your own loss", 1)[1]
+  return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
 
 
 def _main(args, pythonpath, timeout=600):
@@ -91,7 +92,7 @@ def test_the_docs_own_loss_trains_and_resumes(user_module, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--config.loss=nope"], "config.loss='nope' is not a loss; use one of hn, shn, sct"),
+    (["--config.loss=nope"], "config.loss='nope' is not a loss; use one of hn, shn, sct, contrastive"),
     pytest.param(["--config.loss_params.margin=0.2"],
                  "config.loss='normalized_softmax_demo': loss 'normalized_softmax_demo' has no "
                  "hyperparameter margin; its hyperparameters: temperature",

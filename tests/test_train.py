@@ -250,7 +250,7 @@ def test_sharded_step_equals_single_device_step(loss):
 
 
 BAD_CONFIGS = [
-    ({"loss": "nope"}, "config.loss='nope' is not a loss; use one of hn, shn, sct"),
+    ({"loss": "nope"}, "config.loss='nope' is not a loss; use one of hn, shn, sct, contrastive"),
     ({"dataset": "imagenet"}, "config.dataset='imagenet' is not a dataset"),
     ({"model": "vgg"}, "config.model='vgg' is not a model"),
     ({"sampler": "random"}, "config.sampler='random' is not a sampler"),

@@ -8,11 +8,11 @@ pytorch-metric-learning's pair and triplet losses are in `pair` and `triplet_mar
 cross-batch memory; `check(...)` validates that choice in one line.
 """
 
-from hn_jax.losses.build import build, check  # noqa: F401
 from hn_jax.losses.registry import (MemoryState, NAMES, create, hyperparameters,  # noqa: F401
                                     register, search_space)
+# Registration order is NAMES' order: the paper's losses first.
 from hn_jax.losses.triplet import (DUPLICATE_SIMILARITY, METHODS,  # noqa: F401
-                                   cosine_similarities, triplet_loss, triplet_terms)  # registers hn, shn, sct
-from hn_jax.losses import pair, proxies, triplet_margin  # noqa: F401,E402  (register the rest)
-from hn_jax.losses.build import kind  # noqa: F401,E402
-from hn_jax.losses.miners import MINER_NAMES  # noqa: F401,E402
+                                   cosine_similarities, triplet_loss, triplet_terms)
+from hn_jax.losses import pair, triplet_margin, proxies  # noqa: F401,I100  (register the rest)
+from hn_jax.losses.build import build, check, kind  # noqa: F401
+from hn_jax.losses.miners import MINER_NAMES  # noqa: F401

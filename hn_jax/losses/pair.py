@@ -262,12 +262,20 @@ class FastAPLoss(MetricLoss):
     return jnp.where(jnp.any(safe_h), loss, 0.0), {}
 
 
-register("contrastive", as_factory(ContrastiveLoss))
-register("multi_similarity", as_factory(MultiSimilarityLoss))
-register("circle", as_factory(CircleLoss))
-register("lifted_structure", as_factory(LiftedStructureLoss))
-register("generalized_lifted_structure", as_factory(GeneralizedLiftedStructureLoss))
-register("ntxent", as_factory(NTXentLoss))
-register("supcon", as_factory(SupConLoss))
-register("fast_ap", as_factory(FastAPLoss))
-register("snr_contrastive", as_factory(SignalToNoiseRatioContrastiveLoss))
+# What a study searches (hn_jax.tools.study), around PML's defaults in the spirit of the Metric
+# Learning Reality Check's ranges; the learning rate is the study's default range.
+_MARGINS = {"pos_margin": (0.0, 0.5, "linear"), "neg_margin": (0.3, 1.5, "linear")}
+register("contrastive", as_factory(ContrastiveLoss), search_space=_MARGINS)
+register("multi_similarity", as_factory(MultiSimilarityLoss),
+         search_space={"alpha": (0.5, 20.0, "log"), "beta": (10.0, 80.0, "log"),
+                       "base": (0.0, 1.0, "linear")})
+register("circle", as_factory(CircleLoss),
+         search_space={"m": (0.1, 0.5, "linear"), "gamma": (16.0, 256.0, "log")})
+register("lifted_structure", as_factory(LiftedStructureLoss), search_space=_MARGINS)
+register("generalized_lifted_structure", as_factory(GeneralizedLiftedStructureLoss),
+         search_space=_MARGINS)
+register("ntxent", as_factory(NTXentLoss), search_space={"temperature": (0.01, 1.0, "log")})
+register("supcon", as_factory(SupConLoss), search_space={"temperature": (0.01, 1.0, "log")})
+register("fast_ap", as_factory(FastAPLoss), search_space={"num_bins": (5, 50, "int")})
+register("snr_contrastive", as_factory(SignalToNoiseRatioContrastiveLoss),
+         search_space=_MARGINS)

@@ -185,5 +185,8 @@ class MarginLoss(MetricLoss):
     return jnp.where(triplets > 0, loss, 0.0), {"num_triplets": triplets}
 
 
-register("triplet_margin", as_factory(TripletMarginLoss))
-register("margin", as_factory(MarginLoss))
+# What a study searches (hn_jax.tools.study); the learning rate is the study's default range.
+register("triplet_margin", as_factory(TripletMarginLoss),
+         search_space={"margin": (0.01, 0.5, "linear")})
+register("margin", as_factory(MarginLoss),
+         search_space={"margin": (0.05, 0.5, "linear"), "beta": (0.8, 1.6, "linear")})

@@ -70,7 +70,7 @@ def _value(u: float, low: float, high: float, scale: str) -> float:
   if scale == "log":
     return float(f"{math.exp(math.log(low) + u * (math.log(high) - math.log(low))):.3g}")
   value = low + u * (high - low)
-  return float(round(value)) if scale == "int" else float(f"{value:.3g}")
+  return int(round(value)) if scale == "int" else float(f"{value:.3g}")
 
 
 def trial_settings(loss: str, trials: int, seed: int) -> list[dict[str, float]]:
