@@ -60,7 +60,9 @@ DEFAULTS = {
 }
 
 KINDS = {"triplet_margin": "triplet", "margin": "triplet", "fast_ap": "other", "hn": "other",
-         "shn": "other", "sct": "other"}
+         "shn": "other", "sct": "other",
+         **dict.fromkeys(["proxy_nca", "proxy_anchor", "normalized_softmax", "arcface", "cosface",
+                          "soft_triple"], "proxy")}
 
 
 def _batch(case: str, seed: int = 0):

@@ -364,4 +364,5 @@ SEARCH_SPACES = {
                     "margin": (0.0, 0.5, "linear")},
 }
 for _factory in (proxy_nca, proxy_anchor, normalized_softmax, arcface, cosface, soft_triple):
+  _factory.kind = "proxy"  # neither miners nor cross-batch memory (hn_jax.losses.build)
   register(_factory.__name__, _factory, search_space=SEARCH_SPACES[_factory.__name__])
