@@ -239,8 +239,9 @@ def test_second_evaluation_and_embed_decode_no_image(prepared, tmp_path):
   _, data_dir, _ = prepared["cub"]
   config = cub.get_config()
   # The embed step's program is tests/test_train.py's (shapes, normalization): compiled once.
-  config.update(dict(data_dir=data_dir, image_size=16, model="small", embedding_dim=16,
-                     batch_size=8, eval_batch_size=512, num_epochs=0, cache="auto",
+  config.update(dict(data_dir=data_dir, image_size=16, model="small", pretrained="none",
+                     embedding_dim=16, batch_size=8, eval_batch_size=512, num_epochs=0,
+                     cache="auto",
                      mean=(0.305, 0.305, 0.305), std=(0.378, 0.378, 0.378)))
   workdir = str(tmp_path / "run")
   before = splits.RecordSource.records_read
