@@ -152,9 +152,13 @@ def measure(name: str, batch: int, dim: int, memory: int, repeats: int) -> dict[
       out.setdefault("pml", float(loss.detach()))
 
     torch.manual_seed(0)
-    row["pml_ms"] = _median_ms(run_pml, repeats)
-    row["pml_value"] = out["pml"]
     row["pml_class"] = type(pml.loss if memory else pml).__name__
+    try:
+      row["pml_ms"] = _median_ms(run_pml, repeats)
+    except (RuntimeError, MemoryError) as e:  # e.g. torch cannot allocate PML's (B, B, B)
+      row["pml_error"] = str(e).splitlines()[0][:200]
+      return row
+    row["pml_value"] = out["pml"]
     row["speedup"] = row["pml_ms"] / row["jax_ms"]
   return row
 
@@ -168,7 +172,8 @@ def table(rows: list[dict[str, Any]], min_batch: int) -> str:
            f"{'speedup':>8}  {'JAX loss':>10} {'PML loss':>10}"]
   for r in rows:
     pml = r.get("pml_ms")
-    cells = ("-", "-", "-") if pml is None else (
+    missing = ("PML failed", "-", "-") if "pml_error" in r else ("-", "-", "-")
+    cells = missing if pml is None else (
         f"{pml:.2f}", f"{r['speedup']:.2f}x", f"{r['pml_value']:.4f}")
     lines.append(f"{r['loss']:<24} {r['batch']:>6} {r['memory'] or '-':>6} {r['jax_ms']:>9.2f} "
                  f"{cells[0]:>9} {cells[1]:>8}  {r['jax_value']:>10.4f} {cells[2]:>10}")
