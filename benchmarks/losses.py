@@ -11,7 +11,8 @@ jitted, against PML's equivalent (`PML`, below; none for the paper's hn, shn and
 same CPU in the same process, torch on every core unless `--torch_threads` says otherwise. Labels are the paper's sampler's: 2
 embeddings per class, B/2 classes (a loss with a parameter per class gets B/2 classes). Where
 a loss takes cross-batch memory, it is timed again with `--memory` embeddings remembered
-(PML's CrossBatchMemory). Each time is the median of `--repeats` calls after a warm-up (JAX's
+(PML's CrossBatchMemory), both memories full of the same embeddings (the steady state of
+training, in which the batch meets every slot). Each time is the median of `--repeats` calls after a warm-up (JAX's
 compile excluded). Both losses' values are printed: equal hyperparameters give equal values
 where the two define the same loss. The table ends with the geometric mean of the speedups at
 batch >= 512. `--smoke`: batches 16 and 32, dim 16, memory 64, 2 repeats.
@@ -76,9 +77,22 @@ def pml_loss(name: str, *, dim: int, num_classes: int, memory: int = 0) -> Any |
   shape = {"num_classes": num_classes, "embedding_size": dim}
   loss = cls(**{k: v for k, v in shape.items() if k in accepted}, **ours)
   if memory:
+    import torch  # pylint: disable=g-import-not-at-top
     from pytorch_metric_learning import losses as pml  # pylint: disable=g-import-not-at-top
     loss = pml.CrossBatchMemory(loss, dim, memory_size=memory)
+    embeddings, labels = memory_fill(memory, dim, num_classes)
+    loss.embedding_memory = torch.tensor(embeddings)
+    loss.label_memory = torch.tensor(labels.astype(np.int64))
+    loss.has_been_filled = True
   return loss
+
+
+def memory_fill(memory: int, dim: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """A full memory, the same for both sides: its steady state, which every call then meets
+  (both compare the batch with all `memory` slots; a filling memory would time less)."""
+  rng = np.random.default_rng(1)
+  return (rng.normal(size=(memory, dim)).astype(np.float32),
+          rng.integers(0, num_classes, memory).astype(np.int32))
 
 
 def jax_program(name: str, *, dim: int, num_classes: int, memory: int = 0):
@@ -91,6 +105,11 @@ def jax_program(name: str, *, dim: int, num_classes: int, memory: int = 0):
     if not memory:
       raise
     return None
+  if memory:
+    embeddings, labels = memory_fill(memory, dim, num_classes)
+    module.embeddings[...] = jnp.asarray(embeddings)
+    module.labels[...] = jnp.asarray(labels)
+    module.filled[...] = jnp.asarray(memory, jnp.int32)
   graphdef, params, state = train_step.split_loss(module)
 
   def loss_of(embeddings, labels, params, state):
