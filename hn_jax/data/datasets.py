@@ -18,7 +18,6 @@ hotel (instance) and by chain (`{KEY}_test_chain_R_{K}`, over queries of a known
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -32,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from hn_jax.data import folds
-from hn_jax.data.splits import RecordSource, Split
+from hn_jax.data.splits import Dataset, RecordSource, Split  # noqa: F401  (Dataset: its home)
 
 IN_MEMORY = ("digits", "synthetic")
 PREPARED = ("cub", "cars", "sop", "inshop", "hotels50k")
@@ -50,23 +49,6 @@ CACHE_FOLDER = "image_cache"  # under the data_dir: decoded-image caches of prep
 
 class DataNotPreparedError(ValueError):
   """The dataset is not prepared where the config points; the message says how to prepare it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """A dataset ready for training and evaluation.
-
-  Queries are `test`; they are retrieved from `gallery` when there is one (In-shop: its
-  gallery split; Hotels-50K: the training split), else from the rest of `test`.
-  """
-
-  key: str  # the DATA prefix of the logged scalars, e.g. "CUB"
-  train: Split
-  test: Split
-  test_ks: tuple[int, ...]  # the K of the logged test recalls
-  train_recall: bool  # whether training-set R@1 is logged
-  gallery: Split | None = None
-  chain_ks: tuple[int, ...] = ()  # the K of the chain recalls (Hotels-50K)
 
 
 # The folder each dataset's published layout is usually unpacked to (for the commands we print).

@@ -38,15 +38,13 @@ from typing import Iterable, Iterator
 import numpy as np
 from absl import logging
 
+from hn_jax.data.resize import (RESIZE_RULES, resized_shape, short_side,  # noqa: F401
+                                train_short_side)
 from hn_jax.data.splits import Split
 from hn_jax.errors import RunStopped
 
 MODES = ("auto", "memory", "disk", "off")
 FORMAT_VERSION = 1
-RESIZE_RULES = {
-    "train": "shorter side to int(1.1 x size), bilinear antialiased (triangle), rounded to uint8",
-    "eval": "shorter side to size, bilinear antialiased (triangle), center crop, rounded to uint8",
-}
 SUFFIX = ".hnimg"
 _MAGIC, _END = b"HNJAXIMG", b"HNJAXEND"
 _PREFIX = 16  # magic + 8 reserved bytes; the pixels start here
@@ -98,22 +96,6 @@ class CacheKey:
   @property
   def short_side(self) -> int:
     return short_side(self.kind, self.image_size)
-
-
-def train_short_side(image_size: int) -> int:
-  return int(1.1 * image_size)
-
-
-def short_side(kind: str, image_size: int) -> int:
-  """The shorter side a `kind` ("train" or "eval") image is resized to."""
-  return train_short_side(image_size) if kind == "train" else image_size
-
-
-def resized_shape(height: int, width: int, short: int) -> tuple[int, int]:
-  """(H, W) with the shorter side resized to `short`, as the tf.data path computes it."""
-  scale = np.float32(short) / np.float32(min(height, width))
-  return (max(short, int(np.round(np.float32(height) * scale))),
-          max(short, int(np.round(np.float32(width) * scale))))
 
 
 # ---------------------------------------------------------------------------------------------

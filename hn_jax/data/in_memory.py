@@ -14,8 +14,7 @@ import functools
 import ml_collections
 import numpy as np
 
-from hn_jax.data.datasets import Dataset
-from hn_jax.data.splits import Split
+from hn_jax.data.splits import Dataset, Split
 
 
 def digits() -> Dataset:

@@ -1,4 +1,5 @@
-"""A dataset split: its images (in memory, or records of a prepared dataset) and labels."""
+"""A dataset split (its images, in memory or records of a prepared dataset, and labels) and
+the dataset that holds the splits of a run."""
 
 from __future__ import annotations
 
@@ -98,3 +99,19 @@ def fingerprint_arrays(*arrays: np.ndarray) -> str:
     h.update(memoryview(a).cast("B"))
   return "sha256:" + h.hexdigest()
 
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A dataset ready for training and evaluation.
+
+  Queries are `test`; they are retrieved from `gallery` when there is one (In-shop: its
+  gallery split; Hotels-50K: the training split), else from the rest of `test`.
+  """
+
+  key: str  # the DATA prefix of the logged scalars, e.g. "CUB"
+  train: Split
+  test: Split
+  test_ks: tuple[int, ...]  # the K of the logged test recalls
+  train_recall: bool  # whether training-set R@1 is logged
+  gallery: Split | None = None
+  chain_ks: tuple[int, ...] = ()  # the K of the chain recalls (Hotels-50K)

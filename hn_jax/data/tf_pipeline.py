@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from hn_jax.data import image_cache
+from hn_jax.data import resize
 
 try:  # the input pipeline never needs an accelerator; leave its memory to JAX
   tf.config.set_visible_devices([], "GPU")
@@ -79,7 +79,7 @@ def train_crop(image: tf.Tensor, words: tf.Tensor, image_size: int) -> tf.Tensor
   """
   size = image_size
   image = tf.convert_to_tensor(image)
-  resized = _resized_shape(tf.shape(image), image_cache.train_short_side(size))
+  resized = _resized_shape(tf.shape(image), resize.train_short_side(size))
   limit = tf.cast(resized, tf.int32) - size + 1
   offset = tf.stack([crop_offset(words[0], limit[0]), crop_offset(words[1], limit[1])])
   image = tf.raw_ops.ScaleAndTranslate(
@@ -100,7 +100,7 @@ def eval_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 def train_resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
   """The train cache's form: shorter side resized to int(1.1 x size), uint8."""
-  return _to_uint8(_resize_shorter_side(image, image_cache.train_short_side(image_size)))
+  return _to_uint8(_resize_shorter_side(image, resize.train_short_side(image_size)))
 
 
 def train_transform(image, words, config: ml_collections.ConfigDict) -> tf.Tensor:
