@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                       "work, 1 avoids OpenMP's waits for descheduled threads)")
   parser.add_argument("--json", default="")
   parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--max_memory_gb", type=float,
+                      default=0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                      / 2**30, help="address space the run may take (0: no limit)")
   args = parser.parse_args(argv)
   if args.loss_module:
     importlib.import_module(args.loss_module)
@@ -228,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
   unknown = [n for n in names if n not in losses.NAMES]
   if unknown:
     parser.error(f"--losses: {', '.join(unknown)} not registered; use {', '.join(losses.NAMES)}")
+  if args.max_memory_gb > 0:
+    # An allocation past this fails (a RuntimeError: that row says "PML failed") instead of
+    # the kernel killing the whole run: PML's lifted structure with memory wants (B, M, M).
+    import resource  # pylint: disable=g-import-not-at-top
+    limit = int(args.max_memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
   rows = []
