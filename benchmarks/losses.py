@@ -75,9 +75,11 @@ def pml_loss(name: str, *, dim: int, num_classes: int, memory: int = 0) -> Any |
   ours = {k: v for k, v in losses.hyperparameters(name).items()
           if v is not inspect.Parameter.empty and k in accepted}
   shape = {"num_classes": num_classes, "embedding_size": dim}
-  # A subclass may pass its base's arguments on through **kwargs (CosFaceLoss).
-  forwards = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-  loss = cls(**{k: v for k, v in shape.items() if k in accepted or forwards}, **ours)
+  # A subclass may pass its base's arguments on through **kwargs (CosFaceLoss's base takes
+  # the classes and dimension): the names any __init__ of the class's bases declares.
+  declared = {name for base in cls.__mro__ if "__init__" in vars(base)
+              for name in inspect.signature(base.__init__).parameters}
+  loss = cls(**{k: v for k, v in shape.items() if k in declared}, **ours)
   if memory:
     import torch  # pylint: disable=g-import-not-at-top
     from pytorch_metric_learning import losses as pml  # pylint: disable=g-import-not-at-top
