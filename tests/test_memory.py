@@ -124,3 +124,20 @@ def test_matches_pytorch_metric_learning_cross_batch_memory():
     expected.backward()
     np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_create_takes_the_miner_and_the_memory_as_build_does():
+  """`losses.create` (the registry's one entry point) composes a miner and a memory too."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  made = losses.create("contrastive", embedding_dim=4, num_classes=3, rngs=nnx.Rngs(0),
+                       memory_size=12, miner="multi_similarity", pos_margin=0.1)
+  built = losses.build("contrastive", embedding_dim=4, num_classes=3, rngs=nnx.Rngs(0),
+                       loss_params={"pos_margin": 0.1}, memory_size=12,
+                       miner="multi_similarity")
+  for _ in range(3):  # wraps the memory (3 x 6 > 12)
+    e = rng.normal(size=(6, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 6)
+    assert float(made(e, y)[0]) == float(built(e, y)[0])
+  with pytest.raises(ValueError, match="no hyperparameter margin"):
+    losses.create("sct", embedding_dim=4, num_classes=3, rngs=nnx.Rngs(0), margin=1.0)
