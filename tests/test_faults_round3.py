@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from hn_jax import checkpoints as checkpoints_lib
-from hn_jax import errors, output_files, private_dirs, run_config, run_lock
+from hn_jax import compile_cache, errors, output_files, run_config, run_lock
 from hn_jax.testing.runs import tiny_config
 
 ROOT_IGNORES_PERMISSIONS = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -611,15 +611,17 @@ def test_image_paths_outside_the_layout_are_refused(tmp_path):
 
 
 def test_a_compilation_cache_others_can_write_is_refused(tmp_path):
-  made = private_dirs.ensure(tmp_path / "xla_cache", "the compilation cache")
-  assert stat.S_IMODE(os.stat(made).st_mode) == 0o700 and private_dirs.problem(made) is None
+  """reproduce's ROOT/xla_cache (and every command's default cache) goes through
+  hn_jax.compile_cache: created private, or not used, in one line naming the fix."""
+  made = tmp_path / "xla_cache"
+  assert compile_cache.prepare(made) is None
+  assert stat.S_IMODE(os.stat(made).st_mode) == 0o700 and compile_cache.problem(made) is None
   shared = tmp_path / "shared"
   shared.mkdir()
   shared.chmod(0o777)
-  assert "others can write it (mode 777)" in private_dirs.problem(shared)
-  with pytest.raises(private_dirs.NotPrivate, match="chmod go-w") as e:
-    private_dirs.ensure(shared, "the compilation cache")
-  _one_line(e.value)
+  reason = _one_line(compile_cache.prepare(shared))
+  assert "others may write" in reason and "(mode 0777)" in reason and "chmod go-w" in reason
+  # Not used, in one warning line: tests/test_compile_cache.py (a cache others can write).
 
 
 def test_an_undecodable_image_prepared_earlier_stops_training_in_one_line(tmp_path, monkeypatch):
