@@ -105,30 +105,29 @@ class _Frozen:
     raise TorchFileError(f"the pickle tries to delete attribute {name!r} of {self!r}")
 
 
-class _StorageType(_Frozen):
+class _TorchName(_Frozen):
+  """A torch global the pickle may name, standing for a NumPy dtype."""
+
+  __slots__ = ("name", "dtype")
+
+  def __init__(self, name: str, dtype: np.dtype):
+    object.__setattr__(self, "name", name)
+    object.__setattr__(self, "dtype", np.dtype(dtype))
+
+  def __repr__(self) -> str:
+    return f"torch.{self.name}"
+
+
+class _StorageType(_TorchName):
   """Marker for torch.<X>Storage / torch.UntypedStorage in a persistent id."""
 
-  __slots__ = ("name", "dtype")
-
-  def __init__(self, name: str, dtype: np.dtype):
-    object.__setattr__(self, "name", name)
-    object.__setattr__(self, "dtype", np.dtype(dtype))
-
-  def __repr__(self) -> str:
-    return f"torch.{self.name}"
+  __slots__ = ()
 
 
-class _DType(_Frozen):
+class _DType(_TorchName):
   """Marker for a torch dtype object (torch.float32, ...)."""
 
-  __slots__ = ("name", "dtype")
-
-  def __init__(self, name: str, dtype: np.dtype):
-    object.__setattr__(self, "name", name)
-    object.__setattr__(self, "dtype", np.dtype(dtype))
-
-  def __repr__(self) -> str:
-    return f"torch.{self.name}"
+  __slots__ = ()
 
 
 class _Builder(_Frozen):
