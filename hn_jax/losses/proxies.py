@@ -196,7 +196,31 @@ class NormalizedSoftmax(nnx.Module):
     return loss, _aux(u, cos, labels)
 
 
-class ArcFace(nnx.Module):
+class _MarginSoftmax(nnx.Module):
+  """CE over s * cos(u_i, w_c) with the label's cosine replaced by `label_logit(cos)`;
+  w_c is column c of W (D, num_classes) ~ N(0, 1)."""
+
+  kind = "proxy"
+
+  def __init__(self, *, embedding_dim: int, num_classes: int, rngs: nnx.Rngs, margin: float,
+               scale: float):
+    self.margin = margin
+    self.scale = scale
+    self.W = _normal(rngs, (embedding_dim, num_classes), 1.0)
+
+  def label_logit(self, cos: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def __call__(self, embeddings: jax.Array,
+               labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    u = _normalize(embeddings, axis=1)
+    cos = _matmul(u, _normalize(self.W[...], axis=0))
+    target = self.label_logit(_target(cos, labels))
+    loss = _margin_cross_entropy(self.scale * cos, self.scale * target, labels)
+    return loss, _aux(u, cos, labels)
+
+
+class ArcFace(_MarginSoftmax):
   """loss = mean_i CE(s * cos(theta_ic + m [c = y_i]), y_i), theta_ic = angle(u_i, w_c).
 
   Past theta > 180deg - m the label's logit is s (cos theta - m sin m), which keeps falling.
@@ -204,53 +228,37 @@ class ArcFace(nnx.Module):
   Zafeiriou: "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019.
   """
 
-  kind = "proxy"
-
   def __init__(self, *, embedding_dim: int, num_classes: int, rngs: nnx.Rngs,
                margin: float = 28.6, scale: float = 64.0):
-    self.margin = margin
-    self.scale = scale
-    self.W = _normal(rngs, (embedding_dim, num_classes), 1.0)
+    super().__init__(embedding_dim=embedding_dim, num_classes=num_classes, rngs=rngs,
+                     margin=margin, scale=scale)
 
-  def __call__(self, embeddings: jax.Array,
-               labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    u = _normalize(embeddings, axis=1)
-    cos = _matmul(u, _normalize(self.W[...], axis=0))
+  def label_logit(self, cos: jax.Array) -> jax.Array:
     m = math.radians(self.margin)
-    c = jnp.clip(_target(cos, labels), -1.0, 1.0)
+    c = jnp.clip(cos, -1.0, 1.0)
     # cos(theta + m) = c cos m - sin(theta) sin m; sin(theta)'s gradient is 0 (not infinite)
     # at theta = 0 or 180deg, where PML's acos gives NaN.
     one_minus = 1.0 - c * c
     sin = jnp.where(one_minus > 0, jnp.sqrt(jnp.where(one_minus > 0, one_minus, 1.0)), 0.0)
     # theta <= pi - m  <=>  cos(theta) >= cos(pi - m) = -cos(m).
-    target = jnp.where(c >= -math.cos(m), c * math.cos(m) - sin * math.sin(m),
-                       c - m * math.sin(m))
-    loss = _margin_cross_entropy(self.scale * cos, self.scale * target, labels)
-    return loss, _aux(u, cos, labels)
+    return jnp.where(c >= -math.cos(m), c * math.cos(m) - sin * math.sin(m),
+                     c - m * math.sin(m))
 
 
-class CosFace(nnx.Module):
+class CosFace(_MarginSoftmax):
   """loss = mean_i CE(s * (cos(u_i, w_c) - m [c = y_i]), y_i).
 
   w_c is column c of W (D, num_classes) ~ N(0, 1). Wang et al.: "CosFace: Large Margin Cosine
   Loss for Deep Face Recognition", CVPR 2018.
   """
 
-  kind = "proxy"
-
   def __init__(self, *, embedding_dim: int, num_classes: int, rngs: nnx.Rngs,
                margin: float = 0.35, scale: float = 64.0):
-    self.margin = margin
-    self.scale = scale
-    self.W = _normal(rngs, (embedding_dim, num_classes), 1.0)
+    super().__init__(embedding_dim=embedding_dim, num_classes=num_classes, rngs=rngs,
+                     margin=margin, scale=scale)
 
-  def __call__(self, embeddings: jax.Array,
-               labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    u = _normalize(embeddings, axis=1)
-    cos = _matmul(u, _normalize(self.W[...], axis=0))
-    target = _target(cos, labels) - self.margin
-    loss = _margin_cross_entropy(self.scale * cos, self.scale * target, labels)
-    return loss, _aux(u, cos, labels)
+  def label_logit(self, cos: jax.Array) -> jax.Array:
+    return cos - self.margin
 
 
 def _margin_cross_entropy(logits: jax.Array, target: jax.Array, labels: jax.Array) -> jax.Array:
