@@ -89,6 +89,39 @@ def config_for(config: ml_collections.ConfigDict, method: str, lr: str,
   return run
 
 
+STOPPED_FILE = "stopped.json"  # in a run's workdir: a study gave the run up (see `train_or_mark`)
+
+
+def stopped(workdir: str | os.PathLike) -> str | None:
+  """Why a study gave up a run (its loss stayed non-finite), or None if it did not."""
+  try:
+    return str(json.loads((Path(workdir) / STOPPED_FILE).read_text())["reason"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def train_or_mark(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                  changes: dict | None = None) -> None:
+  """Trains (or resumes) one run of a study. A run whose loss stays non-finite is a failed
+  setting, not a failed study: its workdir gets `STOPPED_FILE` with the reason, the study
+  scores it as failed and goes on, and the same command again does not retry it."""
+  from hn_jax import errors, train  # pylint: disable=g-import-not-at-top  (JAX only when training)
+  try:
+    train.train_and_evaluate(config, str(workdir), changes=changes)
+  except errors.TrainingStopped as e:
+    path = Path(workdir) / STOPPED_FILE
+    path.with_suffix(".tmp").write_text(json.dumps({"reason": str(e)}))
+    path.with_suffix(".tmp").replace(path)
+
+
+def is_done(config: ml_collections.ConfigDict, workdir: Path, key: str) -> bool:
+  """Whether a study need not train this run: it finished, or the study gave it up."""
+  if stopped(workdir) is not None:
+    return True
+  has_events = workdir.is_dir() and any(workdir.glob(report.EVENT_FILE_PREFIX + "*"))
+  return _complete(report.load_scalars(workdir) if has_events else {}, config, key, workdir)
+
+
 def _complete(scalars: Mapping[str, Any], config: ml_collections.ConfigDict, key: str,
               workdir: Path) -> bool:
   """Whether a run's scalars already hold its final test recall and its final checkpoint
@@ -105,26 +138,31 @@ def _complete(scalars: Mapping[str, Any], config: ml_collections.ConfigDict, key
   return int(sharding.local_value(state.step)) == last_step
 
 
+def run_result(workdir: Path, key: str) -> dict[str, Any]:
+  """A trained run's final test R@1, whether it collapsed, and why it stopped (None, or the
+  reason a study gave it up: then it counts as collapsed, with no R@1)."""
+  reason = stopped(workdir)
+  scalars = report.load_scalars(workdir) if reason is None else {}
+  return {"r1": report.last_value(scalars.get(f"{key}_test_R_1")),
+          "collapsed": reason is not None or report.is_collapsed(scalars),
+          "mean_sim": report.last_value(scalars.get(report.COLLAPSE_SIM_KEY)),
+          "stopped": reason}
+
+
 def train_run(config: ml_collections.ConfigDict, workdir: Path, key: str,
               log: Any = print, changes: dict | None = None) -> dict[str, Any]:
-  """Trains one run (or resumes, or skips it when finished); its final figures."""
-  from hn_jax import train  # pylint: disable=g-import-not-at-top  (JAX only when training)
+  """Trains one run (or resumes, or skips it when finished or given up); its final figures."""
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  has_events = any(workdir.glob(report.EVENT_FILE_PREFIX + "*"))
-  scalars = report.load_scalars(workdir) if has_events else {}
-  reused = _complete(scalars, config, key, workdir)
+  reused = is_done(config, workdir, key)
   if not reused:
-    train.train_and_evaluate(config, str(workdir), changes=changes)
-    scalars = report.load_scalars(workdir)
-  r1 = report.last_value(scalars.get(f"{key}_test_R_1"))
-  result = {"r1": r1, "collapsed": report.is_collapsed(scalars),
-            "mean_sim": report.last_value(scalars.get(report.COLLAPSE_SIM_KEY)),
-            "seconds": time.perf_counter() - t0, "reused": reused}
+    train_or_mark(config, workdir, changes)
+  result = {**run_result(workdir, key), "seconds": time.perf_counter() - t0, "reused": reused}
   took = "already done" if reused else f"{result['seconds']:.0f} s"
-  log(f"  {config.loss} lr {config.learning_rate:g} seed {config.seed}: test R@1 {_num(r1)}, "
-      f"embedding_mean_sim {_num(result['mean_sim'])}"
-      f"{' (collapse)' if result['collapsed'] else ''}, {took}")
+  log(f"  {config.loss} lr {config.learning_rate:g} seed {config.seed}: " + (
+      "stopped, its loss not finite" if result["stopped"] else
+      f"test R@1 {_num(result['r1'])}, embedding_mean_sim {_num(result['mean_sim'])}"
+      f"{' (collapse)' if result['collapsed'] else ''}") + f", {took}")
   return result
 
 
@@ -190,10 +228,13 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
               methods: Sequence[str] = ("hn", "shn", "sct"),
               lrs: Sequence[str] = ("0.3", "1", "3"),
               seeds: Sequence[int] = (0, 1, 2, 3, 4), search_seeds: Sequence[int] = (0, 1),
-              figures: str | None = None, log: Any = print) -> dict[str, Any]:
-  """Search, seeds, table and figures (see the module docstring); returns it all as data."""
+              figures: str | None = None, parallel: int = 1,
+              log: Any = print) -> dict[str, Any]:
+  """Search, seeds, table and figures (see the module docstring); returns it all as data.
+  `parallel` > 1 trains that many runs at once in subprocesses (`study.train_all`)."""
   from hn_jax import losses, run_config  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from hn_jax.tools import study  # pylint: disable=g-import-not-at-top
   run_config.import_loss_module(config)  # registers the config's own loss, if it names one
   unknown = [m for m in methods if m not in losses.NAMES]
   if unknown or not methods:
@@ -208,6 +249,8 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
       raise ReproduceError(f"--lrs: {lr!r} is not a positive learning rate")
   if not lrs or not seeds or not search_seeds:
     raise ReproduceError("--lrs, --seeds and --search_seeds need at least one value each")
+  if parallel < 1:
+    raise ReproduceError(f"--parallel={parallel}: use at least 1 process")
   import jax  # pylint: disable=g-import-not-at-top
   for method in methods:  # every setting checked before anything compiles
     run_config.validate(config_for(config, method, lrs[0], seeds[0]),
@@ -223,31 +266,33 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   def workdir(method: str, lr: str, seed: int) -> Path:
     return base / group_name(config, method, lr) / str(seed)
 
-  changes = {}  # workdir -> its changeable settings that differ (checked once, here)
   for method in methods:  # a root of another config is refused before anything runs
     for lr in lrs:
       for seed in {*search_seeds, *seeds}:
-        folder = workdir(method, lr, seed)
-        changes[folder] = run_config.check(config_for(config, method, lr, seed), str(folder))
+        run_config.check(config_for(config, method, lr, seed), str(workdir(method, lr, seed)))
   total = len(methods) * (len(lrs) * len(search_seeds)
                           + len([s for s in seeds if s not in search_seeds]))
   log(f"search: {', '.join(methods)} at learning rates {', '.join(lrs)}, seeds "
       f"{', '.join(map(str, search_seeds))} "
-      f"({total} runs in all)")
+      f"({total} runs in all, {parallel} at a time)")
+
+  def train(jobs: Sequence[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    study.train_all([(config_for(config, m, lr, seed), workdir(m, lr, seed))
+                     for m, lr, seed in jobs], key, parallel=parallel, log=log)
+    return [run_result(workdir(m, lr, seed), key) for m, lr, seed in jobs]
+
+  jobs = [(m, lr, seed) for m in methods for lr in lrs for seed in search_seeds]
+  done = dict(zip(jobs, train(jobs)))
   search = []
   for method in methods:
     for lr in lrs:
-      done = [train_run(config_for(config, method, lr, seed), workdir(method, lr, seed), key,
-                        log, changes[workdir(method, lr, seed)]) for seed in search_seeds]
-      r1s = tuple(math.nan if d["r1"] is None else d["r1"] for d in done)
+      runs = [done[method, lr, seed] for seed in search_seeds]
+      r1s = tuple(math.nan if d["r1"] is None else d["r1"] for d in runs)
       search.append(SearchResult(method, lr, float(sum(r1s) / len(r1s)),
-                                 any(d["collapsed"] for d in done), r1s))
+                                 any(d["collapsed"] for d in runs), r1s))
   chosen = {m: choose([r for r in search if r.method == m]).lr for m in methods}
   log("chosen: " + ", ".join(f"{m} lr {lr}" for m, lr in chosen.items()))
-  for method, lr in chosen.items():
-    for seed in seeds:
-      train_run(config_for(config, method, lr, seed), workdir(method, lr, seed), key, log,
-                changes[workdir(method, lr, seed)])
+  train([(m, lr, seed) for m, lr in chosen.items() for seed in seeds])
 
   groups = report.load_groups([base / group_name(config, m, lr) for m, lr in chosen.items()])
   # Only the chosen seeds: a search seed outside --seeds is not averaged.
@@ -258,7 +303,9 @@ def reproduce(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   result = {
       "dataset": key, "root": str(root), "methods": list(methods), "lrs": list(lrs),
       "seeds": list(seeds), "search_seeds": list(search_seeds),
-      "search": [dataclasses.asdict(r) for r in search], "chosen": chosen,
+      "search": [{**dataclasses.asdict(r), "r1": report.json_safe(r.r1),
+                  "r1_per_seed": [report.json_safe(x) for x in r.r1_per_seed]}
+                 for r in search], "chosen": chosen,
       "rows": [{k: report.json_safe(v) for k, v in r.items()} for r in rows],
       "search_table": search_table(search, chosen, search_seeds),
       "table": paper_table(rows, named, key),
@@ -305,8 +352,8 @@ flags.DEFINE_integer("folds", 4, "mlrc: class-disjoint folds of the training cla
                      flag_values=FLAGS)
 flags.DEFINE_integer("fold_seed", 0, "mlrc: deals the classes into folds.", flag_values=FLAGS)
 flags.DEFINE_integer("trial_seed", 0, "mlrc: seeds the quasi-random search.", flag_values=FLAGS)
-flags.DEFINE_integer("parallel", 1, "mlrc: runs trained at once (subprocesses; one GPU each "
-                     "where the host has several).", flag_values=FLAGS)
+flags.DEFINE_integer("parallel", 1, "Runs trained at once, by either protocol (subprocesses; "
+                     "one GPU each where the host has several).", flag_values=FLAGS)
 
 
 def side_by_side(config: ml_collections.ConfigDict, paper: Mapping[str, Any],
@@ -346,7 +393,8 @@ def _both(config: ml_collections.ConfigDict, seeds: Sequence[int],
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
   paper = reproduce(config, FLAGS.root, methods=methods,
                     lrs=[x.strip() for x in FLAGS.lrs if x.strip()], seeds=seeds,
-                    search_seeds=search_seeds, figures=FLAGS.figures, log=log)
+                    search_seeds=search_seeds, figures=FLAGS.figures, parallel=FLAGS.parallel,
+                    log=log)
   mlrc = study.mlrc(config, FLAGS.root, methods=methods, trials=FLAGS.trials, folds=FLAGS.folds,
                     fold_seed=FLAGS.fold_seed, trial_seed=FLAGS.trial_seed,
                     parallel=FLAGS.parallel, log=log)
@@ -402,6 +450,7 @@ def _reproduce(_: list[str]) -> int:
                        methods=[m.strip() for m in FLAGS.methods if m.strip()],
                        lrs=[x.strip() for x in FLAGS.lrs if x.strip()],
                        seeds=seeds, search_seeds=search_seeds, figures=FLAGS.figures,
+                       parallel=FLAGS.parallel,
                        log=lambda s: print(s, file=sys.stderr, flush=True))
   finally:
     logging.set_verbosity(verbosity)

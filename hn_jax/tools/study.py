@@ -114,6 +114,7 @@ class Trial:
   fold_map_r: list[float | None] = dataclasses.field(default_factory=list)
   fold_r1: list[float | None] = dataclasses.field(default_factory=list)
   collapsed: list[bool] = dataclasses.field(default_factory=list)
+  stopped: list[bool] = dataclasses.field(default_factory=list)  # given up: loss not finite
 
   @property
   def score(self) -> float:
@@ -142,8 +143,10 @@ def run_in_subprocess(config: ml_collections.ConfigDict, workdir: str,
   env = dict(os.environ)
   if device is not None:
     env["CUDA_VISIBLE_DEVICES"] = device
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = jax.config.jax_compilation_cache_dir or "off"  # this process's, shared
   command = [sys.executable, "-m", "hn_jax.tools.study", f"--workdir={workdir}",
-             f"--config_json={config.to_json()}"]
+             f"--config_json={config.to_json()}", f"--xla_cache={cache}"]
   proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -164,9 +167,7 @@ def train_all(jobs: Sequence[tuple[ml_collections.ConfigDict, Path]], key: str, 
     return
   pending = []
   for config, workdir in jobs:
-    scalars = report.load_scalars(workdir) if workdir.is_dir() and any(
-        workdir.glob(report.EVENT_FILE_PREFIX + "*")) else {}
-    if workdir.is_dir() and reproduce._complete(scalars, config, key, workdir):  # pylint: disable=protected-access
+    if reproduce.is_done(config, workdir, key):
       log(f"  {workdir}: already done")
     else:
       pending.append((config, workdir))
@@ -178,8 +179,13 @@ def train_all(jobs: Sequence[tuple[ml_collections.ConfigDict, Path]], key: str, 
     device = devices[slots[i % parallel] % len(devices)] if devices else None
     workdir.mkdir(parents=True, exist_ok=True)
     run_in_subprocess(config, str(workdir), device)
-    final = report.last_value(report.load_scalars(workdir).get(f"{key}_{SCORE_KEY}"))
-    log(f"  {workdir}: validation MAP@R {final}")
+    if reproduce.stopped(workdir):
+      log(f"  {workdir}: stopped, its loss not finite")
+      return
+    scalars = report.load_scalars(workdir)
+    figures = ", ".join(f"{name} {report.last_value(scalars.get(f'{key}_{name}')):.4f}"
+                        for name in ("test_MAP_R", "test_R_1") if scalars.get(f"{key}_{name}"))
+    log(f"  {workdir}: {figures}")
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
     for future in [pool.submit(one, i) for i in range(len(pending))]:
@@ -241,6 +247,7 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
 
   from hn_jax import losses, run_config  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from hn_jax.tools import reproduce  # pylint: disable=g-import-not-at-top
   unknown = [m for m in methods if m not in losses.NAMES]
   if unknown or not methods:
     raise StudyError(f"--methods: {','.join(unknown) or 'none given'}; use some of "
@@ -269,15 +276,20 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
   train_all(jobs, key, parallel=parallel, log=log)
   for trial in plan:
     for workdir in trial.workdirs:
-      scalars = report.load_scalars(workdir)
+      gave_up = reproduce.stopped(workdir) is not None  # no figures: the trial fails
+      scalars = {} if gave_up else report.load_scalars(workdir)
       trial.fold_map_r.append(report.last_value(scalars.get(f"{key}_{SCORE_KEY}")))
       trial.fold_r1.append(report.last_value(scalars.get(f"{key}_test_R_1")))
-      trial.collapsed.append(report.is_collapsed(scalars))
+      trial.collapsed.append(gave_up or report.is_collapsed(scalars))
+      trial.stopped.append(gave_up)
   chosen = {loss: choose([t for t in plan if t.loss == loss]) for loss in methods}
   log("chosen on validation MAP@R: " + ", ".join(
       f"{loss} trial {t.index} ({t.score:.4f})" for loss, t in chosen.items()))
   test = {}
   for loss, trial in chosen.items():  # the first and only reading of the test split
+    if not math.isfinite(trial.score):  # every trial failed: no model to test
+      test[loss] = None
+      continue
     test[loss] = test_figures(trial.workdirs,
                               trial_config(config, loss, trial.settings, folds=0, fold=-1,
                                            fold_seed=0))
@@ -285,13 +297,15 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
     write_trial_summary(trial, test.get(trial.loss) if chosen[trial.loss] is trial else None)
   trial_rows = [dict(loss=t.loss, trial=t.index, settings=t.settings, workdirs=t.workdirs,
                      fold_map_r=t.fold_map_r, fold_r1=t.fold_r1, collapsed=t.collapsed,
+                     stopped=t.stopped,
                      score=t.score if math.isfinite(t.score) else None) for t in plan]
   return {
       "protocol": "mlrc", "dataset": datasets.KEYS[config.dataset], "root": str(root),
       "methods": list(methods), "trials": trials, "folds": folds, "fold_seed": fold_seed,
       "trial_seed": trial_seed, "spaces": {m: space(m) for m in methods},
       "trial_results": trial_rows,
-      "chosen": {loss: {"trial": t.index, "settings": t.settings, "score": t.score}
+      "chosen": {loss: {"trial": t.index, "settings": t.settings,
+                        "score": t.score if math.isfinite(t.score) else None}
                  for loss, t in chosen.items()},
       "test": test, "table": table(chosen, test), "seconds": time.perf_counter() - started,
   }
@@ -347,6 +361,9 @@ def table(chosen: Mapping[str, Trial], test: Mapping[str, Mapping[str, Any]]) ->
 
   for loss, trial in chosen.items():
     t = test[loss]
+    if t is None:
+      rows.append(f"| {loss} | every trial failed |" + " - |" * 6)
+      continue
     rows.append(f"| {loss} | {100 * trial.score:.2f} | "
                 + " | ".join(f"{100 * t['concatenated'][m]:.2f} | {sep(t['separate'][m])}"
                              for m in TEST_METRICS) + " |")
@@ -360,14 +377,17 @@ def _worker(argv: Sequence[str]) -> int:
                                    description="Trains one run of a study (internal).")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--config_json", required=True)
+  parser.add_argument("--xla_cache", default="off", help="the study's cache of compiled programs")
   args = parser.parse_args(argv)
   from absl import logging  # pylint: disable=g-import-not-at-top
 
-  from hn_jax import cli, run_config, train  # pylint: disable=g-import-not-at-top
+  from hn_jax import cli, compile_cache, run_config  # pylint: disable=g-import-not-at-top
+  from hn_jax.tools import reproduce  # pylint: disable=g-import-not-at-top
   del cli  # imported for its side effects on library logging
   logging.set_verbosity(logging.WARNING)
+  compile_cache.enable(args.xla_cache)
   config = run_config.from_plain(json.loads(args.config_json))
-  train.train_and_evaluate(config, args.workdir)
+  reproduce.train_or_mark(config, args.workdir)
   return 0
 
 
