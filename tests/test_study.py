@@ -152,3 +152,49 @@ def test_the_protocols_side_by_side():
   lines = reproduce.side_by_side(config, paper, mlrc).splitlines()
   assert lines[2] == ("| sct | 1 | 90.00 +- 1.00 | learning_rate 0.5, lam 2 | 80.00 | "
                       "70.00 +- 5.00 | 30.00 |"), lines
+
+
+def test_a_run_whose_loss_stays_non_finite_fails_its_setting_not_the_study(tmp_path):
+  config = runs.tiny_config(num_epochs=1, max_consecutive_skips=2)
+  kwargs = dict(methods=["sct"], lrs=["0.3", "1e30"], seeds=[0], search_seeds=[0])
+  result = reproduce.reproduce(config, tmp_path, log=lambda s: None, **kwargs)
+  gave_up = tmp_path / f"{result['dataset']}_R50" / reproduce.group_name(config, "sct", "1e30")
+  assert "not finite" in reproduce.stopped(gave_up / "0")
+  assert reproduce.stopped(gave_up.parent / reproduce.group_name(config, "sct", "0.3") / "0") is None
+  search = {r["lr"]: r for r in result["search"]}
+  assert search["1e30"]["r1"] is None and search["1e30"]["collapsed"]
+  assert search["0.3"]["r1"] > 0 and result["chosen"] == {"sct": "0.3"}
+  json.dumps(result, allow_nan=False)  # --json: no NaN for the failed run
+
+  before = sorted(p.name for p in (gave_up / "0").iterdir())
+  lines = []
+  again = reproduce.reproduce(config, tmp_path, log=lines.append, **kwargs)
+  # Nothing trains again, the given-up run included: 2 search runs, 1 seed run (the same).
+  assert sum("already done" in line for line in lines) == 3, lines
+  assert sorted(p.name for p in (gave_up / "0").iterdir()) == before
+  assert again["search"] == result["search"]
+
+
+@pytest.mark.slow
+def test_failed_trials_score_nothing_and_a_loss_with_no_good_trial_has_no_test(tmp_path,
+                                                                             monkeypatch):
+  config = runs.tiny_config(num_epochs=1, max_consecutive_skips=2)
+  monkeypatch.setattr(study, "trial_settings", lambda loss, trials, seed: [
+      {"learning_rate": 1e30}, {"learning_rate": 0.3 if loss == "sct" else 1e30}][:trials])
+  result = study.mlrc(config, tmp_path, methods=["sct", "shn"], trials=2, folds=2,
+                      log=lambda s: None)
+  rows = {(t["loss"], t["trial"]): t for t in result["trial_results"]}
+  for failed in [("sct", 0), ("shn", 0), ("shn", 1)]:
+    assert rows[failed]["stopped"] == [True, True] and rows[failed]["score"] is None
+    assert rows[failed]["fold_map_r"] == [None, None]
+  assert rows["sct", 1]["stopped"] == [False, False] and rows["sct", 1]["score"] > 0
+  assert result["chosen"]["sct"]["trial"] == 1 and result["chosen"]["shn"]["score"] is None
+  assert result["test"]["shn"] is None and result["test"]["sct"]["concatenated"]["R_1"] > 0
+  assert "| shn | every trial failed |" in result["table"]
+  json.dumps(result, allow_nan=False)
+  group = reproduce.group_name(config, "sct", "1")
+  paper = {"dataset": "DIGITS", "chosen": {"sct": "1", "shn": "1"},
+           "rows": [{"group": group, "metric": "DIGITS_test_R_1", "mean": 0.9, "std": 0.01,
+                     "collapse": False}]}
+  lines = reproduce.side_by_side(config, paper, result).splitlines()
+  assert lines[3].startswith("| shn | 1 | - | learning_rate 1e+30 | - | - | - |"), lines
