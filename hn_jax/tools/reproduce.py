@@ -28,7 +28,10 @@ validation classes, the test split read once (docs/study.md). What follows is th
 
 Every run is an ordinary hn_jax run in the release's layout,
 ``ROOT/<DATA>_R50/<method>_B<batch>_R<repeat>_D<dim>_lr<lr>_lam<lam>/<seed>/``, run in this
-process one after another; `python -m hn_jax.tools.report ROOT/<DATA>_R50` reads them too. Running
+process one after another (``--parallel=N``: N at once, in subprocesses); `python -m
+hn_jax.tools.report ROOT/<DATA>_R50` reads them too. A run whose loss stays non-finite is
+given up, not the study: its workdir gets ``stopped.json``, it counts as collapsed with no
+recall, and the same command again does not retry it (delete the file to). Running
 the command again on the same root skips finished runs and resumes interrupted ones (or
 lengthens them, for a larger ``--config.num_epochs``); a root holding runs of another config
 is refused (`hn_jax.run_config`'s rule). Compiled programs are cached (`hn_jax.compile_cache`:
