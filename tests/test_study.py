@@ -198,3 +198,17 @@ def test_failed_trials_score_nothing_and_a_loss_with_no_good_trial_has_no_test(t
                      "collapse": False}]}
   lines = reproduce.side_by_side(config, paper, result).splitlines()
   assert lines[3].startswith("| shn | 1 | - | learning_rate 1e+30 | - | - | - |"), lines
+
+
+def test_folds_of_one_class_are_warned_of_and_too_many_folds_refused_before_training(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(study, "train_all", lambda *a, **k: pytest.fail("trained"))
+  config = runs.tiny_config()  # digits: 5 training classes
+  with pytest.raises(ValueError, match="only 5 classes; use at most 5 folds"):
+    study.mlrc(config, tmp_path, methods=["sct"], trials=1, folds=6, log=lambda s: None)
+  lines = []
+  monkeypatch.setattr(study, "train_all", lambda *a, **k: None)
+  result = study.mlrc(config, tmp_path, methods=["sct"], trials=1, folds=4, log=lines.append)
+  assert result["test"] == {"sct": None}  # nothing trained: no score, no test
+  assert lines[0].startswith("warning: --folds=4 leaves 3 of the folds one class each"), lines
+  assert "use --folds=2 or fewer" in lines[0]

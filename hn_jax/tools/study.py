@@ -271,6 +271,14 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
         trial.workdirs.append(str(workdir))
         jobs.append((run, workdir))
       plan.append(trial)
+  from hn_jax.data import folds as class_folds  # pylint: disable=g-import-not-at-top
+  sizes = [len(g) for g in class_folds.class_folds(datasets.load(config).train.labels, folds,
+                                                   fold_seed)]  # too many folds: one line, now
+  if min(sizes) < 2:
+    log(f"warning: --folds={folds} leaves {sizes.count(1)} of the folds one class each, and "
+        f"retrieval within one class is always right (validation MAP@R 1 whatever the "
+        f"settings); the training split has {sum(sizes)} classes: use --folds="
+        f"{max(2, sum(sizes) // 2)} or fewer")
   log(f"mlrc: {', '.join(methods)}, {trials} trials each, {folds} folds "
       f"({len(jobs)} runs in all, {parallel} at a time)")
   train_all(jobs, key, parallel=parallel, log=log)
