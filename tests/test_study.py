@@ -154,6 +154,7 @@ def test_the_protocols_side_by_side():
                       "70.00 +- 5.00 | 30.00 |"), lines
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_stays_non_finite_fails_its_setting_not_the_study(tmp_path):
   config = runs.tiny_config(num_epochs=1, max_consecutive_skips=2)
   kwargs = dict(methods=["sct"], lrs=["0.3", "1e30"], seeds=[0], search_seeds=[0])
