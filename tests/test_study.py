@@ -146,12 +146,14 @@ def test_the_protocols_side_by_side():
   paper = {"dataset": "DIGITS", "chosen": {"sct": "1"},
            "rows": [{"group": group, "metric": "DIGITS_test_R_1", "mean": 0.9, "std": 0.01,
                      "collapse": False}]}
+  paper["map_r"] = {"sct": {"mean": 0.4, "std": 0.02}}
   mlrc = {"chosen": {"sct": {"settings": {"learning_rate": 0.5, "lam": 2.0}}},
           "test": {"sct": {"concatenated": {"R_1": 0.8, "MAP_R": 0.3, "RP": 0.4},
-                           "separate": {"R_1": {"mean": 0.7, "std": 0.05}}}}}
+                           "separate": {"R_1": {"mean": 0.7, "std": 0.05},
+                                        "MAP_R": {"mean": 0.25, "std": 0.01}}}}}
   lines = reproduce.side_by_side(config, paper, mlrc).splitlines()
-  assert lines[2] == ("| sct | 1 | 90.00 +- 1.00 | learning_rate 0.5, lam 2 | 80.00 | "
-                      "70.00 +- 5.00 | 30.00 |"), lines
+  assert lines[2] == ("| sct | 1 | 90.00 +- 1.00 | 40.00 +- 2.00 | learning_rate 0.5, lam 2 | "
+                      "80.00 | 70.00 +- 5.00 | 30.00 | 25.00 +- 1.00 |"), lines
 
 
 @pytest.mark.slow
@@ -165,6 +167,7 @@ def test_a_run_whose_loss_stays_non_finite_fails_its_setting_not_the_study(tmp_p
   search = {r["lr"]: r for r in result["search"]}
   assert search["1e30"]["r1"] is None and search["1e30"]["collapsed"]
   assert search["0.3"]["r1"] > 0 and result["chosen"] == {"sct": "0.3"}
+  assert 0 < result["map_r"]["sct"]["mean"] <= 1 and result["map_r"]["sct"]["std"] == 0
   json.dumps(result, allow_nan=False)  # --json: no NaN for the failed run
 
   before = sorted(p.name for p in (gave_up / "0").iterdir())
@@ -198,7 +201,7 @@ def test_failed_trials_score_nothing_and_a_loss_with_no_good_trial_has_no_test(t
            "rows": [{"group": group, "metric": "DIGITS_test_R_1", "mean": 0.9, "std": 0.01,
                      "collapse": False}]}
   lines = reproduce.side_by_side(config, paper, result).splitlines()
-  assert lines[3].startswith("| shn | 1 | - | learning_rate 1e+30 | - | - | - |"), lines
+  assert lines[3] == "| shn | 1 | - | - | learning_rate 1e+30 | - | - | - | - |", lines
 
 
 def test_folds_of_one_class_are_warned_of_and_too_many_folds_refused_before_training(

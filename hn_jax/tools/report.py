@@ -358,6 +358,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
   return float(np.mean(x)), std
 
 
+def finite_mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
+  """{"mean", "std"} of the finite values (sample std, 0 for one value; None for none)."""
+  mean, std = _mean_std([v for v in values if v is not None and math.isfinite(v)])
+  return {"mean": mean, "std": std}
+
+
 def summarize(groups: Mapping[str, Sequence[Run]]) -> list[dict[str, Any]]:
   """One row per group x ``*_test_R_<K>`` key, over the group's runs.
 

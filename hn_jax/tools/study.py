@@ -192,14 +192,6 @@ def train_all(jobs: Sequence[tuple[ml_collections.ConfigDict, Path]], key: str, 
       future.result()
 
 
-def _summary(values: Sequence[float]) -> dict[str, float | None]:
-  finite = [v for v in values if v is not None and math.isfinite(v)]
-  if not finite:
-    return {"mean": None, "std": None}
-  std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-  return {"mean": float(np.mean(finite)), "std": std}
-
-
 def test_figures(workdirs: Sequence[str], test_config: ml_collections.ConfigDict
                  ) -> dict[str, Any]:
   """MAP@R, R-Precision and R@1 on the test split of the fold models of one trial:
@@ -232,7 +224,7 @@ def test_figures(workdirs: Sequence[str], test_config: ml_collections.ConfigDict
 
   each = [figures(evaluator.run(embedder(i))) for i in range(len(models))]
   return {"concatenated": figures(evaluator.run(concatenated)),
-          "separate": {name: _summary([e[name] for e in each]) for name in TEST_METRICS},
+          "separate": {name: report.finite_mean_std([e[name] for e in each]) for name in TEST_METRICS},
           "per_fold": each}
 
 
