@@ -61,8 +61,6 @@ PML = {
     "arcface": "ArcFaceLoss", "cosface": "CosFaceLoss", "sphereface": "SphereFaceLoss",
     "subcenter_arcface": "SubCenterArcFaceLoss", "large_margin_softmax": "LargeMarginSoftmaxLoss",
 }
-# PML's keyword arguments that are not hyperparameters of ours but shape the loss.
-SHAPE_ARGS = ("num_classes", "embedding_size")
 # The miner rows timed by default: LOSS+MINER (a loss of ours, a miner of losses.MINER_NAMES;
 # PML's miner is ours in CamelCase + "Miner").
 MINED = ("multi_similarity+multi_similarity", "triplet_margin+batch_hard",
