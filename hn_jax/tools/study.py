@@ -224,7 +224,8 @@ def test_figures(workdirs: Sequence[str], test_config: ml_collections.ConfigDict
 
   each = [figures(evaluator.run(embedder(i))) for i in range(len(models))]
   return {"concatenated": figures(evaluator.run(concatenated)),
-          "separate": {name: report.finite_mean_std([e[name] for e in each]) for name in TEST_METRICS},
+          "separate": {name: report.finite_mean_std([e[name] for e in each])
+                       for name in TEST_METRICS},
           "per_fold": each}
 
 
@@ -239,6 +240,7 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
 
   from hn_jax import losses, run_config  # pylint: disable=g-import-not-at-top
   from hn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from hn_jax.data.folds import class_folds  # pylint: disable=g-import-not-at-top
   from hn_jax.tools import reproduce  # pylint: disable=g-import-not-at-top
   unknown = [m for m in methods if m not in losses.NAMES]
   if unknown or not methods:
@@ -263,9 +265,8 @@ def mlrc(config: ml_collections.ConfigDict, root: str | os.PathLike, *,
         trial.workdirs.append(str(workdir))
         jobs.append((run, workdir))
       plan.append(trial)
-  from hn_jax.data import folds as class_folds  # pylint: disable=g-import-not-at-top
-  sizes = [len(g) for g in class_folds.class_folds(datasets.load(config).train.labels, folds,
-                                                   fold_seed)]  # too many folds: one line, now
+  # Too many folds: one line, before anything trains.
+  sizes = [len(g) for g in class_folds(datasets.load(config).train.labels, folds, fold_seed)]
   if min(sizes) < 2:
     log(f"warning: --folds={folds} leaves {sizes.count(1)} of the folds one class each, and "
         f"retrieval within one class is always right (validation MAP@R 1 whatever the "
