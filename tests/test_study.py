@@ -163,7 +163,8 @@ def test_a_run_whose_loss_stays_non_finite_fails_its_setting_not_the_study(tmp_p
   result = reproduce.reproduce(config, tmp_path, log=lambda s: None, **kwargs)
   gave_up = tmp_path / f"{result['dataset']}_R50" / reproduce.group_name(config, "sct", "1e30")
   assert "not finite" in reproduce.stopped(gave_up / "0")
-  assert reproduce.stopped(gave_up.parent / reproduce.group_name(config, "sct", "0.3") / "0") is None
+  kept = gave_up.parent / reproduce.group_name(config, "sct", "0.3") / "0"
+  assert reproduce.stopped(kept) is None
   search = {r["lr"]: r for r in result["search"]}
   assert search["1e30"]["r1"] is None and search["1e30"]["collapsed"]
   assert search["0.3"]["r1"] > 0 and result["chosen"] == {"sct": "0.3"}
