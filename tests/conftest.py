@@ -5,7 +5,12 @@ inherit the environment), so a program compiled by one test is reused by the nex
 """
 
 import os
+import signal
 import tempfile
+
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, which
+# Python then keeps and bash scripts cannot trap: the Ctrl-C tests need Python's default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
