@@ -216,6 +216,11 @@ def few_pairs(tuples: Tuples) -> jax.Array:
   return (jnp.sum(tuples.pos) <= 1) & (jnp.sum(tuples.neg) <= 1)
 
 
+def few_or_no_pairs(tuples: Tuples) -> jax.Array:
+  """`few_pairs`, or no positive pair, or no negative pair: a loss needing both returns 0."""
+  return few_pairs(tuples) | (jnp.sum(tuples.pos) == 0) | (jnp.sum(tuples.neg) == 0)
+
+
 def as_factory(cls: type) -> Callable[..., nnx.Module]:
   """`cls` as a registry factory: keyword-only, its __init__'s signature, its `kind`."""
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hn_jax.losses.geometry import (NEG_FILL, Geometry, MetricLoss, as_factory, avg_nonzero,
-                                    few_pairs, masked_logsumexp, mean_of)
+                                    few_or_no_pairs, few_pairs, masked_logsumexp, mean_of)
 from hn_jax.losses.registry import register
 
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -147,8 +147,7 @@ class LiftedStructureLoss(MetricLoss):
     lse = jnp.where(both > 0, jnp.log(jnp.where(both > 0, both, 1.0)) + peak, 0.0)
     per_pair = jax.nn.relu(lse + d - self.pos_margin) ** 2 / 2
     loss = mean_of(per_pair, tuples.pos)
-    none = few_pairs(tuples) | (jnp.sum(tuples.pos) == 0) | (jnp.sum(tuples.neg) == 0)
-    return jnp.where(none, 0.0, loss), {}
+    return jnp.where(few_or_no_pairs(tuples), 0.0, loss), {}
 
 
 class GeneralizedLiftedStructureLoss(MetricLoss):
@@ -195,8 +194,7 @@ class NTXentLoss(MetricLoss):
     denominator = numerator + total[:, None] * jnp.exp(top[:, None] - peak)
     per_pair = -jnp.log(numerator / denominator + _TINY)
     loss = mean_of(per_pair, tuples.pos)
-    none = few_pairs(tuples) | (jnp.sum(tuples.pos) == 0) | (jnp.sum(tuples.neg) == 0)
-    return jnp.where(none, 0.0, loss), {}
+    return jnp.where(few_or_no_pairs(tuples), 0.0, loss), {}
 
 
 class SupConLoss(MetricLoss):
@@ -221,8 +219,7 @@ class SupConLoss(MetricLoss):
     mean_log_prob = (jnp.sum(pos_mask * log_prob, axis=1)
                      / (jnp.sum(pos_mask, axis=1) + _TINY))
     loss = avg_nonzero(-mean_log_prob)
-    none = few_pairs(tuples) | ~jnp.any(tuples.pos > 0) | ~jnp.any(tuples.neg > 0)
-    return jnp.where(none, 0.0, loss), {}
+    return jnp.where(few_or_no_pairs(tuples), 0.0, loss), {}
 
 
 class FastAPLoss(MetricLoss):
